@@ -1,0 +1,230 @@
+"""The decoder: one Flax NNX module for the Llama (SmolLM2) and Qwen2 families.
+
+Block parameters are stacked along a leading `layers` axis so the blocks run
+under `lax.scan` (one compiled block, fast compiles on TPU and CPU alike); the
+block itself is a pure function of its parameters, which keeps the KV cache
+and the scan explicit. Linear weights are stored `[in, ..., out]` with logical
+axis names on every parameter (see `sharding.py`).
+
+Shapes use one-letter suffixes: B batch, T query length, S key length (cache
+size), D model width, N query heads, K kv heads, G = N / K, H head width,
+F MLP width, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from search_r3_jax.config import ModelConfig
+
+# Large negative used instead of -inf so fully masked rows (left padding)
+# give a uniform softmax instead of NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# name -> (shape function of cfg, logical axes, init kind); the leading
+# `layers` axis is added for every block parameter.
+_BLOCK_PARAMS = {
+    "attn_norm": (lambda c: (c.hidden_size,), ("norm",), "ones"),
+    "wq": (lambda c: (c.hidden_size, c.num_heads, c.head_dim),
+           ("embed", "heads", "head_dim"), "normal"),
+    "wk": (lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim),
+           ("embed", "kv_heads", "head_dim"), "normal"),
+    "wv": (lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim),
+           ("embed", "kv_heads", "head_dim"), "normal"),
+    "wo": (lambda c: (c.num_heads, c.head_dim, c.hidden_size),
+           ("heads", "head_dim", "embed"), "normal"),
+    "mlp_norm": (lambda c: (c.hidden_size,), ("norm",), "ones"),
+    "w_gate": (lambda c: (c.hidden_size, c.intermediate_size),
+               ("embed", "mlp"), "normal"),
+    "w_up": (lambda c: (c.hidden_size, c.intermediate_size),
+             ("embed", "mlp"), "normal"),
+    "w_down": (lambda c: (c.intermediate_size, c.hidden_size),
+               ("mlp", "embed"), "normal"),
+}
+_BIAS_PARAMS = {
+    "bq": (lambda c: (c.num_heads, c.head_dim), ("heads", "head_dim"), "zeros"),
+    "bk": (lambda c: (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"),
+           "zeros"),
+    "bv": (lambda c: (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"),
+           "zeros"),
+}
+
+
+def block_param_specs(cfg: ModelConfig) -> dict:
+  """name -> (shape, logical axes, init) for the stacked block parameters."""
+  specs = dict(_BLOCK_PARAMS)
+  if cfg.attention_bias:
+    specs.update(_BIAS_PARAMS)
+  return {k: ((cfg.num_layers,) + f(cfg), ("layers",) + ax, init)
+          for k, (f, ax, init) in specs.items()}
+
+
+class KVCache(NamedTuple):
+  """Static-size key/value cache, `[L, B, S, K, H]` each."""
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, size: int) -> "KVCache":
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
+  return w.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotate-half RoPE. x: [B, T, n, H]; positions: [B, T]."""
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  cos = jnp.cos(ang)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(ang)[:, :, None, :].astype(x.dtype)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def block(cfg: ModelConfig, p: dict, x: jax.Array, positions: jax.Array,
+          mask: jax.Array, cache_kv: Optional[tuple], cache_index):
+  """One decoder block. Returns (x, (k, v)) where k, v fill the cache slot.
+
+  Args:
+    p: this block's parameters (no layers axis).
+    x: [B, T, D] activations.
+    positions: [B, T] RoPE positions.
+    mask: [B, T, S] bool, True where the query may attend the key.
+    cache_kv: (k, v) of shape [B, S, K, H], or None (then S == T).
+    cache_index: slot where the T new keys are written.
+  """
+  dt = cfg.dtype
+  b, t, _ = x.shape
+  h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+  q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
+  k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))
+  v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))
+  if cfg.attention_bias:
+    q = q + p["bq"].astype(dt)
+    k = k + p["bk"].astype(dt)
+    v = v + p["bv"].astype(dt)
+  q = rope(q, positions, cfg.rope_theta)
+  k = rope(k, positions, cfg.rope_theta)
+  if cache_kv is not None:
+    ck, cv = cache_kv
+    k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype),
+                                     (0, cache_index, 0, 0))
+    v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype),
+                                     (0, cache_index, 0, 0))
+  kv_heads = cfg.num_kv_heads
+  g = cfg.num_heads // kv_heads
+  q = q.reshape(b, t, kv_heads, g, cfg.head_dim)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(dt),
+                      preferred_element_type=jnp.float32)
+  scores = scores * (cfg.head_dim ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  o = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt))
+  o = o.reshape(b, t, cfg.num_heads, cfg.head_dim)
+  x = x + jnp.einsum("btnh,nhd->btd", o, p["wo"].astype(dt))
+  h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
+  up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
+  x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up,
+                     p["w_down"].astype(dt))
+  return x, (k, v)
+
+
+def _init(kind: str, key, shape, dtype):
+  if kind == "ones":
+    return jnp.ones(shape, dtype)
+  if kind == "zeros":
+    return jnp.zeros(shape, dtype)
+  return 0.02 * jax.random.normal(key, shape, dtype)
+
+
+class Decoder(nnx.Module):
+  """Decoder-only transformer; `__call__` returns logits and final hidden."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.pdtype
+
+    def param(shape, axes, kind):
+      # Logical names only: `sharding.state_shardings` resolves them against
+      # the mesh, so creation itself never needs a mesh context.
+      return nnx.Param(_init(kind, rngs.params(), shape, pd),
+                       out_sharding=axes, eager_sharding=False)
+
+    self.embed = param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                       "normal")
+    self.blocks = nnx.Dict({
+        name: param(shape, axes, kind)
+        for name, (shape, axes, kind) in block_param_specs(cfg).items()
+    })
+    self.final_norm = param((cfg.hidden_size,), ("norm",), "ones")
+    if not cfg.tie_word_embeddings:
+      self.lm_head = param((cfg.hidden_size, cfg.vocab_size),
+                           ("embed", "vocab"), "normal")
+
+  def head_weight(self) -> jax.Array:
+    """Output projection as `[D, V]`."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    w = self.head_weight().astype(self.cfg.dtype)
+    return jnp.einsum("btd,dv->btv", hidden.astype(self.cfg.dtype), w,
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array,
+               key_valid: jax.Array, cache: Optional[KVCache] = None,
+               cache_index=0, return_logits: bool = True):
+    """Runs the decoder.
+
+    Args:
+      tokens: [B, T] int ids.
+      positions: [B, T] RoPE positions.
+      key_valid: [B, S] bool, False for padding keys. Without a cache S == T;
+        with a cache S is the cache size and it covers every slot.
+      cache: optional KVCache; the new keys go to slots
+        [cache_index, cache_index + T).
+      cache_index: scalar slot index of the first new token.
+      return_logits: skip the output head when False (encoding only).
+
+    Returns:
+      (logits [B, T, V] float32 or None, hidden [B, T, D] after the final
+      norm, the updated cache or None).
+    """
+    cfg = self.cfg
+    t = tokens.shape[1]
+    x = self.embed[...].astype(cfg.dtype)[tokens]
+    q_slot = cache_index + jnp.arange(t)
+    k_slot = jnp.arange(key_valid.shape[1])
+    mask = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
+    params = {name: var[...] for name, var in self.blocks.items()}
+
+    def body(x, layer):
+      p, kv = layer
+      x, kv = block(cfg, p, x, positions, mask, kv, cache_index)
+      return x, kv
+
+    xs = (params, None if cache is None else (cache.k, cache.v))
+    if cfg.scan_layers:
+      x, new_kv = jax.lax.scan(body, x, xs)
+    else:
+      outs = []
+      for i in range(cfg.num_layers):
+        x, kv = body(x, jax.tree.map(lambda a: a[i], xs))
+        outs.append(kv)
+      new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    hidden = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    logits = self.logits_from_hidden(hidden) if return_logits else None
+    new_cache = None if cache is None else KVCache(*new_kv)
+    return logits, hidden, new_cache
