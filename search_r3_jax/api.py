@@ -1,0 +1,334 @@
+"""`SearchR3`: load a model, generate, and embed queries and documents.
+
+    m = SearchR3.from_pretrained("smollm2-135m")
+    m.generate(["Name three rivers."], max_new_tokens=32)
+    q = m.encode_queries(["who wrote hamlet"], reasoning=False)   # [1, d]
+    d = m.encode_documents(["Hamlet is a tragedy by Shakespeare."])
+    scores = q @ d.T                                              # cosine
+
+Everything device-side is jitted on the mesh; this class only pads batches,
+moves them across the host/device boundary explicitly and decodes text.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.sharding import Mesh
+
+from search_r3_jax import decoding, encoding
+from search_r3_jax import sharding as shd
+from search_r3_jax.config import ModelConfig
+from search_r3_jax.model import Decoder
+from search_r3_jax.prompts import PromptConfig
+from search_r3_jax.tokenizer import Tokenizer
+from search_r3_jax.weights import convert
+from search_r3_jax.weights.presets import load_checkpoint
+
+# Padded lengths are rounded up to multiples of this, so a stream of batches
+# compiles a handful of shapes rather than one per batch.
+LENGTH_BUCKET = 32
+VOCAB_MULTIPLE = 128
+
+
+def _round_up(n: int, m: int) -> int:
+  return max(m, -(-n // m) * m)
+
+
+class SearchR3:
+  """A decoder LLM that reasons and emits its own embedding at `<|embed_token|>`.
+
+  Attributes:
+    model: the nnx `Decoder` (parameters sharded over `mesh`).
+    tokenizer: `Tokenizer`, with `embed_token_id` and `eos_ids`.
+    cfg: the `ModelConfig`.
+    mesh: the device mesh.
+    prompts: the `PromptConfig` used by the encoders.
+  """
+
+  def __init__(self, model: Decoder, tokenizer: Tokenizer, mesh: Mesh,
+               rules: shd.Rules = shd.DEFAULT_RULES,
+               prompts: Optional[PromptConfig] = None):
+    self.model = model
+    self.tokenizer = tokenizer
+    self.cfg: ModelConfig = model.cfg
+    self.mesh = mesh
+    self.rules = tuple(rules)
+    self.prompts = prompts or PromptConfig()
+    if tokenizer.vocab_size > self.cfg.vocab_size:
+      raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the "
+                       f"model only {self.cfg.vocab_size} embedding rows")
+
+  # -- loading ---------------------------------------------------------------
+
+  @classmethod
+  def from_pretrained(cls, name_or_path: str = "smollm2-135m", *,
+                      model_dir: Optional[str] = None,
+                      compute_dtype: str = "float32",
+                      param_dtype: str = "float32",
+                      mesh: Optional[Mesh] = None,
+                      mesh_shape: Sequence[int] = (1, -1, 1),
+                      rules: shd.Rules = shd.DEFAULT_RULES,
+                      prompts: Optional[PromptConfig] = None,
+                      scan_layers: bool = True) -> "SearchR3":
+    """Loads a preset, an HF directory or a `.gguf` file.
+
+    `<|embed_token|>` is added to the tokenizer when absent; its embedding row
+    (a spare padded row, or a new row) is set to the mean of all rows.
+
+    Args:
+      name_or_path: a preset ("smollm2-135m", "qwen2.5-1.5b-instruct"), an
+        HF directory, or a `.gguf` file.
+      model_dir: directory for presets that load user-provided weights.
+      compute_dtype, param_dtype: "float32" or "bfloat16".
+      mesh: device mesh; default `make_mesh(mesh_shape)` over all devices.
+      mesh_shape: ('data', 'fsdp', 'tensor') sizes, -1 meaning the rest.
+      rules: logical-axis rules.
+      prompts: prompt texts for the encoders.
+      scan_layers: run blocks under `lax.scan` (False unrolls them).
+    """
+    ckpt = load_checkpoint(name_or_path, model_dir=model_dir)
+    cfg = ModelConfig.from_hf(ckpt.hf_config, source=ckpt.source,
+                              compute_dtype=compute_dtype,
+                              param_dtype=param_dtype, scan_layers=scan_layers)
+    had_embed = ckpt.tokenizer.token_to_id("<|embed_token|>") is not None
+    tok = Tokenizer(ckpt.tokenizer, ckpt.chat_template,
+                    eos_token=ckpt.eos_token, bos_token=ckpt.bos_token,
+                    pad_token=ckpt.pad_token)
+    source_vocab = cfg.vocab_size
+    if tok.vocab_size > source_vocab:
+      cfg = cfg.replace(vocab_size=_round_up(tok.vocab_size, VOCAB_MULTIPLE))
+    host = convert.host_params(ckpt, cfg, source_vocab)
+    if not had_embed:
+      convert.set_rows(host, {tok.embed_token_id: "mean"})
+    mesh = mesh or shd.make_mesh(mesh_shape)
+    model = convert.model_from_host(host, cfg, mesh, rules)
+    return cls(model, tok, mesh, rules, prompts)
+
+  # -- plumbing --------------------------------------------------------------
+
+  def _split(self):
+    return nnx.split(self.model)
+
+  def _put(self, x: np.ndarray) -> jax.Array:
+    """Host -> device, batch axis split over the mesh's batch axes."""
+    sharding = shd.batch_sharding(self.mesh, x.ndim, self.rules, x.shape[0])
+    return jax.device_put(x, sharding)
+
+  def _batch_spec(self, ndim: int):
+    return shd.batch_sharding(self.mesh, ndim, self.rules).spec
+
+  def _pad_batch(self, n: int) -> int:
+    return _round_up(n, shd.batch_multiple(self.mesh, self.rules))
+
+  # -- generation ------------------------------------------------------------
+
+  def chat_prompt(self, text_or_messages: Union[str, list]) -> list[int]:
+    msgs = text_or_messages
+    if isinstance(msgs, str):
+      msgs = [{"role": "user", "content": msgs}]
+    return self.tokenizer.encode(
+        self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+
+  def generate_ids(self, prompts: Sequence[Sequence[int]], *,
+                   max_new_tokens: int = 64, temperature: float = 0.0,
+                   top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                   stop_ids: Optional[Sequence[int]] = None,
+                   capture_stop_hidden: bool = False) -> decoding.Generation:
+    """Generates from token-id prompts; returns host numpy arrays.
+
+    Args:
+      prompts: token ids per row (no padding).
+      stop_ids: ids that end a row (default: the tokenizer's eos ids).
+      capture_stop_hidden: also return the final hidden state at each row's
+        stop token (see `decoding.generate`).
+    Returns:
+      `decoding.Generation` of numpy arrays, one row per prompt.
+    """
+    if not prompts:
+      raise ValueError("generate: no prompts")
+    if any(len(p) == 0 for p in prompts):
+      raise ValueError("generate: empty prompt")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = decoding.SamplingParams(temperature, top_p, top_k)
+    n = len(prompts)
+    b = self._pad_batch(n)
+    p = _round_up(max(len(x) for x in prompts), LENGTH_BUCKET)
+    pad = self.tokenizer.pad_id
+    ids = np.full((b, p), pad, np.int32)
+    valid = np.zeros((b, p), bool)
+    for i in range(b):
+      row = prompts[min(i, n - 1)]  # padding rows repeat the last prompt
+      ids[i, p - len(row):] = row
+      valid[i, p - len(row):] = True
+    stop = tuple(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
+    graphdef, state = self._split()
+    with jax.set_mesh(self.mesh):
+      out = decoding.generate(
+          graphdef, state, self._put(ids), self._put(valid),
+          jax.random.key(seed), max_new_tokens=max_new_tokens,
+          sampling=sampling, stop_ids=stop,
+          valid_vocab=self.tokenizer.vocab_size, pad_id=pad,
+          capture_stop_hidden=capture_stop_hidden,
+          batch_spec=self._batch_spec)
+    out = jax.device_get(out)
+    return decoding.Generation(*(np.asarray(a)[:n] for a in out))
+
+  def generate(self, texts: Sequence[Union[str, list]], *,
+               max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+               chat: bool = True) -> list[str]:
+    """Generates a continuation per input.
+
+    Args:
+      texts: user messages (or full message lists) when `chat`, else raw
+        text to continue.
+      temperature: 0 is greedy.
+      chat: apply the chat template (an assistant reply); False continues
+        the raw text.
+    Returns:
+      the generated text per input, without the stop token.
+    """
+    if isinstance(texts, str):
+      raise TypeError("generate takes a list of texts")
+    prompts = [self.chat_prompt(t) if chat else self.tokenizer.encode(t)
+               for t in texts]
+    gen = self.generate_ids(prompts, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed)
+    return [self.tokenizer.decode(row[:n]) for row, n in
+            zip(gen.tokens, gen.lengths)]
+
+  # -- embeddings ------------------------------------------------------------
+
+  def _embed_ids(self, rows: list[list[int]], batch_size: int,
+                 progress: bool, desc: str) -> np.ndarray:
+    """Embeddings at each row's last token (the embed token), in input order."""
+    graphdef, state = self._split()
+    order = np.argsort([len(r) for r in rows], kind="stable")[::-1]
+    out = np.zeros((len(rows), self.cfg.hidden_size), np.float32)
+    starts = range(0, len(rows), batch_size)
+    bar = tqdm.tqdm(starts, desc=desc, unit="batch",
+                    disable=not progress or len(starts) < 2)
+    with jax.set_mesh(self.mesh):
+      for s in bar:
+        idx = order[s:s + batch_size]
+        b = self._pad_batch(len(idx))
+        t = _round_up(max(len(rows[i]) for i in idx), LENGTH_BUCKET)
+        ids = np.full((b, t), self.tokenizer.pad_id, np.int32)
+        lengths = np.ones((b,), np.int32)
+        for j, i in enumerate(idx):
+          ids[j, :len(rows[i])] = rows[i]
+          lengths[j] = len(rows[i])
+        emb = encoding.embed_last(graphdef, state, self._put(ids),
+                                  self._put(lengths))
+        out[idx] = np.asarray(jax.device_get(emb))[:len(idx)]
+    return out
+
+  def encode_documents(self, texts: Sequence[str], *, batch_size: int = 16,
+                       max_length: int = 512,
+                       progress: bool = True) -> np.ndarray:
+    """Embeds documents with the document prompt.
+
+    Args:
+      max_length: documents are cut to this many tokens (the prompt around
+        them is kept whole).
+    Returns:
+      [n, d] float32, L2-normalized.
+    """
+    rows = [self.tokenizer.embedding_prompt(self.prompts, "document", t,
+                                            max_text_tokens=max_length)
+            for t in _check_texts(texts, "documents")]
+    return self._embed_ids(rows, batch_size, progress, "encode documents")
+
+  def encode_queries(self, texts: Sequence[str], *, reasoning: bool = False,
+                     batch_size: int = 16, max_new_tokens: int = 128,
+                     temperature: float = 0.0, seed: int = 0,
+                     max_length: int = 512, progress: bool = True,
+                     return_reasoning: bool = False):
+    """Embeds queries, optionally after the model reasons about them.
+
+    With `reasoning`, the model writes an analysis and emits
+    `<|embed_token|>`; the embedding is the final hidden state there, taken
+    inside the generation loop. A row that ends (eos or `max_new_tokens`)
+    without the token gets `prompts.embed_suffix` appended after its text and
+    is embedded by one forward pass.
+
+    Returns:
+      [n, d] float32 L2-normalized, and with `return_reasoning` also the list
+      of generated analyses.
+    """
+    texts = _check_texts(texts, "queries")
+    rows = [self.tokenizer.embedding_prompt(self.prompts, "query", t,
+                                            reasoning=reasoning,
+                                            max_text_tokens=max_length)
+            for t in texts]
+    if not reasoning:
+      emb = self._embed_ids(rows, batch_size, progress, "encode queries")
+      return (emb, [""] * len(texts)) if return_reasoning else emb
+    tok = self.tokenizer
+    emb = np.zeros((len(rows), self.cfg.hidden_size), np.float32)
+    analyses, fallback = [], []
+    starts = range(0, len(rows), batch_size)
+    for s in tqdm.tqdm(starts, desc="reason+encode queries", unit="batch",
+                       disable=not progress or len(starts) < 2):
+      batch = rows[s:s + batch_size]
+      gen = self.generate_ids(
+          batch, max_new_tokens=max_new_tokens, temperature=temperature,
+          seed=seed + s, stop_ids=tuple(tok.eos_ids) + (tok.embed_token_id,),
+          capture_stop_hidden=True)
+      for j, (row, n) in enumerate(zip(gen.tokens, gen.lengths)):
+        new = [int(x) for x in row[:n]]
+        analyses.append(tok.decode(new))
+        if gen.stopped[j] and new[-1] == tok.embed_token_id:
+          h = gen.stop_hidden[j]
+          emb[s + j] = h / max(np.linalg.norm(h), 1e-12)
+        else:
+          text = [x for x in new if x not in tok.eos_ids]
+          suffix = tok.encode(" " + self.prompts.embed_suffix)
+          suffix = suffix[:suffix.index(tok.embed_token_id) + 1]
+          fallback.append((s + j, batch[j] + text + suffix))
+    if fallback:
+      idx, fb_rows = zip(*fallback)
+      emb[list(idx)] = self._embed_ids(list(fb_rows), batch_size, False, "")
+    return (emb, analyses) if return_reasoning else emb
+
+  # -- scoring ---------------------------------------------------------------
+
+  def logits(self, token_ids) -> np.ndarray:
+    """Logits of an unpadded [B, T] int batch as float32 numpy [B, T, V]."""
+    ids = np.asarray(token_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"logits expects a [B, T] integer array, got shape "
+                       f"{ids.shape} dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+      raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+    n, t = ids.shape
+    b = self._pad_batch(n)
+    padded = np.zeros((b, t), np.int32)
+    padded[:n] = ids
+    graphdef, state = self._split()
+    with jax.set_mesh(self.mesh):
+      logits, _ = encoding.forward_logits(
+          graphdef, state, self._put(padded),
+          self._put(np.full((b,), t, np.int32)))
+    return np.asarray(jax.device_get(logits), np.float32)[:n]
+
+
+def _check_texts(texts, what: str) -> list[str]:
+  if isinstance(texts, str):
+    raise TypeError(f"expected a list of {what}, got one string")
+  texts = list(texts)
+  for i, t in enumerate(texts):
+    if not isinstance(t, str):
+      raise TypeError(f"{what}[{i}] is {type(t).__name__}, not str")
+    if not t.strip():
+      raise ValueError(f"{what}[{i}] is empty")
+  return texts

@@ -1,0 +1,85 @@
+"""Test setup: 8 fake CPU devices stand in for a mesh, and tiny prime-sized
+HF checkpoints are written with transformers' own `save_pretrained`."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pathlib
+
+import jax
+import pytest
+import tokenizers
+
+from search_r3_jax import sharding as shd
+
+# Prime sizes wherever the architecture allows, so no dimension can be
+# confused with another and sharding falls back where nothing divides.
+# (transformers needs hidden % heads == 0; Llama gets an explicit head_dim that
+# differs from hidden / heads, Qwen2 derives it.)
+TINY = dict(vocab_size=131, hidden_size=44, intermediate_size=67,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=10, max_position_embeddings=257, rms_norm_eps=1e-6)
+WORDS = ("the capital of france is paris rome berlin city river who what "
+         "where when document query embedding search a an and in on").split()
+
+
+def write_word_tokenizer(d: pathlib.Path, n_ids: int) -> None:
+  """A word-level tokenizer.json with ChatML specials, ids < n_ids."""
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  vocab = {w: i for i, w in enumerate(specials + list(WORDS))}
+  for i in range(len(vocab), n_ids):
+    vocab[f"w{i}"] = i
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, "<|endoftext|>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+  tok.add_special_tokens([tokenizers.AddedToken(s, special=True)
+                          for s in specials])
+  tok.save(str(d / "tokenizer.json"))
+  (d / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+
+
+def make_tiny_hf_dir(d: pathlib.Path, arch: str, seed: int = 0,
+                     tokenizer_ids: int = 113) -> pathlib.Path:
+  """Random tiny Llama or Qwen2 written by transformers' save_pretrained.
+
+  The tokenizer knows fewer ids than the embedding has rows, like Qwen's
+  padded vocabulary.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  if arch == "llama":
+    cfg = transformers.LlamaConfig(**TINY, rope_theta=10000.0,
+                                   tie_word_embeddings=False)
+  elif arch == "qwen2":
+    kw = dict(TINY)
+    kw.update(num_attention_heads=2, num_key_value_heads=1)
+    del kw["head_dim"]  # Qwen2 derives it: 44 / 2 = 22
+    cfg = transformers.Qwen2Config(**kw, rope_theta=1e6,
+                                   tie_word_embeddings=True)
+  else:
+    raise ValueError(arch)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+  with torch.no_grad():  # non-trivial norms and biases
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  d.mkdir(parents=True, exist_ok=True)
+  model.save_pretrained(str(d))
+  write_word_tokenizer(d, tokenizer_ids)
+  return d
+
+
+@pytest.fixture(scope="session")
+def one_device_mesh():
+  return shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def eight_device_mesh():
+  assert len(jax.devices()) == 8, "XLA_FLAGS must give 8 CPU devices"
+  return shd.make_mesh((2, 2, 2))
