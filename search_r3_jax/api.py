@@ -319,7 +319,7 @@ class SearchR3:
       logits, _ = encoding.forward_logits(
           graphdef, state, self._put(padded),
           self._put(np.full((b,), t, np.int32)))
-    return np.asarray(jax.device_get(logits), np.float32)[:n]
+    return np.array(jax.device_get(logits), np.float32)[:n]
 
 
 def _check_texts(texts, what: str) -> list[str]:

@@ -248,11 +248,14 @@ def _byte_tokens() -> list[str]:
   return sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()) + ["Ġt"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tiny_round_trip(tmp_path, arch):
+@pytest.mark.parametrize("arch,pre", [("llama", "smollm"),
+                                      ("llama", "llama-bpe"),
+                                      ("llama", "default"),
+                                      ("qwen2", "qwen2")])
+def test_tiny_round_trip(tmp_path, arch, pre):
   """Tensors come back as written; only llama's q/k were permuted on disk."""
   f = tmp_path / "tiny.gguf"
-  hf = _write_tiny(f, arch, untied=arch == "qwen2")
+  hf = _write_tiny(f, arch, pre=pre, untied=arch == "qwen2")
   ckpt = read_gguf(f)
   assert ckpt.hf_config["model_type"] == arch
   assert ckpt.hf_config["head_dim"] == _HEAD_DIM
@@ -260,7 +263,10 @@ def test_tiny_round_trip(tmp_path, arch):
   assert sorted(ckpt.tensor_names) == sorted(hf)
   for name, value in hf.items():
     np.testing.assert_array_equal(ckpt.get_tensor(name), value, err_msg=name)
-  assert ckpt.tokenizer.encode(" t<|endoftext|>").ids == [257, 0]
+  tok = ckpt.tokenizer
+  assert tok.encode(" t<|endoftext|>").ids == [257, 0]
+  text = "ab  12 x\n\ny ü"
+  assert tok.decode(tok.encode(text).ids) == text
 
 
 def test_missing_file(tmp_path):

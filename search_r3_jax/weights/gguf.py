@@ -131,14 +131,6 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
       raise KeyError(f"No tensor {name!r} in {path}")
     return _dequantize(tensors[name], name, config, path)
 
-  tok = meta.tokenizer_strings()
-  special = {}
-  for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
-                    ("pad", "padding_token_id")):
-    index = meta.get(f"tokenizer.ggml.{key}")
-    if index is not None and not 0 <= index < len(tok):
-      raise WeightsError(f"{path}: tokenizer.ggml.{key}={index} is not a token")
-    special[role] = tok[index] if index is not None else None
   return Checkpoint(
       source=str(path),
       hf_config=config,
@@ -146,14 +138,11 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
       get_tensor=get_tensor,
       tokenizer=_build_tokenizer(meta),
       chat_template=meta.get("tokenizer.chat_template"),
-      bos_token=special["bos"],
-      eos_token=special["eos"],
-      pad_token=special["pad"],
-      extra={
-          "general.name": meta.get("general.name"),
-          "general.file_type": meta.get("general.file_type"),
-          "tokenizer.ggml.pre": meta.get("tokenizer.ggml.pre"),
-      },
+      bos_token=meta.token("bos_token_id"),
+      eos_token=meta.token("eos_token_id"),
+      pad_token=meta.token("padding_token_id"),
+      extra={k: meta.get(k) for k in ("general.name", "general.file_type",
+                                      "tokenizer.ggml.pre")},
   )
 
 
@@ -178,6 +167,16 @@ class _Metadata:
     if self._tokens is None:
       self._tokens = self.require("tokenizer.ggml.tokens")
     return self._tokens
+
+  def token(self, key: str) -> Optional[str]:
+    """The token whose id `tokenizer.ggml.<key>` gives, or None."""
+    index = self.get(f"tokenizer.ggml.{key}")
+    if index is None:
+      return None
+    if not 0 <= index < len(self.tokenizer_strings()):
+      raise WeightsError(f"{self.path}: tokenizer.ggml.{key}={index} is "
+                         "not a token id")
+    return self.tokenizer_strings()[index]
 
 
 def _check_tensor_extents(reader: gguf.GGUFReader, path: pathlib.Path):
@@ -243,8 +242,8 @@ def _hf_config(meta: _Metadata, reader: gguf.GGUFReader) -> dict:
 
 def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
   """HF name -> HF shape of every tensor the config allows."""
-  d, f, v = config["hidden_size"], config["intermediate_size"], config[
-      "vocab_size"]
+  d, f = config["hidden_size"], config["intermediate_size"]
+  v = config["vocab_size"]
   q = config["num_attention_heads"] * config["head_dim"]
   kv = config["num_key_value_heads"] * config["head_dim"]
   layer = {
@@ -327,8 +326,8 @@ def _unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 
   HF's rotate-half RoPE pairs row j of a head with row j + head_dim/2;
   llama.cpp pairs rows 2j and 2j + 1, so its converter moved row
-  `half * head_dim/2 + j` to `2j + half`. Reading the rows as
-  [head, j, half] and swapping to [head, half, j] puts them back.
+  s * head_dim/2 + j (s in {0, 1}) to 2j + s. Reading the rows as [head, j, s]
+  and swapping to [head, s, j] puts them back.
   """
   rows = w.shape[0]
   half = rows // num_heads // 2
@@ -367,7 +366,7 @@ def _build_tokenizer(meta: _Metadata) -> tokenizers.Tokenizer:
       tokenizers.AddedToken(t, special=False, normalized=False)
       for t, kind in zip(tokens, types) if kind == _USER_DEFINED
   ])
-  if (post := _post_processor(meta, tokens)) is not None:
+  if (post := _post_processor(meta)) is not None:
     tok.post_processor = post
   return tok
 
@@ -389,24 +388,16 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
   ])
 
 
-def _post_processor(meta: _Metadata,
-                    tokens: list[str]) -> Optional[processors.PostProcessor]:
-  """Adds BOS/EOS around encodings when the file asks for it."""
-  bos = meta.get("tokenizer.ggml.bos_token_id")
-  eos = meta.get("tokenizer.ggml.eos_token_id")
-  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-  add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-  before = [int(bos)] if add_bos and bos is not None else []
-  after = [int(eos)] if add_eos and eos is not None else []
-  if not before and not after:
+def _post_processor(meta: _Metadata) -> Optional[processors.PostProcessor]:
+  """Puts BOS and/or EOS around each encoding when the file asks for it."""
+  wanted = {}
+  for flag, key in (("add_bos_token", "bos_token_id"),
+                    ("add_eos_token", "eos_token_id")):
+    if meta.get(f"tokenizer.ggml.{flag}") and meta.token(key) is not None:
+      wanted[key] = (meta.token(key), int(meta.get(f"tokenizer.ggml.{key}")))
+  if not wanted:
     return None
-
-  def template(seq: str, type_id: int) -> str:
-    parts = [f"{tokens[i]}:{type_id}" for i in before]
-    parts.append(f"{seq}:{type_id}")
-    return " ".join(parts + [f"{tokens[i]}:{type_id}" for i in after])
-
+  bos = [wanted["bos_token_id"][0]] if "bos_token_id" in wanted else []
+  eos = [wanted["eos_token_id"][0]] if "eos_token_id" in wanted else []
   return processors.TemplateProcessing(
-      single=template("$A", 0),
-      pair=template("$A", 0) + " " + template("$B", 1),
-      special_tokens=[(tokens[i], i) for i in sorted(set(before + after))])
+      single=bos + ["$A"] + eos, special_tokens=list(set(wanted.values())))
