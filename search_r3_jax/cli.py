@@ -1,0 +1,21 @@
+"""Flags shared by the command-line programs (absl)."""
+
+from absl import flags
+
+MODEL = flags.DEFINE_string(
+    "model", "smollm2-135m",
+    "Preset name, HF directory or .gguf file to load.")
+MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, "Directory for presets that load user-provided weights "
+    "(qwen2.5-1.5b-instruct).")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                          "Compute dtype.")
+MESH = flags.DEFINE_list("mesh", ["1", "-1", "1"],
+                         "('data', 'fsdp', 'tensor') mesh sizes; -1 = the rest.")
+
+
+def load_model():
+  from search_r3_jax.api import SearchR3  # pylint: disable=g-import-not-at-top
+  return SearchR3.from_pretrained(
+      MODEL.value, model_dir=MODEL_DIR.value, compute_dtype=DTYPE.value,
+      mesh_shape=[int(x) for x in MESH.value])
