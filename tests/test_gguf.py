@@ -7,7 +7,6 @@ for the tokenizer and for the q/k un-permutation.
 from __future__ import annotations
 
 import pathlib
-import re
 
 import gguf
 import numpy as np
@@ -171,22 +170,23 @@ def _write_tiny(path: pathlib.Path, arch: str = "llama", *, skip_key=None,
   """Writes a one-layer GGUF; returns its tensors under HF names, HF order."""
   rng = np.random.default_rng(0)
   tokens = ["<|endoftext|>"] + _byte_tokens()
+  q, kv = _HEADS * _HEAD_DIM, _KV_HEADS * _HEAD_DIM
   hf = {
       "model.embed_tokens.weight": (len(tokens), _HIDDEN),
       "model.norm.weight": (_HIDDEN,),
       "model.layers.0.input_layernorm.weight": (_HIDDEN,),
       "model.layers.0.post_attention_layernorm.weight": (_HIDDEN,),
-      "model.layers.0.self_attn.q_proj.weight": (_HEADS * _HEAD_DIM, _HIDDEN),
-      "model.layers.0.self_attn.k_proj.weight": (_KV_HEADS * _HEAD_DIM, _HIDDEN),
-      "model.layers.0.self_attn.v_proj.weight": (_KV_HEADS * _HEAD_DIM, _HIDDEN),
-      "model.layers.0.self_attn.o_proj.weight": (_HIDDEN, _HEADS * _HEAD_DIM),
+      "model.layers.0.self_attn.q_proj.weight": (q, _HIDDEN),
+      "model.layers.0.self_attn.k_proj.weight": (kv, _HIDDEN),
+      "model.layers.0.self_attn.v_proj.weight": (kv, _HIDDEN),
+      "model.layers.0.self_attn.o_proj.weight": (_HIDDEN, q),
       "model.layers.0.mlp.gate_proj.weight": (_FFN, _HIDDEN),
       "model.layers.0.mlp.up_proj.weight": (_FFN, _HIDDEN),
       "model.layers.0.mlp.down_proj.weight": (_HIDDEN, _FFN),
   }
   if arch == "qwen2":
-    hf["model.layers.0.self_attn.q_proj.bias"] = (_HEADS * _HEAD_DIM,)
-    hf["model.layers.0.self_attn.k_proj.bias"] = (_KV_HEADS * _HEAD_DIM,)
+    hf["model.layers.0.self_attn.q_proj.bias"] = (q,)
+    hf["model.layers.0.self_attn.k_proj.bias"] = (kv,)
   if untied:
     hf["lm_head.weight"] = (len(tokens), _HIDDEN)
   hf = {k: rng.standard_normal(s).astype(np.float32) for k, s in hf.items()}
@@ -269,16 +269,24 @@ def test_tiny_round_trip(tmp_path, arch, pre):
   assert tok.decode(tok.encode(text).ids) == text
 
 
+def _assert_says(error: pytest.ExceptionInfo, *parts) -> None:
+  """The error message contains the path and the other words given."""
+  for part in parts:
+    assert str(part) in str(error.value), (part, str(error.value))
+
+
 def test_missing_file(tmp_path):
-  with pytest.raises(FileNotFoundError, match="nope.gguf"):
+  with pytest.raises(FileNotFoundError) as e:
     read_gguf(tmp_path / "nope.gguf")
+  _assert_says(e, tmp_path / "nope.gguf")
 
 
 def test_bad_magic(tmp_path):
   f = tmp_path / "model.gguf"
   f.write_bytes(b"PK\x03\x04 definitely not gguf")
-  with pytest.raises(WeightsError, match=re.escape(str(f))):
+  with pytest.raises(WeightsError) as e:
     read_gguf(f)
+  _assert_says(e, f, "not a GGUF file")
 
 
 @pytest.mark.parametrize("size", [1 << 20, 60_000_000])
@@ -287,8 +295,9 @@ def test_truncated(path, tmp_path, size):
   f = tmp_path / "cut.gguf"
   with open(path, "rb") as src:
     f.write_bytes(src.read(size))
-  with pytest.raises(WeightsError, match=f"{re.escape(str(f))}.*truncated or corrupt"):
+  with pytest.raises(WeightsError) as e:
     read_gguf(f)
+  _assert_says(e, f, "truncated or corrupt")
 
 
 def test_unknown_architecture(tmp_path):
@@ -299,34 +308,39 @@ def test_unknown_architecture(tmp_path):
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  with pytest.raises(WeightsError, match=f"{re.escape(str(f))}.*'falcon'"):
+  with pytest.raises(WeightsError) as e:
     read_gguf(f)
+  _assert_says(e, f, "general.architecture='falcon'")
 
 
 def test_missing_metadata_key(tmp_path):
   f = tmp_path / "tiny.gguf"
   _write_tiny(f, skip_key="feed_forward_length")
-  with pytest.raises(WeightsError, match=f"{re.escape(str(f))}.*llama.feed_forward_length"):
+  with pytest.raises(WeightsError) as e:
     read_gguf(f)
+  _assert_says(e, f, "'llama.feed_forward_length'")
 
 
 def test_unknown_tensor(tmp_path):
   f = tmp_path / "tiny.gguf"
   _write_tiny(f, extra_tensor="blk.0.attn_q_norm.weight")
-  with pytest.raises(WeightsError, match="blk.0.attn_q_norm.weight"):
+  with pytest.raises(WeightsError) as e:
     read_gguf(f)
+  _assert_says(e, f, "'blk.0.attn_q_norm.weight'")
 
 
 def test_unknown_pre_tokenizer(tmp_path):
   f = tmp_path / "tiny.gguf"
   _write_tiny(f, pre="mystery")
-  with pytest.raises(WeightsError, match="tokenizer.ggml.pre.*mystery"):
+  with pytest.raises(WeightsError) as e:
     read_gguf(f)
+  _assert_says(e, f, "tokenizer.ggml.pre='mystery'")
 
 
 def test_unsupported_tensor_type(tmp_path):
   f = tmp_path / "tiny.gguf"
   _write_tiny(f, norm_dtype=np.int8)
   ckpt = read_gguf(f)  # Types are only checked when a tensor is read.
-  with pytest.raises(WeightsError, match=f"blk.0.attn_norm.weight.*I8.*{re.escape(str(f))}"):
+  with pytest.raises(WeightsError) as e:
     ckpt.get_tensor("model.layers.0.input_layernorm.weight")
+  _assert_says(e, f, "'blk.0.attn_norm.weight'", "I8")

@@ -147,7 +147,7 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
 
 
 class _Metadata:
-  """Typed access to a reader's key/value fields, with errors naming the file."""
+  """Access to a reader's key/value fields, with errors naming the file."""
 
   def __init__(self, reader: gguf.GGUFReader, path: pathlib.Path):
     self._fields = reader.fields
@@ -271,7 +271,7 @@ def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def _map_tensors(reader: gguf.GGUFReader, config: dict,
-                 path: pathlib.Path) -> dict[str, Any]:
+                 path: pathlib.Path) -> dict[str, gguf.ReaderTensor]:
   """HF name -> the reader's tensor, after checking names and shapes."""
   expected = _expected_shapes(config)
   tensors = {}
@@ -302,7 +302,7 @@ def _map_tensors(reader: gguf.GGUFReader, config: dict,
   return tensors
 
 
-def _dequantize(tensor: Any, name: str, config: dict,
+def _dequantize(tensor: gguf.ReaderTensor, name: str, config: dict,
                 path: pathlib.Path) -> np.ndarray:
   """One tensor as a fresh float32 array in HF layout."""
   try:
@@ -348,7 +348,8 @@ def _build_tokenizer(meta: _Metadata) -> tokenizers.Tokenizer:
         f"{meta.path} has tokenizer.ggml.pre={pre!r}; supported: "
         f"{list(_PRE_TOKENIZERS)}")
   tokens = meta.tokenizer_strings()
-  merges = [tuple(m.split(" ", 1)) for m in meta.require("tokenizer.ggml.merges")]
+  merges = meta.require("tokenizer.ggml.merges")
+  merges = [tuple(m.split(" ", 1)) for m in merges]
   vocab = {token: i for i, token in enumerate(tokens)}
   tok = tokenizers.Tokenizer(
       models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
