@@ -1,0 +1,177 @@
+"""Generation and prefill throughput against transformers + torch, side by side.
+
+    python -m search_r3_jax.benchmarks.generate           # 8 prompts x 64 tokens
+    python -m search_r3_jax.benchmarks.generate --quick   # 8 prompts x 16 tokens
+
+Both sides load the same SmolLM2 weights (transformers dequantizes the same
+GGUF), get the same token ids (left-padded), sample with the same settings
+and must produce exactly `new_tokens` tokens per row (no early stop). Times
+exclude compilation and warm-up, which are reported separately. The last
+line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import app, flags
+import numpy as np
+
+QUICK = flags.DEFINE_bool("quick", False, "16 new tokens, one timed repeat.")
+NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Tokens per prompt.")
+REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                          "Compute dtype of this project's model.")
+SKIP_TORCH = flags.DEFINE_bool("skip_torch", False,
+                               "Measure this project only.")
+
+PROMPTS = [
+    "Explain why the sky is blue.",
+    "Write a short poem about the sea.",
+    "What is the capital of Japan and what is it known for?",
+    "Give three tips for learning a new language.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "How does a refrigerator keep food cold?",
+    "List some uses of machine learning in medicine.",
+    "Describe the water cycle to a ten-year-old.",
+]
+SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95)
+
+
+def _median_time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def _left_pad(rows, pad):
+  p = max(len(r) for r in rows)
+  ids = np.full((len(rows), p), pad, np.int64)
+  mask = np.zeros((len(rows), p), np.int64)
+  for i, r in enumerate(rows):
+    ids[i, p - len(r):] = r
+    mask[i, p - len(r):] = 1
+  return ids, mask
+
+
+def bench_ours(prompts, new_tokens, repeats):
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
+  from search_r3_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+
+  m = SearchR3.from_pretrained("smollm2-135m", compute_dtype=DTYPE.value)
+  run = lambda seed: m.generate_ids(prompts, max_new_tokens=new_tokens,
+                                    stop_ids=(), seed=seed, **SAMPLING)
+  t = time.perf_counter()
+  gen = run(0)
+  compile_s = time.perf_counter() - t
+  assert (gen.lengths == new_tokens).all()
+  seeds = iter(range(1, 1000))
+  gen_s = _median_time(lambda: run(next(seeds)), repeats)
+
+  # Prefill: the cache-filling forward over the padded prompts plus the
+  # last position's logits, as generation runs it.
+  ids, mask = _left_pad(prompts, m.tokenizer.pad_id)
+  graphdef, state = nnx.split(m.model)
+
+  @jax.jit
+  def prefill(state, ids, mask):
+    model = nnx.merge(graphdef, state)
+    pos = jax.numpy.maximum(jax.numpy.cumsum(mask, -1) - 1, 0)
+    cache = model_lib.KVCache.zeros(model.cfg, ids.shape[0], ids.shape[1])
+    _, hidden, cache = model(ids, pos, mask.astype(bool), cache, 0,
+                             return_logits=False)
+    return model.logits_from_hidden(hidden[:, -1:]), cache
+
+  args = (state, jax.numpy.asarray(ids, jax.numpy.int32),
+          jax.numpy.asarray(mask))
+  jax.block_until_ready(prefill(*args))
+  pre_s = _median_time(lambda: jax.block_until_ready(prefill(*args)),
+                       repeats)
+  return dict(gen_s=gen_s, compile_s=compile_s, prefill_s=pre_s,
+              prefill_tokens=int(ids.size),
+              sample=m.tokenizer.decode(gen.tokens[0][:24]))
+
+
+def bench_torch(prompts, pad_id, new_tokens, repeats):
+  import torch  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.benchmarks.torch_ref import load_torch_gguf  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = load_torch_gguf()
+  ids, mask = _left_pad(prompts, pad_id)
+  ids, mask = torch.tensor(ids), torch.tensor(mask)
+
+  def run(n):
+    with torch.no_grad():
+      out = model.generate(
+          input_ids=ids, attention_mask=mask, do_sample=True,
+          max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id,
+          **SAMPLING)
+    assert out.shape[1] == ids.shape[1] + n
+    return out
+
+  run(4)  # warm-up
+  gen_s = _median_time(lambda: run(new_tokens), repeats)
+
+  def prefill():
+    with torch.no_grad():
+      model(input_ids=ids, attention_mask=mask, use_cache=True,
+            logits_to_keep=1)
+
+  prefill()
+  pre_s = _median_time(prefill, repeats)
+  return dict(gen_s=gen_s, prefill_s=pre_s, prefill_tokens=int(ids.numel()))
+
+
+def main(argv):
+  del argv
+  new_tokens = 16 if QUICK.value else NEW_TOKENS.value
+  repeats = 1 if QUICK.value else REPEATS.value
+  from search_r3_jax.weights.gguf import read_gguf, find_smollm2_gguf  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  ckpt = read_gguf(find_smollm2_gguf())
+  tok = Tokenizer(ckpt.tokenizer, ckpt.chat_template, ckpt.eos_token,
+                  ckpt.bos_token, ckpt.pad_token)
+  prompts = [tok.encode(tok.apply_chat_template(
+      [{"role": "user", "content": p}], add_generation_prompt=True))
+             for p in PROMPTS]
+  n_new = len(prompts) * new_tokens
+  ours = bench_ours(prompts, new_tokens, repeats)
+  print(f"ours : {n_new / ours['gen_s']:.1f} gen tok/s, "
+        f"{ours['prefill_tokens'] / ours['prefill_s']:.0f} prefill tok/s "
+        f"(compile {ours['compile_s']:.1f}s); sample: {ours['sample']!r}")
+  result = {
+      "benchmark": "generate", "quick": QUICK.value,
+      "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+      "model": "smollm2-135m (GGUF Q4_1, dequantized to fp32)",
+      "dtype": DTYPE.value, "prompts": len(prompts), "new_tokens": new_tokens,
+      "sampling": SAMPLING,
+      "ours_gen_tok_s": round(n_new / ours["gen_s"], 2),
+      "ours_prefill_tok_s": round(ours["prefill_tokens"] / ours["prefill_s"], 1),
+      "ours_compile_s": round(ours["compile_s"], 2),
+  }
+  if not SKIP_TORCH.value:
+    ref = bench_torch(prompts, tok.pad_id, new_tokens, repeats)
+    print(f"torch: {n_new / ref['gen_s']:.1f} gen tok/s, "
+          f"{ref['prefill_tokens'] / ref['prefill_s']:.0f} prefill tok/s")
+    result.update({
+        "torch_gen_tok_s": round(n_new / ref["gen_s"], 2),
+        "torch_prefill_tok_s": round(ref["prefill_tokens"] / ref["prefill_s"],
+                                     1),
+        "gen_ratio": round(ref["gen_s"] / ours["gen_s"], 3),
+        "prefill_ratio": round(ref["prefill_s"] / ours["prefill_s"], 3),
+    })
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
