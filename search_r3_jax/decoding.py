@@ -49,6 +49,37 @@ class SamplingParams:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
+def _bisect_threshold(x: jax.Array, enough, iters: int = 40) -> jax.Array:
+  """Largest t (per row) such that `enough(x >= t)` holds, by bisection.
+
+  `enough` must be monotone (true for t = min(x), shrinking as t grows).
+  Used for top-k and top-p: a few dozen compare-and-sum passes over the
+  vocabulary are much cheaper on CPU than sorting it or `lax.top_k`, and
+  40 halvings of the value range pin the threshold to the exact token value
+  (the kept set is exact unless two logits differ by less than range/2^40).
+  Masked entries (<= _NEG / 2) are outside the range and never kept.
+
+  Args:
+    x: [B, V] values.
+    enough: [B, V] bool mask -> [B] bool.
+  Returns:
+    [B, 1] thresholds.
+  """
+  live = x > _NEG / 2
+  lo = jnp.min(jnp.where(live, x, jnp.inf), -1, keepdims=True)
+  hi = jnp.max(x, -1, keepdims=True) + 1.0  # keeps nothing
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    ok = enough(x >= mid)[:, None]
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, iters, step, (lo, hi))
+  # Snap to the smallest kept value so `x >= t` is exact.
+  return jnp.min(jnp.where(live & (x >= lo), x, jnp.inf), -1, keepdims=True)
+
+
 def sample_logits(logits: jax.Array, rng: jax.Array,
                   sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
   """Picks one token per row and its log-probability.
@@ -69,15 +100,15 @@ def sample_logits(logits: jax.Array, rng: jax.Array,
     scaled = logits / sp.temperature
     masked = scaled
     if sp.top_k:
-      kth = jax.lax.top_k(scaled, sp.top_k)[0][:, -1:]
-      masked = jnp.where(scaled < kth, _NEG, masked)
+      kth = _bisect_threshold(
+          scaled, lambda keep: jnp.sum(keep, -1) >= sp.top_k)
+      masked = jnp.where(scaled >= kth, masked, _NEG)
     if sp.top_p < 1.0:
-      srt = jnp.sort(masked, -1)[:, ::-1]
-      cum = jnp.cumsum(jax.nn.softmax(srt, -1), -1)
-      # keep a sorted entry while the mass before it is below top_p
-      keep = (cum - jax.nn.softmax(srt, -1)) < sp.top_p
-      cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), -1, keepdims=True)
-      masked = jnp.where(masked < cutoff, _NEG, masked)
+      probs = jax.nn.softmax(masked, -1)
+      cut = _bisect_threshold(
+          masked, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), -1)
+          >= sp.top_p)
+      masked = jnp.where(masked >= cut, masked, _NEG)
     tok = jax.random.categorical(rng, masked, -1)
   logp = jax.nn.log_softmax(scaled, -1)
   lp = jnp.take_along_axis(logp, tok[:, None], -1)[:, 0]
