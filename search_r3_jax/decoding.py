@@ -99,7 +99,9 @@ def categorical(rng: jax.Array, logits: jax.Array, block: int = 128) -> jax.Arra
   nb = -(-v // block)
   x = jnp.pad(logits, ((0, 0), (0, nb * block - v)), constant_values=_NEG)
   p = jnp.exp(x - jnp.max(x, -1, keepdims=True)).reshape(b, nb, block)
-  u = jax.random.uniform(rng, (2, b, 1), jnp.float32)
+  # [B, 2], row-major: row i's draws do not depend on the batch size, so a
+  # row samples the same tokens however the batch is padded.
+  u = jax.random.uniform(rng, (b, 2), jnp.float32)
 
   def pick(mass, u):  # mass [B, n] >= 0 with a positive entry per row
     cum = jnp.cumsum(mass, -1)
@@ -109,9 +111,9 @@ def categorical(rng: jax.Array, logits: jax.Array, block: int = 128) -> jax.Arra
     last = n - 1 - jnp.argmax((mass > 0)[:, ::-1], -1)
     return jnp.minimum(i, last)
 
-  blk = pick(p.sum(-1), u[0])
+  blk = pick(p.sum(-1), u[:, :1])
   inner = jnp.take_along_axis(p, blk[:, None, None], 1)[:, 0]
-  return (blk * block + pick(inner, u[1])).astype(jnp.int32)
+  return (blk * block + pick(inner, u[:, 1:])).astype(jnp.int32)
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array,
