@@ -121,6 +121,10 @@ class SearchR3:
     sharding = shd.batch_sharding(self.mesh, x.ndim, self.rules, x.shape[0])
     return jax.device_put(x, sharding)
 
+  def _rng(self, seed: int) -> jax.Array:
+    # The seed crosses to the device explicitly (transfer guards stay quiet).
+    return jax.random.key(jax.device_put(np.uint32(seed % 2**32)))
+
   def _batch_spec(self, ndim: int):
     return shd.batch_sharding(self.mesh, ndim, self.rules).spec
 
@@ -173,7 +177,7 @@ class SearchR3:
     with jax.set_mesh(self.mesh):
       out = decoding.generate(
           graphdef, state, self._put(ids), self._put(valid),
-          jax.random.key(seed), max_new_tokens=max_new_tokens,
+          self._rng(seed), max_new_tokens=max_new_tokens,
           sampling=sampling, stop_ids=stop,
           valid_vocab=self.tokenizer.vocab_size, pad_id=pad,
           capture_stop_hidden=capture_stop_hidden,

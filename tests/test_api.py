@@ -266,3 +266,13 @@ def test_encode_documents_empty_string(tiny):
 def test_generate_bare_string(tiny):
   with pytest.raises(TypeError, match="list of texts"):
     tiny.generate("the capital of france is")
+
+
+def test_encoding_and_logits_make_no_hidden_transfers(tiny):
+  tiny.encode_documents(["the city", "a river"])  # compile outside the guard
+  tiny.logits(np.array([[5, 6, 7]]))
+  with jax.transfer_guard("disallow"):
+    emb = tiny.encode_documents(["the city", "a river"])
+    logits = tiny.logits(np.array([[5, 6, 7]]))
+  assert emb.shape == (2, tiny.cfg.hidden_size)
+  assert logits.shape == (1, 3, tiny.cfg.vocab_size)

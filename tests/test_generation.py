@@ -337,3 +337,14 @@ def test_eight_devices_encode_documents_equal_one_device(tiny, tiny8):
   eight = tiny8.encode_documents(docs, progress=False)
   assert one.shape == (5, tiny.cfg.hidden_size)
   np.testing.assert_allclose(eight, one, rtol=0, atol=1e-5)
+
+
+def test_generation_makes_no_hidden_transfers_or_recompiles(tiny):
+  """Host<->device copies are explicit, and prompts within one length bucket
+  reuse the compiled program."""
+  tiny.generate_ids([[5, 6, 7], [8, 9, 10, 11]], max_new_tokens=4)
+  compiled = decoding.generate._cache_size()  # pylint: disable=protected-access
+  with jax.transfer_guard("disallow"):
+    out = tiny.generate_ids([[5, 6], [7, 8, 9, 10, 11]], max_new_tokens=4)
+  assert out.tokens.shape == (2, 4)
+  assert decoding.generate._cache_size() == compiled  # pylint: disable=protected-access

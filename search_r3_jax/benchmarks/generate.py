@@ -26,6 +26,9 @@ NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Tokens per prompt.")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                           "Compute dtype of this project's model.")
+TORCH_DEVICE = flags.DEFINE_enum(
+    "torch_device", "auto", ["auto", "cpu", "cuda"],
+    "Where the reference runs; auto = cuda when JAX runs on a GPU.")
 SKIP_TORCH = flags.DEFINE_bool("skip_torch", False,
                                "Measure this project only.")
 
@@ -101,14 +104,16 @@ def bench_ours(prompts, new_tokens, repeats):
               sample=m.tokenizer.decode(gen.tokens[0][:24]))
 
 
-def bench_torch(prompts, pad_id, new_tokens, repeats):
+def bench_torch(prompts, pad_id, new_tokens, repeats, device):
   import torch  # pylint: disable=g-import-not-at-top
   from search_r3_jax.benchmarks.torch_ref import load_torch_gguf  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(os.cpu_count() or 1)
-  model = load_torch_gguf()
+  model = load_torch_gguf().to(device)
   ids, mask = _left_pad(prompts, pad_id)
-  ids, mask = torch.tensor(ids), torch.tensor(mask)
+  ids, mask = torch.tensor(ids, device=device), torch.tensor(mask,
+                                                             device=device)
+  sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
   def run(n):
     with torch.no_grad():
@@ -116,6 +121,7 @@ def bench_torch(prompts, pad_id, new_tokens, repeats):
           input_ids=ids, attention_mask=mask, do_sample=True,
           max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id,
           **SAMPLING)
+    sync()
     assert out.shape[1] == ids.shape[1] + n
     return out
 
@@ -126,6 +132,7 @@ def bench_torch(prompts, pad_id, new_tokens, repeats):
     with torch.no_grad():
       model(input_ids=ids, attention_mask=mask, use_cache=True,
             logits_to_keep=1)
+    sync()
 
   prefill()
   pre_s = _median_time(prefill, repeats)
@@ -159,8 +166,16 @@ def main(argv):
       "ours_prefill_tok_s": round(ours["prefill_tokens"] / ours["prefill_s"], 1),
       "ours_compile_s": round(ours["compile_s"], 2),
   }
+  import jax  # pylint: disable=g-import-not-at-top
+  result["jax_device"] = str(jax.devices()[0].device_kind)
   if not SKIP_TORCH.value:
-    ref = bench_torch(prompts, tok.pad_id, new_tokens, repeats)
+    device = TORCH_DEVICE.value
+    if device == "auto":
+      import torch  # pylint: disable=g-import-not-at-top
+      device = ("cuda" if jax.default_backend() == "gpu"
+                and torch.cuda.is_available() else "cpu")
+    result["torch_device"] = device
+    ref = bench_torch(prompts, tok.pad_id, new_tokens, repeats, device)
     print(f"torch: {n_new / ref['gen_s']:.1f} gen tok/s, "
           f"{ref['prefill_tokens'] / ref['prefill_s']:.0f} prefill tok/s")
     result.update({

