@@ -344,3 +344,74 @@ def test_unsupported_tensor_type(tmp_path):
   with pytest.raises(WeightsError) as e:
     ckpt.get_tensor("model.layers.0.input_layernorm.weight")
   _assert_says(e, f, "'blk.0.attn_norm.weight'", "I8")
+
+
+_QUANT_TYPES = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                "TQ1_0", "TQ2_0", "MXFP4"]
+
+
+@pytest.mark.parametrize("qtype", _QUANT_TYPES)
+def test_every_quantization_type_dequantizes(tmp_path, qtype):
+  """Each type gguf can write reads back as exactly gguf's own round trip
+  (for q/k after undoing the permutation, which commutes with row blocks)."""
+  qt = gguf.GGMLQuantizationType[qtype]
+  d, heads, kv_heads, head_dim = 256, 2, 1, 128
+  rng = np.random.default_rng(1)
+  tokens = ["<|endoftext|>"] + _byte_tokens()
+  shapes = {
+      "token_embd.weight": (len(tokens), d),
+      "blk.0.attn_q.weight": (heads * head_dim, d),
+      "blk.0.attn_k.weight": (kv_heads * head_dim, d),
+      "blk.0.attn_v.weight": (kv_heads * head_dim, d),
+      "blk.0.attn_output.weight": (d, heads * head_dim),
+      "blk.0.ffn_gate.weight": (d, d),
+      "blk.0.ffn_up.weight": (d, d),
+      "blk.0.ffn_down.weight": (d, d),
+  }
+  f = tmp_path / f"{qtype}.gguf"
+  w = gguf.GGUFWriter(str(f), "llama")
+  w.add_block_count(1)
+  w.add_context_length(64)
+  w.add_embedding_length(d)
+  w.add_feed_forward_length(d)
+  w.add_head_count(heads)
+  w.add_head_count_kv(kv_heads)
+  w.add_layer_norm_rms_eps(1e-6)
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_types([3] + [1] * (len(tokens) - 1))
+  w.add_token_merges(["Ġ t"])
+  w.add_eos_token_id(0)
+  expected = {}
+  for name, shape in shapes.items():
+    x = rng.standard_normal(shape).astype(np.float32)
+    expected[name] = gguf.quants.dequantize(gguf.quants.quantize(x, qt), qt)
+    if name == "blk.0.attn_q.weight":
+      x = _llama_cpp_permute(x, heads)
+    elif name == "blk.0.attn_k.weight":
+      x = _llama_cpp_permute(x, kv_heads)
+    q = gguf.quants.quantize(x, qt)
+    w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qt)
+  for name in ("output_norm.weight", "blk.0.attn_norm.weight",
+               "blk.0.ffn_norm.weight"):
+    w.add_tensor(name, np.ones(d, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+  ckpt = read_gguf(f)
+  hf_name = {"token_embd.weight": "model.embed_tokens.weight",
+             "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
+             "blk.0.attn_k.weight": "model.layers.0.self_attn.k_proj.weight",
+             "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
+             "blk.0.attn_output.weight":
+                 "model.layers.0.self_attn.o_proj.weight",
+             "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj.weight",
+             "blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj.weight",
+             "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight"}
+  for name, want in expected.items():
+    got = ckpt.get_tensor(hf_name[name])
+    assert got.dtype == np.float32 and got.shape == shapes[name]
+    np.testing.assert_array_equal(got, want, err_msg=f"{qtype} {name}")

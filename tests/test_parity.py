@@ -141,3 +141,18 @@ def test_smollm2_logits_match_transformers(smollm2, torch_smollm2):
   got = got[..., :SMOLLM2_VOCAB]
   np.testing.assert_allclose(got, want, rtol=0, atol=5e-4)
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_sharded_safetensors_load_like_one_file(tiny, tmp_path, one_device_mesh):
+  """A checkpoint split into several *.safetensors with an index loads to
+  the same model as the single file."""
+  ours, hf = tiny
+  hf.save_pretrained(str(tmp_path), max_shard_size="20KB")
+  shards = sorted(tmp_path.glob("*.safetensors"))
+  assert len(shards) > 1
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  from conftest import write_word_tokenizer  # pylint: disable=g-import-not-at-top
+  write_word_tokenizer(tmp_path, TINY_TOKENIZER_IDS)
+  split = SearchR3.from_pretrained(str(tmp_path), mesh=one_device_mesh)
+  ids = _random_ids((2, 11), seed=3)
+  np.testing.assert_array_equal(split.logits(ids), ours.logits(ids))
