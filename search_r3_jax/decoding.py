@@ -250,6 +250,11 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
       logprobs=logprobs,
       hidden=jnp.zeros((b, cfg.hidden_size), jnp.float32), rng=rng)
 
+  # The output head as one contiguous [D, V] array, made once per call rather
+  # than transposed from the tied embedding at every step.
+  head = jax.lax.optimization_barrier(
+      model.head_weight().astype(cfg.dtype))
+
   def finished(c: _Carry):
     return c.captured if capture_stop_hidden else c.gen_done
 
@@ -262,7 +267,10 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
     slot = p + c.i
     key_valid = c.key_valid.at[:, slot].set(True)
     pos = (plen + c.i)[:, None]
-    logits, hidden, cache = model(c.tok[:, None], pos, key_valid, c.cache, slot)
+    _, hidden, cache = model(c.tok[:, None], pos, key_valid, c.cache, slot,
+                             return_logits=False)
+    logits = jnp.einsum("btd,dv->btv", hidden.astype(head.dtype), head,
+                        preferred_element_type=jnp.float32)
     feeding_stop = is_stop(c.tok) & ~c.captured
     if not capture_stop_hidden:
       feeding_stop = jnp.zeros_like(feeding_stop)

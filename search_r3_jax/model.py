@@ -80,25 +80,34 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
   return w.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotate-half RoPE. x: [B, T, n, H]; positions: [B, T]."""
-  half = x.shape[-1] // 2
+def rope_angles(positions: jax.Array, head_dim: int,
+                theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of the RoPE angles, [B, T, 1, H/2] float32 each.
+
+  Computed once per forward and shared by every block.
+  """
+  half = head_dim // 2
   inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
   ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-  cos = jnp.cos(ang)[:, :, None, :].astype(x.dtype)
-  sin = jnp.sin(ang)[:, :, None, :].astype(x.dtype)
+  return jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE. x: [B, T, n, H]; cos, sin: [B, T, 1, H/2]."""
+  half = x.shape[-1] // 2
+  cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
-def block(cfg: ModelConfig, p: dict, x: jax.Array, positions: jax.Array,
+def block(cfg: ModelConfig, p: dict, x: jax.Array, angles: tuple,
           mask: jax.Array, cache_kv: Optional[tuple], cache_index):
   """One decoder block. Returns (x, (k, v)) where k, v fill the cache slot.
 
   Args:
     p: this block's parameters (no layers axis).
     x: [B, T, D] activations.
-    positions: [B, T] RoPE positions.
+    angles: (cos, sin) from `rope_angles`.
     mask: [B, T, S] bool, True where the query may attend the key.
     cache_kv: (k, v) of shape [B, S, K, H], or None (then S == T).
     cache_index: slot where the T new keys are written.
@@ -113,8 +122,8 @@ def block(cfg: ModelConfig, p: dict, x: jax.Array, positions: jax.Array,
     q = q + p["bq"].astype(dt)
     k = k + p["bk"].astype(dt)
     v = v + p["bv"].astype(dt)
-  q = rope(q, positions, cfg.rope_theta)
-  k = rope(k, positions, cfg.rope_theta)
+  q = rope(q, *angles)
+  k = rope(k, *angles)
   if cache_kv is not None:
     ck, cv = cache_kv
     k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype),
@@ -209,10 +218,11 @@ class Decoder(nnx.Module):
     k_slot = jnp.arange(key_valid.shape[1])
     mask = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
     params = {name: var[...] for name, var in self.blocks.items()}
+    angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
 
     def body(x, layer):
       p, kv = layer
-      x, kv = block(cfg, p, x, positions, mask, kv, cache_index)
+      x, kv = block(cfg, p, x, angles, mask, kv, cache_index)
       return x, kv
 
     xs = (params, None if cache is None else (cache.k, cache.v))
