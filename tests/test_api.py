@@ -276,3 +276,17 @@ def test_encoding_and_logits_make_no_hidden_transfers(tiny):
     logits = tiny.logits(np.array([[5, 6, 7]]))
   assert emb.shape == (2, tiny.cfg.hidden_size)
   assert logits.shape == (1, 3, tiny.cfg.vocab_size)
+
+
+def test_qwen_preset_needs_a_directory(monkeypatch):
+  monkeypatch.delenv("SEARCH_R3_QWEN2_5_1_5B_DIR", raising=False)
+  with pytest.raises(WeightsError, match="model_dir=.*SEARCH_R3_QWEN2_5_1_5B_DIR"):
+    SearchR3.from_pretrained("qwen2.5-1.5b-instruct")
+
+
+def test_qwen_preset_rejects_another_model(tiny_dir, monkeypatch):
+  """A directory that is not Qwen2.5-1.5B is refused, naming what differs."""
+  monkeypatch.setenv("SEARCH_R3_QWEN2_5_1_5B_DIR", str(tiny_dir))
+  with pytest.raises(WeightsError, match=re.escape(str(tiny_dir)) +
+                     ".*is not qwen2.5-1.5b-instruct.*hidden_size"):
+    SearchR3.from_pretrained("qwen2.5-1.5b-instruct")
