@@ -82,16 +82,8 @@ class Tokenizer:
         messages=messages, add_generation_prompt=add_generation_prompt,
         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
-  def embedding_prompt(self, prompts: PromptConfig, kind: str, text: str,
-                       reasoning: bool = False,
-                       max_text_tokens: Optional[int] = None) -> list[int]:
-    """Token ids of one query/document prompt.
-
-    Without reasoning the ids end with the embed token (the assistant turn is
-    `prompts.embed_suffix`, cut after the token). With reasoning they end with
-    the assistant header, for the model to continue. The text is tokenized on
-    its own so that `max_text_tokens` truncates the text, never the template.
-    """
+  def _head_body_tail(self, prompts: PromptConfig, kind: str, text: str,
+                      reasoning: bool, max_text_tokens: Optional[int]):
     marker = "\x00TEXT\x00"
     msgs = prompts.messages(kind, marker, reasoning=reasoning, answer=False)
     rendered = self.apply_chat_template(msgs, add_generation_prompt=True)
@@ -102,7 +94,41 @@ class Tokenizer:
     body = self.encode(text)
     if max_text_tokens is not None:
       body = body[:max_text_tokens]
-    ids = self.encode(head) + body + self.encode(tail)
+    return self.encode(head) + body + self.encode(tail)
+
+  def training_example(self, prompts: PromptConfig, kind: str, text: str,
+                       max_text_tokens: Optional[int] = None
+                       ) -> tuple[list[int], int, int]:
+    """A full no-reasoning turn for supervised training.
+
+    Returns:
+      (ids, response_start, embed_pos): the prompt followed by the assistant
+      turn `prompts.embed_suffix` and the end-of-turn token; the index of the
+      first response token; the index of `<|embed_token|>`.
+    """
+    ids = self._head_body_tail(prompts, kind, text, False, max_text_tokens)
+    response = self.encode(prompts.embed_suffix) + [self.end_of_turn_id]
+    embed_pos = len(ids) + response.index(self.embed_token_id)
+    return ids + response, len(ids), embed_pos
+
+  @property
+  def end_of_turn_id(self) -> int:
+    """The token that closes an assistant turn (the eos token)."""
+    tid = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+    return tid if tid is not None else self.eos_ids[0]
+
+  def embedding_prompt(self, prompts: PromptConfig, kind: str, text: str,
+                       reasoning: bool = False,
+                       max_text_tokens: Optional[int] = None) -> list[int]:
+    """Token ids of one query/document prompt.
+
+    Without reasoning the ids end with the embed token (the assistant turn is
+    `prompts.embed_suffix`, cut after the token). With reasoning they end with
+    the assistant header, for the model to continue. The text is tokenized on
+    its own so that `max_text_tokens` truncates the text, never the template.
+    """
+    ids = self._head_body_tail(prompts, kind, text, reasoning,
+                               max_text_tokens)
     if not reasoning:
       suffix = self.encode(prompts.embed_suffix)
       ids += suffix[:suffix.index(self.embed_token_id) + 1]

@@ -1,0 +1,123 @@
+"""Losses as small pure functions, registered by name.
+
+Stage 1 (PAPER.md) sums four of them: next-token cross-entropy on the
+response, token-level KL to the frozen initial model, InfoNCE over cosine / τ,
+and a triplet margin on cosine distance. Configs pick them by name with a
+weight each; `LOSSES[name]` finds the function.
+
+Every function takes arrays and returns a scalar float32 mean (plus nothing
+else), so each can be checked against a hand computation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+LOSSES: dict[str, Callable[..., jax.Array]] = {}
+
+
+def register(name: str):
+  """Adds a loss to `LOSSES` under `name`."""
+
+  def wrap(fn):
+    if name in LOSSES:
+      raise ValueError(f"loss {name!r} is registered twice")
+    LOSSES[name] = fn
+    return fn
+
+  return wrap
+
+
+def get(name: str) -> Callable[..., jax.Array]:
+  try:
+    return LOSSES[name]
+  except KeyError:
+    raise KeyError(f"unknown loss {name!r}; registered: "
+                   f"{sorted(LOSSES)}") from None
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@register("sft")
+def next_token_cross_entropy(logits: jax.Array, tokens: jax.Array,
+                             target_mask: jax.Array) -> jax.Array:
+  """Mean cross-entropy of predicting `tokens[:, t]` from `logits[:, t-1]`.
+
+  Args:
+    logits: [B, T, V].
+    tokens: [B, T] ids.
+    target_mask: [B, T], 1 where token t is a target (the response).
+  """
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+  return _masked_mean(nll, target_mask[:, 1:])
+
+
+@register("kl")
+def token_kl(logits: jax.Array, ref_logits: jax.Array,
+             target_mask: jax.Array) -> jax.Array:
+  """Mean over response positions of KL(policy ‖ reference), exact over V.
+
+  Position t-1's distribution predicts token t, so the mask is shifted the
+  same way as in `next_token_cross_entropy`.
+
+  Args:
+    logits, ref_logits: [B, T, V] (the reference without gradient).
+    target_mask: [B, T].
+  """
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+  logq = jax.nn.log_softmax(ref_logits[:, :-1].astype(jnp.float32), -1)
+  kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1)
+  return _masked_mean(kl, target_mask[:, 1:])
+
+
+def _unit(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@register("infonce")
+def info_nce(queries: jax.Array, docs: jax.Array, tau: float = 0.05,
+             in_batch: bool = True) -> jax.Array:
+  """InfoNCE over cosine similarity / τ.
+
+  Args:
+    queries: [B, D].
+    docs: [B, K, D]; docs[i, 0] is query i's positive, docs[i, 1:] its hard
+      negatives.
+    tau: temperature.
+    in_batch: every other query's documents are negatives too.
+  """
+  q, d = _unit(queries), _unit(docs)
+  b, k, _ = d.shape
+  if in_batch:
+    scores = q @ d.reshape(b * k, -1).T / tau  # [B, B*K]
+    target = jnp.arange(b) * k
+  else:
+    scores = jnp.einsum("bd,bkd->bk", q, d) / tau
+    target = jnp.zeros((b,), jnp.int32)
+  logp = jax.nn.log_softmax(scores, -1)
+  return -jnp.mean(jnp.take_along_axis(logp, target[:, None], -1))
+
+
+@register("triplet")
+def triplet_margin(queries: jax.Array, docs: jax.Array,
+                   margin: float = 0.2) -> jax.Array:
+  """Mean over (query, hard negative) of max(0, d(q, pos) - d(q, neg) + m).
+
+  d is the cosine distance 1 - cos.
+
+  Args:
+    queries: [B, D].
+    docs: [B, K, D] with the positive first and K - 1 >= 1 negatives.
+  """
+  q, d = _unit(queries), _unit(docs)
+  cos = jnp.einsum("bd,bkd->bk", q, d)
+  dist = 1.0 - cos
+  return jnp.mean(jax.nn.relu(dist[:, :1] - dist[:, 1:] + margin))
