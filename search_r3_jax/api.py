@@ -111,6 +111,32 @@ class SearchR3:
     model = convert.model_from_host(host, cfg, mesh, rules)
     return cls(model, tok, mesh, rules, prompts)
 
+  @classmethod
+  def random(cls, base: str = "smollm2-135m", *, seed: int = 0,
+             model_dir: Optional[str] = None, mesh: Optional[Mesh] = None,
+             mesh_shape: Sequence[int] = (1, -1, 1),
+             rules: shd.Rules = shd.DEFAULT_RULES,
+             prompts: Optional[PromptConfig] = None,
+             **config_overrides) -> "SearchR3":
+    """A randomly initialised model with `base`'s tokenizer and template.
+
+    For fast tests and smoke runs: e.g.
+    `SearchR3.random(hidden_size=64, num_layers=2, intermediate_size=128,
+    num_heads=2, num_kv_heads=1, head_dim=32)`. Parameters are created
+    sharded on the mesh.
+    """
+    ckpt = load_checkpoint(base, model_dir=model_dir)
+    tok = Tokenizer(ckpt.tokenizer, ckpt.chat_template,
+                    eos_token=ckpt.eos_token, bos_token=ckpt.bos_token,
+                    pad_token=ckpt.pad_token)
+    cfg = ModelConfig.from_hf(ckpt.hf_config, source=ckpt.source)
+    cfg = cfg.replace(**config_overrides)
+    if tok.vocab_size > cfg.vocab_size:
+      cfg = cfg.replace(vocab_size=_round_up(tok.vocab_size, VOCAB_MULTIPLE))
+    mesh = mesh or shd.make_mesh(mesh_shape)
+    return cls(convert.init_model(cfg, mesh, seed, rules), tok, mesh, rules,
+               prompts)
+
   # -- plumbing --------------------------------------------------------------
 
   def _split(self):

@@ -1,0 +1,108 @@
+"""Retrieval evaluation: encode a corpus, search exactly, score with trec_eval
+semantics (nDCG@10, Recall@10, Recall@100), for the model and for BM25.
+
+On CPU the corpus may be a documented subset: every relevant document of the
+evaluated queries plus distractors sampled with a fixed seed, up to
+`corpus_size` documents (0 keeps the full corpus). Documents are cut to
+`doc_len` tokens for the model; BM25 sees the same documents uncut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional
+
+import numpy as np
+
+from search_r3_jax import metrics as metrics_lib
+
+METRICS = ("ndcg@10", "recall@10", "recall@100")
+
+
+@dataclasses.dataclass
+class EvalSplit:
+  queries: dict[str, str]           # query id -> text
+  qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
+
+
+def subset(corpus: Mapping[str, str], splits: Mapping[str, EvalSplit],
+           corpus_size: int, max_queries: int, seed: int = 0
+           ) -> tuple[dict[str, str], dict[str, EvalSplit]]:
+  """Cuts queries to `max_queries` per split (0: all) and the corpus to the
+  relevant documents plus sampled distractors (`corpus_size`, 0: all)."""
+  rng = np.random.default_rng(seed)
+  kept = {}
+  for name, sp in splits.items():
+    qids = sorted(sp.queries)
+    if max_queries and len(qids) > max_queries:
+      qids = sorted(rng.choice(qids, max_queries, replace=False).tolist())
+    kept[name] = EvalSplit({q: sp.queries[q] for q in qids},
+                           {q: dict(sp.qrels.get(q, {})) for q in qids})
+  if not corpus_size or corpus_size >= len(corpus):
+    return dict(corpus), kept
+  gold = sorted({d for sp in kept.values() for rel in sp.qrels.values()
+                 for d in rel if d in corpus})
+  rest = sorted(set(corpus) - set(gold))
+  n = max(corpus_size - len(gold), 0)
+  extra = rng.choice(rest, min(n, len(rest)), replace=False).tolist()
+  ids = sorted(gold + extra)
+  return {d: corpus[d] for d in ids}, kept
+
+
+class Evaluator:
+  """Scores a model (anything with encode_queries/encode_documents)."""
+
+  def __init__(self, corpus: Mapping[str, str],
+               splits: Mapping[str, EvalSplit], *, doc_len: int = 128,
+               batch_size: int = 32, reasoning: bool = False):
+    if not corpus:
+      raise ValueError("evaluation corpus is empty")
+    self.doc_ids = list(corpus)
+    self.doc_texts = [corpus[d] for d in self.doc_ids]
+    self.splits = dict(splits)
+    self.doc_len = doc_len
+    self.batch_size = batch_size
+    self.reasoning = reasoning
+
+  @classmethod
+  def from_config(cls, data_cfg, eval_cfg) -> "Evaluator":
+    from search_r3_jax.data import stage1 as data_lib  # pylint: disable=g-import-not-at-top
+    corpus, splits = data_lib.eval_data(data_cfg, tuple(eval_cfg.splits))
+    corpus, splits = subset(corpus, splits, eval_cfg.corpus_size,
+                            eval_cfg.max_queries)
+    return cls(corpus, splits, doc_len=eval_cfg.doc_len,
+               batch_size=eval_cfg.batch_size)
+
+  def __call__(self, model) -> dict[str, dict[str, float]]:
+    docs = model.encode_documents(self.doc_texts, batch_size=self.batch_size,
+                                  max_length=self.doc_len, progress=False)
+    out = {}
+    for name, sp in self.splits.items():
+      qids = list(sp.queries)
+      q = model.encode_queries([sp.queries[i] for i in qids],
+                               reasoning=self.reasoning,
+                               batch_size=self.batch_size, progress=False)
+      out[name] = self._score(qids, q, docs, sp.qrels)
+    return out
+
+  def _score(self, qids, q, docs, qrels) -> dict[str, float]:
+    scores, idx = metrics_lib.exact_top_k(q, docs, 100)
+    run = metrics_lib.run_from_topk(qids, self.doc_ids, scores, idx)
+    return metrics_lib.evaluate(qrels, run, METRICS)
+
+  def bm25(self, k1: Optional[float] = None, b: Optional[float] = None
+           ) -> dict[str, dict[str, float]]:
+    """The same figures for BM25 over the same documents."""
+    from search_r3_jax.data.bm25 import BM25  # pylint: disable=g-import-not-at-top
+    kw = {k: v for k, v in (("k1", k1), ("b", b)) if v is not None}
+    index = BM25(self.doc_texts, **kw)
+    out = {}
+    for name, sp in self.splits.items():
+      qids = list(sp.queries)
+      scores = index.scores([sp.queries[i] for i in qids])
+      k = min(100, scores.shape[1])
+      idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+      top = np.take_along_axis(scores, idx, 1)
+      run = metrics_lib.run_from_topk(qids, self.doc_ids, top, idx)
+      out[name] = metrics_lib.evaluate(sp.qrels, run, METRICS)
+    return out

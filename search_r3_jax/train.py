@@ -1,0 +1,208 @@
+r"""Training program.
+
+    python -m search_r3_jax.train --config=configs/sft.py --workdir=runs/sft
+    python -m search_r3_jax.train --config=configs/sft.py:tiny --workdir=/tmp/t \
+        --config.total_steps=10
+
+Writes into the workdir: config.json, metrics.jsonl (one line per logged
+step and per evaluation), TensorBoard events (tb/), PNG plots of the curves
+(plots/), and orbax checkpoints (checkpoints/) that also hold the data
+position. Running again on the same workdir resumes at the saved step and
+data position, also after `kill -9`. A non-finite loss stops the run with a
+message; the last checkpoint (all of whose steps had finite losses) stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+from ml_collections import config_flags
+
+from search_r3_jax import checkpoint as ckpt_lib
+from search_r3_jax import evaluation
+from search_r3_jax import sft
+from search_r3_jax import sharding as shd
+from search_r3_jax import train_state as ts
+from search_r3_jax.api import SearchR3
+from search_r3_jax.data import stage1 as data_lib
+from search_r3_jax.plots import write_plots
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py[:variant]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
+                               required=True)
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+# ------------------------------------------------------------------ setup
+
+
+def load_model(cfg, mesh) -> SearchR3:
+  """The starting model: `init_from`, a random model, or the preset."""
+  kw = dict(mesh=mesh, model_dir=cfg.model_dir)
+  if cfg.init_from:
+    return SearchR3.from_pretrained(cfg.init_from, compute_dtype=cfg.compute_dtype,
+                                    param_dtype=cfg.param_dtype, **kw)
+  if cfg.random_init:
+    return SearchR3.random(cfg.model, seed=cfg.seed,
+                           compute_dtype=cfg.compute_dtype,
+                           param_dtype=cfg.param_dtype, **kw,
+                           **dict(cfg.random_init))
+  return SearchR3.from_pretrained(cfg.model, compute_dtype=cfg.compute_dtype,
+                                  param_dtype=cfg.param_dtype, **kw)
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard, from process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, values: dict[str, Any], kind: str = "train"):
+    if not self.enabled:
+      return
+    row = {"step": step, "kind": kind, "time": time.time()}
+    row.update({k: float(v) for k, v in values.items()})
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in values.items():
+      self.tb.add_scalar(f"{kind}/{k}", float(v), step)
+    self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+# ------------------------------------------------------------------ train
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict:
+  """Runs stage 1; returns the last evaluation's figures."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+  mesh = shd.make_mesh(tuple(cfg.mesh))
+  model = load_model(cfg, mesh)
+  tx, schedule = ts.make_optimizer(cfg.optimizer)
+  needs_ref = bool(cfg.loss.weights.get("kl"))
+  graphdef, state, shardings = ts.create_train_state(
+      model.model, tx, mesh, with_reference=needs_ref)
+  step_fn, batch_sh = sft.make_sft_step(
+      graphdef, tx, schedule, cfg.loss.to_dict(), mesh, shardings,
+      batch_size=cfg.batch_size)
+  batcher = sft.Batcher(model.tokenizer, model.prompts,
+                        query_len=cfg.query_len, doc_len=cfg.doc_len,
+                        num_negatives=cfg.data.num_negatives)
+  loader = data_lib.train_loader(cfg.data, batch_size=cfg.batch_size,
+                                 seed=cfg.seed)
+  evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
+
+  checkpoints = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
+  start = checkpoints.latest_step() or 0
+  if start:
+    state, position = checkpoints.restore(state)
+    loader.set_state(position)
+    logging.info("resumed at step %d, data position %s", start, position)
+  writer = MetricWriter(workdir)
+
+  def evaluate(step: int, params) -> dict:
+    t = time.perf_counter()
+    current = SearchR3(nnx.merge(graphdef, params), model.tokenizer, mesh,
+                       prompts=model.prompts)
+    figures = evaluator(current)
+    flat = {f"{split}/{k}": v for split, d in figures.items()
+            for k, v in d.items()}
+    flat["eval_seconds"] = time.perf_counter() - t
+    writer.write(step, flat, kind="eval")
+    logging.info("eval at step %d: %s", step, json.dumps(flat))
+    return figures
+
+  last_eval = {}
+  if cfg.eval.at_start and start == 0:
+    last_eval = evaluate(0, state.params)
+
+  rng = jax.random.key(cfg.seed)
+  pending = None  # (step, metrics, tokens) of the step dispatched last
+  bar = tqdm.tqdm(total=cfg.total_steps, initial=start, desc="stage 1",
+                  unit="step", disable=jax.process_index() != 0)
+  t_last, tokens_since = time.perf_counter(), 0
+
+  def check(item):
+    step, metrics, tokens = item
+    values = jax.device_get(metrics)
+    if not np.isfinite(values["loss"]):
+      raise NonFiniteLossError(
+          f"step {step}: loss is {values['loss']} (parts: "
+          f"{ {k: float(v) for k, v in values.items()} }); stopping. The "
+          f"last checkpoint in {checkpoints.directory} is intact: step "
+          f"{checkpoints.latest_step()}")
+    return step, values, tokens
+
+  try:
+    for step in range(start, cfg.total_steps):
+      examples = loader.next_batch()
+      position = loader.get_state()
+      host = batcher(examples)
+      batch = {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
+      state, metrics = step_fn(state, batch, rng)
+      # Read the previous step's metrics only now, so the host never stalls
+      # the device between steps.
+      if pending is not None:
+        done_step, values, tokens = check(pending)
+        tokens_since += tokens
+        if done_step % cfg.log_every == 0:
+          now = time.perf_counter()
+          values["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+          t_last, tokens_since = now, 0
+          writer.write(done_step, values)
+          bar.set_postfix(loss=f"{values['loss']:.4f}",
+                          tok_s=f"{values['tokens_per_s']:.0f}")
+        bar.update(1)
+      pending = (step, metrics, batcher.tokens_per_batch(host))
+      done = step + 1
+      if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
+        check(pending)  # never save a state whose loss is not finite
+        checkpoints.save(done, state, position)
+      if done % cfg.eval_every == 0 or done == cfg.total_steps:
+        check(pending)
+        last_eval = evaluate(done, state.params)
+    if pending is not None:
+      _, values, _ = check(pending)
+      writer.write(pending[0], values)
+      bar.update(1)
+  finally:
+    bar.close()
+    checkpoints.close()
+    writer.close()
+    if jax.process_index() == 0:
+      write_plots(os.path.join(workdir, "metrics.jsonl"),
+                  os.path.join(workdir, "plots"))
+  return last_eval
+
+
+def main(argv):
+  del argv
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
