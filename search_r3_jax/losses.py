@@ -84,7 +84,7 @@ def _unit(x: jax.Array) -> jax.Array:
 
 @register("infonce")
 def info_nce(queries: jax.Array, docs: jax.Array, tau: float = 0.05,
-             in_batch: bool = True) -> jax.Array:
+             in_batch: bool = True, doc_groups=None) -> jax.Array:
   """InfoNCE over cosine similarity / τ.
 
   Args:
@@ -93,12 +93,20 @@ def info_nce(queries: jax.Array, docs: jax.Array, tau: float = 0.05,
       negatives.
     tau: temperature.
     in_batch: every other query's documents are negatives too.
+    doc_groups: optional [B, K] ints naming each document; with `in_batch`,
+      another row's copy of query i's positive (same group) is not used as a
+      negative for query i (two queries of one page in a batch).
   """
   q, d = _unit(queries), _unit(docs)
   b, k, _ = d.shape
   if in_batch:
     scores = q @ d.reshape(b * k, -1).T / tau  # [B, B*K]
     target = jnp.arange(b) * k
+    if doc_groups is not None:
+      groups = doc_groups.reshape(b * k)
+      same = groups[None, :] == groups[target][:, None]
+      own = jnp.arange(b * k)[None, :] == target[:, None]
+      scores = jnp.where(same & ~own, -jnp.inf, scores)
   else:
     scores = jnp.einsum("bd,bkd->bk", q, d) / tau
     target = jnp.zeros((b,), jnp.int32)

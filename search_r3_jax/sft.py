@@ -12,6 +12,7 @@ documents gives their embeddings (InfoNCE, triplet).
 from __future__ import annotations
 
 from typing import Mapping, Sequence
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,8 @@ from search_r3_jax.tokenizer import Tokenizer
 from search_r3_jax.train_state import TrainState
 
 BATCH_KEYS = ("q_tokens", "q_lengths", "q_mask", "q_embed_pos", "d_tokens",
-              "d_lengths")
-_BATCH_NDIMS = (2, 1, 2, 1, 3, 2)
+              "d_lengths", "d_groups")
+_BATCH_NDIMS = (2, 1, 2, 1, 3, 2, 2)
 
 
 class Batcher:
@@ -42,6 +43,8 @@ class Batcher:
     d_tokens [B, K, Td] int32: document prompts ending at the embed token,
       the positive first.
     d_lengths [B, K] int32: tokens per document prompt.
+    d_groups [B, K] int32: a checksum of each document's text, so in-batch
+      InfoNCE never treats another row's copy of a positive as a negative.
   """
 
   def __init__(self, tokenizer: Tokenizer, prompts: PromptConfig, *,
@@ -70,6 +73,7 @@ class Batcher:
         "q_embed_pos": np.zeros((b,), np.int32),
         "d_tokens": np.full((b, k, self.doc_len), pad, np.int32),
         "d_lengths": np.ones((b, k), np.int32),
+        "d_groups": np.zeros((b, k), np.int32),
     }
     for i, ex in enumerate(examples):
       negatives = list(ex.get("negatives", ()))
@@ -91,6 +95,8 @@ class Batcher:
             max_text_tokens=self.doc_len - self._d_overhead + 1)
         out["d_tokens"][i, j, :len(ids)] = ids
         out["d_lengths"][i, j] = len(ids)
+        out["d_groups"][i, j] = np.int32(
+            zlib.crc32(doc.encode("utf-8")) & 0x7FFFFFFF)
     return out
 
   def tokens_per_batch(self, batch: Mapping[str, np.ndarray]) -> int:
@@ -141,7 +147,8 @@ def sft_losses(graphdef, params, ref_params, batch, loss_cfg):
         logits, jax.lax.stop_gradient(ref_logits), batch["q_mask"])
   if "infonce" in weights:
     parts["infonce"] = losses_lib.get("infonce")(
-        q_emb, d_emb, tau=loss_cfg["tau"], in_batch=loss_cfg["in_batch"])
+        q_emb, d_emb, tau=loss_cfg["tau"], in_batch=loss_cfg["in_batch"],
+        doc_groups=batch.get("d_groups"))
   if "triplet" in weights:
     parts["triplet"] = losses_lib.get("triplet")(
         q_emb, d_emb, margin=loss_cfg["margin"])

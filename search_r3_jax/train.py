@@ -46,6 +46,12 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite."""
 
 
+def _say(message: str) -> None:
+  """A line for the person watching (process 0), above the progress bar."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message)
+
+
 # ------------------------------------------------------------------ setup
 
 
@@ -121,7 +127,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   if start:
     state, position = checkpoints.restore(state)
     loader.set_state(position)
-    logging.info("resumed at step %d, data position %s", start, position)
+    _say(f"resumed from {checkpoints.directory} at step {start}, data "
+         f"position {position}")
   writer = MetricWriter(workdir)
 
   def evaluate(step: int, params) -> dict:
@@ -133,7 +140,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             for k, v in d.items()}
     flat["eval_seconds"] = time.perf_counter() - t
     writer.write(step, flat, kind="eval")
-    logging.info("eval at step %d: %s", step, json.dumps(flat))
+    _say(f"eval at step {step}: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in flat.items() if not k.endswith("queries")))
     return figures
 
   last_eval = {}
@@ -201,7 +209,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # library chatter (orbax, tfds)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except NonFiniteLossError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

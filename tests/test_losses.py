@@ -92,3 +92,22 @@ def test_triplet_margin():
   # A positive far closer than every negative costs nothing.
   easy = np.stack([q, -q, -q], 1)
   assert float(losses.get("triplet")(q, easy, margin=0.2)) == 0.0
+
+
+def test_info_nce_skips_in_batch_copies_of_the_positive():
+  q = RNG.standard_normal((2, 6)).astype(np.float32)
+  d = RNG.standard_normal((2, 2, 6)).astype(np.float32)
+  d[1, 0] = d[0, 0]  # both queries' positive is the same document
+  groups = np.array([[7, 8], [7, 9]])
+  tau = 0.05
+  qn, dn = _unit(q), _unit(d)
+  flat = dn.reshape(4, 6)
+  total = 0.0
+  for i in range(2):
+    target = 2 * i
+    cands = [j for j in range(4)
+             if j == target or groups.reshape(4)[j] != groups[i, 0]]
+    scores = [float(qn[i] @ flat[j]) / tau for j in cands]
+    total -= _log_softmax(scores)[cands.index(target)]
+  got = float(losses.get("infonce")(q, d, tau=tau, doc_groups=groups))
+  assert got == pytest.approx(total / 2, rel=1e-4)
