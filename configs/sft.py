@@ -38,15 +38,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.path = ml_collections.FieldReference(None, field_type=str)
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.data.split = "train"
-  c.data.num_negatives = 3
+  # One BM25-mined hard negative per example (plus in-batch negatives):
+  # the CPU default; raise it where there is compute.
+  c.data.num_negatives = 1
   c.query_len = 64   # tokens per query row (prompt + response)
-  c.doc_len = 192    # tokens per document row (prompt + text)
+  c.doc_len = 128    # tokens per document row (prompt + text)
 
   # Optimisation.
   c.batch_size = 8
-  c.total_steps = 200
+  c.total_steps = 160
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-5, warmup_steps=10, total_steps=c.get_ref("total_steps"),
+      learning_rate=1e-4, warmup_steps=16, total_steps=c.get_ref("total_steps"),
       end_lr_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
       grad_accum_steps=1))
   c.loss = ml_collections.ConfigDict(dict(
@@ -55,8 +57,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Logging, evaluation, checkpoints.
   c.log_every = 1
-  c.eval_every = 100
-  c.checkpoint_every = 25
+  c.eval_every = 80
+  c.checkpoint_every = 20
   c.keep_checkpoints = 3
   c.eval = ml_collections.ConfigDict(dict(
       splits=("dev_sub", "dev_top"), corpus_size=2000, doc_len=128,

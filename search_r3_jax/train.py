@@ -146,6 +146,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
   last_eval = {}
   if cfg.eval.at_start and start == 0:
+    bm25 = evaluator.bm25()
+    writer.write(0, {f"{split}/{k}": v for split, d in bm25.items()
+                     for k, v in d.items()}, kind="bm25")
+    _say("BM25 on the same documents: " + json.dumps(bm25))
     last_eval = evaluate(0, state.params)
 
   rng = jax.random.key(cfg.seed)
