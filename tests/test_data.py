@@ -388,3 +388,20 @@ def test_fetch_rejects_a_wrong_hash(tmp_path):
     fetch.fetch_wheel(wrong, cache_dir=tmp_path)
   assert not (tmp_path / wrong.filename).exists()
   assert pathlib.Path(fetch.fetch_wheel(fetch.FANOUTQA)).is_file()
+
+
+def test_stage1_eval_data_keeps_every_sub_question(fanout):
+  """FanOutQA repeats sub-question ids across top-level questions: all 558
+  occurrences are evaluated, none collapsed into another."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.data import stage1  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(dict(
+      name="wiki_fanout", path=None, num_negatives=3,
+      data_dir=str(fanout.data_dir).split("/wiki_fanout/")[0]))
+  corpus, splits = stage1.eval_data(cfg, ("dev_sub", "dev_top"))
+  assert len(corpus) == 10_033
+  assert len(splits["dev_sub"].queries) == 558
+  assert len(splits["dev_top"].queries) == 310
+  assert all(len(r) == 1 for r in splits["dev_sub"].qrels.values())
+  with pytest.raises(ValueError, match="no split 'nope'"):
+    stage1.eval_data(cfg, ("nope",))

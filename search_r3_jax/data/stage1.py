@@ -100,6 +100,11 @@ def eval_data(data_cfg, splits: tuple[str, ...],
     for rec in builder.as_data_source(split=split):
       rec = _to_str(rec)
       qid = rec["query_id"]
+      # FanOutQA reuses a sub-question's id under every top-level question
+      # that asks it; each occurrence is evaluated, under its own key.
+      n = 1
+      while qid in queries:
+        qid, n = f"{rec['query_id']}#{n}", n + 1
       queries[qid] = rec["query"]
       qrels[qid] = {d: int(s) for d, s in zip(rec["doc_ids"], rec["scores"])}
     out[split] = EvalSplit(queries, qrels)
