@@ -12,11 +12,9 @@ moves them across the host/device boundary explicitly and decodes text.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx

@@ -83,3 +83,25 @@ def one_device_mesh():
 def eight_device_mesh():
   assert len(jax.devices()) == 8, "XLA_FLAGS must give 8 CPU devices"
   return shd.make_mesh((2, 2, 2))
+
+
+# Shared models: built once per session (the real one takes seconds to load).
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+  """A tiny random Llama checkpoint directory."""
+  return make_tiny_hf_dir(tmp_path_factory.mktemp("tiny"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir, one_device_mesh):
+  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
+  return SearchR3.from_pretrained(str(tiny_dir), mesh=one_device_mesh)
+
+
+@pytest.fixture(scope="session")
+def smollm2(one_device_mesh):
+  """The embedded default model on one device."""
+  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
+  return SearchR3.from_pretrained("smollm2-135m", mesh=one_device_mesh)

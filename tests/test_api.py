@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from conftest import make_tiny_hf_dir
 from search_r3_jax import SearchR3, encoding
 from search_r3_jax.config import ConfigError
 from search_r3_jax.prompts import EMBED_TOKEN
@@ -33,21 +32,6 @@ DOCS = ["Hamlet is a tragedy written by William Shakespeare around 1600.",
         "Photosynthesis is the process by which plants use light energy to "
         "make glucose from carbon dioxide and water.",
         "Mount Everest is Earth's highest mountain above sea level."]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  return make_tiny_hf_dir(tmp_path_factory.mktemp("tiny"), "llama")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir, one_device_mesh):
-  return SearchR3.from_pretrained(str(tiny_dir), mesh=one_device_mesh)
-
-
-@pytest.fixture(scope="module")
-def smollm2(one_device_mesh):
-  return SearchR3.from_pretrained("smollm2-135m", mesh=one_device_mesh)
 
 
 # ------------------------------------------------------------------ encoders

@@ -12,23 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import make_tiny_hf_dir
 from search_r3_jax import SearchR3, decoding, encoding
-
-
-@pytest.fixture(scope="module")
-def smollm2(one_device_mesh):
-  return SearchR3.from_pretrained("smollm2-135m", mesh=one_device_mesh)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  return make_tiny_hf_dir(tmp_path_factory.mktemp("tiny"), "llama")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir, one_device_mesh):
-  return SearchR3.from_pretrained(str(tiny_dir), mesh=one_device_mesh)
 
 
 @pytest.fixture(scope="module")

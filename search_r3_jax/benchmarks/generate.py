@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 
 from absl import app, flags
+
+from search_r3_jax.benchmarks.common import median_time
 import numpy as np
 
 QUICK = flags.DEFINE_bool("quick", False, "16 new tokens, one timed repeat.")
@@ -45,15 +46,6 @@ PROMPTS = [
 SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95)
 
 
-def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def _left_pad(rows, pad):
   p = max(len(r) for r in rows)
   ids = np.full((len(rows), p), pad, np.int64)
@@ -78,7 +70,7 @@ def bench_ours(prompts, new_tokens, repeats):
   compile_s = time.perf_counter() - t
   assert (gen.lengths == new_tokens).all()
   seeds = iter(range(1, 1000))
-  gen_s = _median_time(lambda: run(next(seeds)), repeats)
+  gen_s = median_time(lambda: run(next(seeds)), repeats)[0]
 
   # Prefill: the cache-filling forward over the padded prompts plus the
   # last position's logits, as generation runs it.
@@ -97,8 +89,8 @@ def bench_ours(prompts, new_tokens, repeats):
   args = (state, jax.numpy.asarray(ids, jax.numpy.int32),
           jax.numpy.asarray(mask))
   jax.block_until_ready(prefill(*args))
-  pre_s = _median_time(lambda: jax.block_until_ready(prefill(*args)),
-                       repeats)
+  pre_s = median_time(lambda: jax.block_until_ready(prefill(*args)),
+                      repeats)[0]
   return dict(gen_s=gen_s, compile_s=compile_s, prefill_s=pre_s,
               prefill_tokens=int(ids.size),
               sample=m.tokenizer.decode(gen.tokens[0][:24]))
@@ -126,7 +118,7 @@ def bench_torch(prompts, pad_id, new_tokens, repeats, device):
     return out
 
   run(4)  # warm-up
-  gen_s = _median_time(lambda: run(new_tokens), repeats)
+  gen_s = median_time(lambda: run(new_tokens), repeats)[0]
 
   def prefill():
     with torch.no_grad():
@@ -135,7 +127,7 @@ def bench_torch(prompts, pad_id, new_tokens, repeats, device):
     sync()
 
   prefill()
-  pre_s = _median_time(prefill, repeats)
+  pre_s = median_time(prefill, repeats)[0]
   return dict(gen_s=gen_s, prefill_s=pre_s, prefill_tokens=int(ids.numel()))
 
 

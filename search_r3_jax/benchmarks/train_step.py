@@ -40,10 +40,11 @@ import copy
 import json
 import os
 import platform
-import statistics
 import time
 
 from absl import app, flags
+
+from search_r3_jax.benchmarks.common import median_time
 import numpy as np
 
 QUICK = flags.DEFINE_bool("quick", False,
@@ -136,15 +137,6 @@ def synthetic_examples(n: int, num_negatives: int, seed: int = 0):
 # -- timing helpers ------------------------------------------------------------
 
 
-def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), times
-
-
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
   """Best-of-`repeats` fp32 n^3 matmul throughput of jitted JAX, GFLOP/s."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -154,7 +146,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
   b = jax.random.normal(key_b, (n, n), jnp.float32)
   mm = jax.jit(jnp.matmul)
   mm(a, b).block_until_ready()
-  best = min(_median_time(lambda: mm(a, b).block_until_ready(), 1)[0]
+  best = min(median_time(lambda: mm(a, b).block_until_ready(), 1)[0]
              for _ in range(repeats))
   return 2 * n ** 3 / best / 1e9
 
@@ -163,7 +155,7 @@ def torch_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   import torch  # pylint: disable=g-import-not-at-top
   a, b = torch.randn(n, n), torch.randn(n, n)
   torch.matmul(a, b)
-  best = min(_median_time(lambda: torch.matmul(a, b), 1)[0]
+  best = min(median_time(lambda: torch.matmul(a, b), 1)[0]
              for _ in range(repeats))
   return 2 * n ** 3 / best / 1e9
 
@@ -203,7 +195,7 @@ def bench_ours(m, host_batch, steps):
     history.append(metrics["loss"])
     jax.block_until_ready(metrics["loss"])
 
-  step_s, times = _median_time(one, steps)
+  step_s, times = median_time(one, steps)
   return dict(compile_s=compile_s, first_step_s=first_step_s, step_s=step_s,
               times=times, first={k: float(first[k]) for k in LOSS_NAMES},
               losses=[float(x) for x in history], schedule=schedule)
@@ -314,7 +306,7 @@ def bench_torch(host_batch, vocab_size, lrs, steps, device):
   t = time.perf_counter()
   first = one()
   first_step_s = time.perf_counter() - t
-  step_s, times = _median_time(one, steps)
+  step_s, times = median_time(one, steps)
   return dict(first_step_s=first_step_s, step_s=step_s, times=times,
               first={k: v.item() for k, v in first.items()},
               losses=history)
