@@ -124,3 +124,24 @@ def test_gradient_accumulation_updates_every_k_steps(tiny_dir,
   moved = [not np.array_equal(a, b) for a, b in
            zip(jax.tree.leaves(mid), jax.tree.leaves(after))]
   assert all(same) and any(moved)
+
+
+def test_bf16_compute_step_runs_and_learns(tiny_dir, one_device_mesh):
+  m = SearchR3.from_pretrained(str(tiny_dir), mesh=one_device_mesh,
+                               compute_dtype="bfloat16")
+  tx, schedule = ts.make_optimizer(_opt_cfg())
+  graphdef, state, shardings = ts.create_train_state(m.model, tx,
+                                                     one_device_mesh)
+  step, batch_sh = sft.make_sft_step(graphdef, tx, schedule, LOSS_CFG,
+                                     one_device_mesh, shardings,
+                                     batch_size=len(EXAMPLES))
+  batcher = sft.Batcher(m.tokenizer, m.prompts, query_len=29, doc_len=31,
+                        num_negatives=2)
+  batch = _device_batch(batcher, batch_sh)
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch, jax.random.key(0))
+    losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  leaf = jax.tree.leaves(state.params)[0]
+  assert leaf.dtype == np.float32  # parameters stay float32
