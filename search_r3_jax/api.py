@@ -82,7 +82,8 @@ class SearchR3:
 
     Args:
       name_or_path: a preset ("smollm2-135m", "qwen2.5-1.5b-instruct"), an
-        HF directory, or a `.gguf` file.
+        HF directory, a `.gguf` file, or a training workdir (its config's
+        model with the latest checkpoint's parameters).
       model_dir: directory for presets that load user-provided weights.
       compute_dtype, param_dtype: "float32" or "bfloat16".
       mesh: device mesh; default `make_mesh(mesh_shape)` over all devices.
@@ -91,6 +92,9 @@ class SearchR3:
       prompts: prompt texts for the encoders.
       scan_layers: run blocks under `lax.scan` (False unrolls them).
     """
+    from search_r3_jax import workdir  # pylint: disable=g-import-not-at-top
+    if workdir.is_workdir(name_or_path):
+      return workdir.load_workdir(name_or_path, mesh=mesh)
     ckpt = load_checkpoint(name_or_path, model_dir=model_dir)
     cfg = ModelConfig.from_hf(ckpt.hf_config, source=ckpt.source,
                               compute_dtype=compute_dtype,

@@ -106,3 +106,21 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
   leaves = jax.tree.leaves(restored["state"])
   assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
   ck.close()
+
+
+def test_workdir_loads_as_a_model(straight):
+  """from_pretrained(workdir) gives the trained parameters of the latest
+  checkpoint, ready to encode."""
+  from search_r3_jax import SearchR3, checkpoint  # pylint: disable=g-import-not-at-top
+  from search_r3_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  m = SearchR3.from_pretrained(str(straight), mesh=mesh)
+  ck = checkpoint.Checkpointer(straight)
+  raw = ck.manager.restore(8)["state"]
+  ck.close()
+  want = np.asarray(raw["params"]["embed"]["value"]
+                    if isinstance(raw["params"]["embed"], dict)
+                    else raw["params"]["embed"])
+  np.testing.assert_array_equal(np.asarray(m.model.embed[...]), want)
+  emb = m.encode_documents(["paris is a city"])
+  assert emb.shape == (1, 64)

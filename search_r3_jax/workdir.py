@@ -1,0 +1,52 @@
+"""Loading a training workdir as a model: its config names the starting
+model, its latest checkpoint holds the trained parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Optional
+
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from search_r3_jax import sharding as shd
+
+
+def is_workdir(path: os.PathLike | str) -> bool:
+  p = pathlib.Path(path)
+  return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
+
+
+def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
+                 step: Optional[int] = None):
+  """The model of a training workdir at its latest (or given) checkpoint.
+
+  Raises:
+    FileNotFoundError: the workdir has no finished checkpoint.
+  """
+  from search_r3_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from search_r3_jax import train_state as ts  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.train import load_model  # pylint: disable=g-import-not-at-top
+
+  p = pathlib.Path(path)
+  with open(p / "config.json", encoding="utf-8") as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  mesh = mesh or shd.make_mesh(tuple(cfg.mesh))
+  ck = checkpoint.Checkpointer(p)
+  try:
+    if (step if step is not None else ck.latest_step()) is None:
+      raise FileNotFoundError(f"{p} is a training workdir without a finished "
+                              "checkpoint")
+    model = load_model(cfg, mesh)
+    tx, _ = ts.make_optimizer(cfg.optimizer)
+    _, state, _ = ts.create_train_state(
+        model.model, tx, mesh,
+        with_reference=bool(cfg.loss.weights.get("kl")))
+    state, _ = ck.restore(state, step)
+  finally:
+    ck.close()
+  nnx.update(model.model, state.params)
+  return model
