@@ -153,8 +153,9 @@ class SearchR3:
     # The seed crosses to the device explicitly (transfer guards stay quiet).
     return jax.random.key(jax.device_put(np.uint32(seed % 2**32)))
 
-  def _batch_spec(self, ndim: int):
-    return shd.batch_sharding(self.mesh, ndim, self.rules).spec
+  def _batch_axes(self):
+    """Hashable (a static jit argument): equal across instances."""
+    return shd.batch_sharding(self.mesh, 1, self.rules).spec[0]
 
   def _pad_batch(self, n: int) -> int:
     return _round_up(n, shd.batch_multiple(self.mesh, self.rules))
@@ -209,7 +210,7 @@ class SearchR3:
           sampling=sampling, stop_ids=stop,
           valid_vocab=self.tokenizer.vocab_size, pad_id=pad,
           capture_stop_hidden=capture_stop_hidden,
-          batch_spec=self._batch_spec)
+          batch_axes=self._batch_axes())
     out = jax.device_get(out)
     return decoding.Generation(*(np.asarray(a)[:n] for a in out))
 
@@ -249,6 +250,7 @@ class SearchR3:
     starts = range(0, len(rows), batch_size)
     bar = tqdm.tqdm(starts, desc=desc, unit="batch",
                     disable=not progress or len(starts) < 2)
+    pending = None  # the previous batch, fetched after the next dispatch
     with jax.set_mesh(self.mesh):
       for s in bar:
         idx = order[s:s + batch_size]
@@ -261,7 +263,13 @@ class SearchR3:
           lengths[j] = len(rows[i])
         emb = encoding.embed_last(graphdef, state, self._put(ids),
                                   self._put(lengths))
-        out[idx] = np.asarray(jax.device_get(emb))[:len(idx)]
+        if pending is not None:
+          prev_idx, prev = pending
+          out[prev_idx] = np.asarray(jax.device_get(prev))[:len(prev_idx)]
+        pending = (idx, emb)
+      if pending is not None:
+        prev_idx, prev = pending
+        out[prev_idx] = np.asarray(jax.device_get(prev))[:len(prev_idx)]
     return out
 
   def encode_documents(self, texts: Sequence[str], *, batch_size: int = 16,

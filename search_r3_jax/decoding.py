@@ -188,21 +188,16 @@ def _mask_vocab(logits, valid_vocab):
   return jnp.where(col < valid_vocab, logits, _NEG)
 
 
-def _constrain(x, spec_fn):
-  return x if spec_fn is None else jax.lax.with_sharding_constraint(
-      x, spec_fn(x.ndim))
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "sampling", "stop_ids",
                      "valid_vocab", "pad_id", "capture_stop_hidden",
-                     "batch_spec"))
+                     "batch_axes"))
 def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
              rng: jax.Array, *, max_new_tokens: int, sampling: SamplingParams,
              stop_ids: tuple[int, ...], valid_vocab: int, pad_id: int,
              capture_stop_hidden: bool = False,
-             batch_spec=None) -> Generation:
+             batch_axes=None) -> Generation:
   """Generates up to `max_new_tokens` tokens for a left-padded batch.
 
   Args:
@@ -217,8 +212,8 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
     pad_id: filler for tokens after a row's stop.
     capture_stop_hidden: feed each stop token once more and keep its final
       hidden state (the embedding for reasoning queries).
-    batch_spec: optional `ndim -> PartitionSpec` for batch-leading arrays,
-      used to pin the cache and activations to the batch sharding.
+    batch_axes: mesh axes the batch is split over (a hashable tuple, or
+      None); the KV cache is pinned to that split.
   """
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
@@ -230,9 +225,10 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
   key_valid = jnp.concatenate(
       [prompt_valid, jnp.zeros((b, m), bool)], axis=1)
   cache = KVCache.zeros(cfg, b, size)
-  if batch_spec is not None:
-    cache = KVCache(*(jax.lax.with_sharding_constraint(
-        c, jax.sharding.PartitionSpec(None, *batch_spec(4))) for c in cache))
+  if batch_axes is not None:
+    spec = jax.sharding.PartitionSpec(None, batch_axes)
+    cache = KVCache(*(jax.lax.with_sharding_constraint(c, spec)
+                      for c in cache))
   # Logits only at the last slot: with left padding it is every row's last
   # prompt token, and the [B, P, V] logits would cost a vocab-wide matmul.
   _, hidden, cache = model(prompt, positions, key_valid, cache, 0,

@@ -92,6 +92,21 @@ class MetricWriter:
       self.tb.add_scalar(f"{kind}/{k}", float(v), step)
     self.tb.flush()
 
+  def truncate_after(self, step: int) -> None:
+    """Drops rows a killed run logged past the checkpoint it resumes from
+    (train rows name the step they ran, 0-based; evaluations the step
+    count they followed), so every step appears once."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path, encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in rows if r["step"] < step or (
+        r["kind"] != "train" and r["step"] == step)]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(tmp, self.path)
+
   def close(self):
     if self.tb is not None:
       self.tb.close()
@@ -118,8 +133,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   batcher = sft.Batcher(model.tokenizer, model.prompts,
                         query_len=cfg.query_len, doc_len=cfg.doc_len,
                         num_negatives=cfg.data.num_negatives)
-  loader = data_lib.train_loader(cfg.data, batch_size=cfg.batch_size,
-                                 seed=cfg.seed)
+  if cfg.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {cfg.batch_size} does not divide over "
+                     f"{jax.process_count()} processes")
+  # Each process reads its own share of the global batch.
+  loader = data_lib.train_loader(
+      cfg.data, batch_size=cfg.batch_size // jax.process_count(),
+      seed=cfg.seed)
   evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
 
   checkpoints = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
@@ -130,6 +150,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     _say(f"resumed from {checkpoints.directory} at step {start}, data "
          f"position {position}")
   writer = MetricWriter(workdir)
+  if start:
+    writer.truncate_after(start)
 
   def evaluate(step: int, params) -> dict:
     t = time.perf_counter()
@@ -161,9 +183,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   def check(item):
     step, metrics, tokens = item
     values = jax.device_get(metrics)
-    if not np.isfinite(values["loss"]):
+    # A finite loss with a non-finite gradient would still poison the
+    # parameters, so both must be finite.
+    if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
       raise NonFiniteLossError(
-          f"step {step}: loss is {values['loss']} (parts: "
+          f"step {step}: loss is {values['loss']}, gradient norm "
+          f"{values['grad_norm']} (parts: "
           f"{ {k: float(v) for k, v in values.items()} }); stopping. The "
           f"last checkpoint in {checkpoints.directory} is intact: step "
           f"{checkpoints.latest_step()}")
@@ -174,7 +199,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       examples = loader.next_batch()
       position = loader.get_state()
       host = batcher(examples)
-      batch = {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
+      batch = {k: jax.make_array_from_process_local_data(batch_sh[k], v)
+               for k, v in host.items()}
       state, metrics = step_fn(state, batch, rng)
       # Read the previous step's metrics only now, so the host never stalls
       # the device between steps.

@@ -1,10 +1,9 @@
 """Train state, optimizer and the sharded creation of both.
 
 The state is a plain pytree (`TrainState`) so the step can be one pure,
-jitted, donated function. Its shardings are read off the arrays after they
-are created sharded (parameters from `sharding.py`'s rules, optimizer moments
-by propagation from the parameters), and the step is jitted with exactly
-those as in and out shardings.
+jitted, donated function. Parameters are sharded by `sharding.py`'s rules,
+optimizer moments like their parameters; the step is jitted with exactly
+those shardings in and out.
 """
 
 from __future__ import annotations
@@ -44,23 +43,31 @@ def make_optimizer(cfg: ml_collections.ConfigDict):
   Reads cfg.learning_rate, warmup_steps, total_steps, weight_decay, b1, b2,
   clip_norm, grad_accum_steps. Weight decay skips vectors (norms, biases).
 
+  `warmup_steps` and `total_steps` count steps of the train loop; with
+  gradient accumulation over k steps the optimizer updates every k-th step,
+  so its schedule runs over total_steps / k updates.
+
   Returns:
-    (optax transformation, learning-rate schedule).
+    (optax transformation, learning-rate schedule as a function of the loop
+    step).
   """
+  k = max(int(cfg.grad_accum_steps), 1)
+  warmup = max(int(cfg.warmup_steps) // k, 1)
   # Warmup starts at peak / warmup_steps rather than 0, so step 0 learns too.
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=cfg.learning_rate / max(int(cfg.warmup_steps), 1),
+  inner = optax.warmup_cosine_decay_schedule(
+      init_value=cfg.learning_rate / warmup,
       peak_value=cfg.learning_rate,
-      warmup_steps=max(int(cfg.warmup_steps), 1),
-      decay_steps=max(int(cfg.total_steps), int(cfg.warmup_steps) + 1),
+      warmup_steps=warmup,
+      decay_steps=max(int(cfg.total_steps) // k, warmup + 1),
       end_value=cfg.learning_rate * cfg.get("end_lr_fraction", 0.1))
+  schedule = (lambda step: inner(step // k)) if k > 1 else inner
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
   tx = optax.chain(
       optax.clip_by_global_norm(cfg.clip_norm),
-      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2,
+      optax.adamw(inner, b1=cfg.b1, b2=cfg.b2,
                   weight_decay=cfg.weight_decay, mask=decay_mask))
-  if cfg.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
+  if k > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=k)
   return tx, schedule
 
 
@@ -72,8 +79,14 @@ def create_train_state(model: Decoder, tx, mesh,
     (graphdef, state, state_shardings).
   """
   graphdef, params = nnx.split(model)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Moments shaped like a parameter take that parameter's sharding (FSDP
+  # covers them too); counters and the like are replicated.
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
+      shardings_of(params), transform_non_params=lambda _: replicated)
   with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     ref = (jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)
            if with_reference else None)
   step = jax.device_put(jnp.zeros((), jnp.int32),

@@ -332,3 +332,13 @@ def test_generation_makes_no_hidden_transfers_or_recompiles(tiny):
     out = tiny.generate_ids([[5, 6], [7, 8, 9, 10, 11]], max_new_tokens=4)
   assert out.tokens.shape == (2, 4)
   assert decoding.generate._cache_size() == compiled  # pylint: disable=protected-access
+
+
+def test_a_new_instance_reuses_the_compiled_generation(tiny):
+  """Evaluation wraps fresh parameters in a new SearchR3 at every call; the
+  compiled generation must be reused, not rebuilt."""
+  tiny.generate_ids([[5, 6, 7]], max_new_tokens=3)
+  compiled = decoding.generate._cache_size()  # pylint: disable=protected-access
+  again = SearchR3(tiny.model, tiny.tokenizer, tiny.mesh)
+  again.generate_ids([[5, 6, 8]], max_new_tokens=3)
+  assert decoding.generate._cache_size() == compiled  # pylint: disable=protected-access

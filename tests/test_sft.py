@@ -145,3 +145,16 @@ def test_bf16_compute_step_runs_and_learns(tiny_dir, one_device_mesh):
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
   leaf = jax.tree.leaves(state.params)[0]
   assert leaf.dtype == np.float32  # parameters stay float32
+
+
+def test_optimizer_moments_are_sharded_like_their_parameters(
+    tiny_dir, eight_device_mesh):
+  _, state, _, _, _ = _setup(tiny_dir, eight_device_mesh)
+  params = dict(jax.tree_util.tree_leaves_with_path(state.params))
+  adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+  checked = 0
+  for path, mu in jax.tree_util.tree_leaves_with_path(adam.mu):
+    p = params[path]
+    assert mu.sharding.is_equivalent_to(p.sharding, p.ndim), path
+    checked += not p.sharding.is_fully_replicated
+  assert checked > 0  # some parameter is really split, and so is its moment
