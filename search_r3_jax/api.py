@@ -100,12 +100,8 @@ class SearchR3:
                               compute_dtype=compute_dtype,
                               param_dtype=param_dtype, scan_layers=scan_layers)
     had_embed = ckpt.tokenizer.token_to_id("<|embed_token|>") is not None
-    tok = Tokenizer(ckpt.tokenizer, ckpt.chat_template,
-                    eos_token=ckpt.eos_token, bos_token=ckpt.bos_token,
-                    pad_token=ckpt.pad_token)
     source_vocab = cfg.vocab_size
-    if tok.vocab_size > source_vocab:
-      cfg = cfg.replace(vocab_size=_round_up(tok.vocab_size, VOCAB_MULTIPLE))
+    tok, cfg = _tokenizer_and_config(ckpt, cfg)
     host = convert.host_params(ckpt, cfg, source_vocab)
     if not had_embed:
       convert.set_rows(host, {tok.embed_token_id: "mean"})
@@ -128,13 +124,8 @@ class SearchR3:
     sharded on the mesh.
     """
     ckpt = load_checkpoint(base, model_dir=model_dir)
-    tok = Tokenizer(ckpt.tokenizer, ckpt.chat_template,
-                    eos_token=ckpt.eos_token, bos_token=ckpt.bos_token,
-                    pad_token=ckpt.pad_token)
     cfg = ModelConfig.from_hf(ckpt.hf_config, source=ckpt.source)
-    cfg = cfg.replace(**config_overrides)
-    if tok.vocab_size > cfg.vocab_size:
-      cfg = cfg.replace(vocab_size=_round_up(tok.vocab_size, VOCAB_MULTIPLE))
+    tok, cfg = _tokenizer_and_config(ckpt, cfg.replace(**config_overrides))
     mesh = mesh or shd.make_mesh(mesh_shape)
     return cls(convert.init_model(cfg, mesh, seed, rules), tok, mesh, rules,
                prompts)
@@ -360,6 +351,18 @@ class SearchR3:
           graphdef, state, self._put(padded),
           self._put(np.full((b,), t, np.int32)))
     return np.array(jax.device_get(logits), np.float32)[:n]
+
+
+def _tokenizer_and_config(ckpt, cfg: ModelConfig
+                          ) -> tuple[Tokenizer, ModelConfig]:
+  """The checkpoint's tokenizer (with `<|embed_token|>` added when absent)
+  and `cfg` with enough embedding rows for it, padded to VOCAB_MULTIPLE."""
+  tok = Tokenizer(ckpt.tokenizer, ckpt.chat_template,
+                  eos_token=ckpt.eos_token, bos_token=ckpt.bos_token,
+                  pad_token=ckpt.pad_token)
+  if tok.vocab_size > cfg.vocab_size:
+    cfg = cfg.replace(vocab_size=_round_up(tok.vocab_size, VOCAB_MULTIPLE))
+  return tok, cfg
 
 
 def _check_texts(texts, what: str) -> list[str]:
