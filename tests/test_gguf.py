@@ -313,28 +313,18 @@ def test_unknown_architecture(tmp_path):
   _assert_says(e, f, "general.architecture='falcon'")
 
 
-def test_missing_metadata_key(tmp_path):
+@pytest.mark.parametrize("write_kw,named", [
+    (dict(skip_key="feed_forward_length"), "'llama.feed_forward_length'"),
+    (dict(extra_tensor="blk.0.attn_q_norm.weight"),
+     "'blk.0.attn_q_norm.weight'"),
+    (dict(pre="mystery"), "tokenizer.ggml.pre='mystery'"),
+], ids=["missing_metadata_key", "unknown_tensor", "unknown_pre_tokenizer"])
+def test_bad_file_names_what_is_wrong(tmp_path, write_kw, named):
   f = tmp_path / "tiny.gguf"
-  _write_tiny(f, skip_key="feed_forward_length")
+  _write_tiny(f, **write_kw)
   with pytest.raises(WeightsError) as e:
     read_gguf(f)
-  _assert_says(e, f, "'llama.feed_forward_length'")
-
-
-def test_unknown_tensor(tmp_path):
-  f = tmp_path / "tiny.gguf"
-  _write_tiny(f, extra_tensor="blk.0.attn_q_norm.weight")
-  with pytest.raises(WeightsError) as e:
-    read_gguf(f)
-  _assert_says(e, f, "'blk.0.attn_q_norm.weight'")
-
-
-def test_unknown_pre_tokenizer(tmp_path):
-  f = tmp_path / "tiny.gguf"
-  _write_tiny(f, pre="mystery")
-  with pytest.raises(WeightsError) as e:
-    read_gguf(f)
-  _assert_says(e, f, "tokenizer.ggml.pre='mystery'")
+  _assert_says(e, f, named)
 
 
 def test_unsupported_tensor_type(tmp_path):
