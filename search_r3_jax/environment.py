@@ -1,0 +1,495 @@
+"""The stage-2 retrieval environment: a corpus index that follows the policy.
+
+In stage 2 the policy is also the document encoder, so stored corpus
+embeddings go stale with every update. `RetrievalEnvironment` keeps them
+fresh where it matters, without re-encoding the corpus at every step:
+
+  * **Regions.** Documents are partitioned by spherical k-means into about
+    sqrt(N) regions (`num_regions`), computed jitted on the device.
+  * **Graph.** Each document is linked to its `graph_k` nearest neighbours,
+    found through the index.
+  * **Touched documents.** Each step, `observe(gold, retrieved)` marks the
+    gold documents, the retrieved top-k, and (with `touch_neighbors`) their
+    graph neighbours.
+  * **Selective refresh.** Every `refresh_every` steps (`maybe_refresh`), a
+    probe sample of `probes_per_region` documents per region is re-encoded
+    with the current parameters; a region's drift is the mean of
+    1 - cos(stored, fresh) over its probes. Every region whose drift is at
+    least `drift_threshold` is re-encoded whole, together with the touched
+    documents (and the probes, already encoded); they are upserted with the
+    current step as their version, moved to their nearest region centroid,
+    and their kNN links are searched anew.
+  * **Full refresh.** When the documents re-encoded since the last rebuild
+    (counting the ones about to be) would pass `rebuild_fraction` of the
+    corpus, or every `full_refresh_every` steps (0: never on a schedule),
+    everything is re-encoded and the regions, index and graph are rebuilt.
+    With `drift_threshold` 0 every region is selected, so a refresh
+    re-encodes every document exactly once; with an infinite threshold and
+    nothing touched it re-encodes only the probes and changes nothing else
+    unless `probes_per_region` is 0 too.
+
+The encode function is the caller's: texts -> [n, D] unit vectors, batched
+and jitted on the device mesh (`document_encoder` wraps a `SearchR3`). Only
+index work (ScaNN, bookkeeping) runs on the host. Each refresh returns a
+report (also logged): what was re-encoded, the drift of every region, and the
+time of each phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from search_r3_jax.index import IndexInputError, VectorIndex, SearchResult
+
+EncodeFn = Callable[[Sequence[str]], np.ndarray]
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+  """Environment settings (defaults: this project's choice).
+
+  Attributes:
+    engine: index engine, "scann" or "exact".
+    k: search depth for `search` (the rewards' top-K).
+    num_regions: k-means regions; 0 means round(sqrt(N)).
+    kmeans_iters: Lloyd iterations of the spherical k-means.
+    graph_k: kNN links per document.
+    probes_per_region: documents re-encoded per region to measure drift.
+    drift_threshold: a region whose mean probe drift (1 - cos) is at least
+      this is re-encoded whole; 0 re-encodes every region.
+    refresh_every: `maybe_refresh` acts on steps that are multiples of this.
+    rebuild_fraction: full re-encode and rebuild when the documents
+      re-encoded since the last rebuild would pass this fraction of the corpus.
+    full_refresh_every: full refresh at least every this many steps (0: no
+      schedule).
+    touch_neighbors: `observe` also marks the graph neighbours.
+    seed: probe sampling and k-means initialisation.
+  """
+  engine: str = "scann"
+  k: int = 10
+  num_regions: int = 0
+  kmeans_iters: int = 10
+  graph_k: int = 8
+  probes_per_region: int = 2
+  drift_threshold: float = 0.02
+  refresh_every: int = 1
+  rebuild_fraction: float = 0.5
+  full_refresh_every: int = 0
+  touch_neighbors: bool = True
+  seed: int = 0
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "EnvConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown environment setting(s) {unknown}; known: "
+                       f"{sorted(known)}")
+    cfg = cls(**dict(values))
+    cfg.check()
+    return cfg
+
+  def check(self) -> None:
+    if self.engine not in ("scann", "exact"):
+      raise ValueError(f"env.engine: {self.engine!r} is not scann or exact")
+    for name in ("k", "graph_k", "refresh_every", "kmeans_iters"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"env.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("num_regions", "probes_per_region", "full_refresh_every"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"env.{name} must be >= 0, got {getattr(self, name)}")
+    if math.isnan(self.drift_threshold) or self.drift_threshold < 0:
+      raise ValueError(f"env.drift_threshold must be >= 0, got "
+                       f"{self.drift_threshold}")
+    if not 0 <= self.rebuild_fraction:
+      raise ValueError(f"env.rebuild_fraction must be >= 0, got "
+                       f"{self.rebuild_fraction}")
+
+
+# -- device kernels ----------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("iters",))
+def _spherical_kmeans(x, centroids, iters: int):
+  """Lloyd iterations on unit vectors; empty clusters keep their centroid."""
+  k = centroids.shape[0]
+
+  def body(_, c):
+    assign = jnp.argmax(x @ c.T, axis=1)
+    sums = jax.ops.segment_sum(x, assign, k)
+    counts = jax.ops.segment_sum(jnp.ones_like(assign, x.dtype), assign, k)
+    new = jnp.where(counts[:, None] > 0, sums, c)
+    return new / jnp.maximum(jnp.linalg.norm(new, axis=1, keepdims=True),
+                             1e-12)
+
+  c = jax.lax.fori_loop(0, iters, body, centroids)
+  return c, jnp.argmax(x @ c.T, axis=1)
+
+
+@jax.jit
+def _nearest(x, centroids):
+  return jnp.argmax(x @ centroids.T, axis=1)
+
+
+def kmeans(x: np.ndarray, k: int, iters: int, seed: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Spherical k-means of unit rows `x`: (centroids [k, D], assignment [N])."""
+  rng = np.random.default_rng(seed)
+  k = max(1, min(k, x.shape[0]))
+  init = x[np.sort(rng.choice(x.shape[0], k, replace=False))]
+  c, a = _spherical_kmeans(jnp.asarray(x), jnp.asarray(init), iters)
+  return np.asarray(c), np.asarray(a, np.int64)
+
+
+def nearest_region(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+  return np.asarray(_nearest(jnp.asarray(x), jnp.asarray(centroids)), np.int64)
+
+
+def document_encoder(model, *, max_length: int = 128,
+                     batch_size: int = 32) -> EncodeFn:
+  """Encode function of a `SearchR3` (batched, jitted on its mesh)."""
+  def encode(texts: Sequence[str]) -> np.ndarray:
+    return model.encode_documents(list(texts), batch_size=batch_size,
+                                  max_length=max_length, progress=False)
+  return encode
+
+
+# -- the environment ---------------------------------------------------------
+
+class RetrievalEnvironment:
+  """Corpus embeddings in an index, refreshed where the policy moved them.
+
+  Attributes:
+    doc_ids: the corpus ids, in store order.
+    index: the `VectorIndex` (its `versions` hold each vector's step).
+    regions: [N] region of each document.
+    centroids: [R, D] region centroids.
+    graph: [N, graph_k] store rows of each document's nearest neighbours
+      (-1 where fewer exist).
+    touched: [N] bool, marked since the last refresh.
+    step: the step of the last refresh (or of the build).
+    reports: every refresh report, in order.
+  """
+
+  def __init__(self, corpus: Mapping[str, str], encode: EncodeFn,
+               cfg: Optional[EnvConfig] = None, step: int = 0,
+               _skip_build: bool = False):
+    self.cfg = cfg or EnvConfig()
+    self.cfg.check()
+    if not corpus:
+      raise ValueError("the environment needs a non-empty corpus")
+    self.doc_ids = list(corpus)
+    self.texts = [corpus[d] for d in self.doc_ids]
+    self.touched = np.zeros(len(self.doc_ids), bool)
+    self.refreshed_since = np.zeros(len(self.doc_ids), bool)
+    self.step = int(step)
+    self.last_full = int(step)
+    self.reports: list[dict] = []
+    self._rng = np.random.default_rng(self.cfg.seed)
+    if not _skip_build:
+      t = time.perf_counter()
+      vectors = self._encode(encode, np.arange(len(self.doc_ids)))
+      t_encode = time.perf_counter() - t
+      timings = self._rebuild(vectors, step)
+      timings["encode"] = t_encode
+      logging.info("environment built over %d documents, %d regions "
+                   "(encode %.1fs, index %.2fs, graph %.2fs)",
+                   len(self.doc_ids), len(self.centroids), t_encode,
+                   timings["index"], timings["graph"])
+
+  @property
+  def size(self) -> int:
+    return len(self.doc_ids)
+
+  # -- encoding and (re)building ----------------------------------------------
+
+  def _encode(self, encode: EncodeFn, rows: np.ndarray) -> np.ndarray:
+    if rows.size == 0:
+      return np.zeros((0, self.index.dim if hasattr(self, "index") else 0),
+                      np.float32)
+    out = np.asarray(encode([self.texts[r] for r in rows]))
+    if out.ndim != 2 or out.shape[0] != rows.size:
+      raise ValueError(f"encode returned shape {out.shape} for {rows.size} "
+                       "documents")
+    if hasattr(self, "index") and out.shape[1] != self.index.dim:
+      raise ValueError(f"encode returned dimension {out.shape[1]}, the index "
+                       f"holds {self.index.dim}")
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+      d = self.doc_ids[int(rows[np.flatnonzero(bad)[0]])]
+      raise ValueError(f"encode returned a non-finite embedding for document "
+                       f"{d!r} ({int(bad.sum())} such documents); nothing "
+                       "was changed")
+    return out.astype(np.float32, copy=False)
+
+  def _rebuild(self, vectors: np.ndarray, step: int) -> dict[str, float]:
+    """New index, regions and graph over `vectors` (one per document)."""
+    t0 = time.perf_counter()
+    index = VectorIndex.build(self.doc_ids, vectors, step,
+                              engine=self.cfg.engine, k=self.cfg.k)
+    t1 = time.perf_counter()
+    r = self.cfg.num_regions or int(round(math.sqrt(len(self.doc_ids))))
+    centroids, regions = kmeans(vectors, r, self.cfg.kmeans_iters,
+                                self.cfg.seed + step)
+    t2 = time.perf_counter()
+    # Everything is computed before anything is replaced.
+    self.index = index
+    self.centroids, self.regions = centroids, regions
+    self.graph = np.full((self.size, self.cfg.graph_k), -1, np.int64)
+    self._relink(np.arange(self.size))
+    t3 = time.perf_counter()
+    return {"index": t1 - t0, "regions": t2 - t1, "graph": t3 - t2}
+
+  def _relink(self, rows: np.ndarray, chunk: int = 4096) -> None:
+    """Searches the kNN links of `rows` anew (self excluded)."""
+    k = self.cfg.graph_k
+    for s in range(0, rows.size, chunk):
+      part = rows[s:s + chunk]
+      res = self.index.search(self.index.vectors[part], k + 1)
+      for i, r in enumerate(part):
+        links = [j for j in res.rows[i] if j >= 0 and j != r][:k]
+        self.graph[r] = -1
+        self.graph[r, :len(links)] = links
+
+  # -- stepping --------------------------------------------------------------
+
+  def search(self, queries: np.ndarray, k: Optional[int] = None
+             ) -> SearchResult:
+    """Top-k documents (default `cfg.k`) for each query embedding."""
+    return self.index.search(queries, k or self.cfg.k)
+
+  def embeddings(self, ids: Sequence[str]) -> np.ndarray:
+    """Stored (possibly stale) vectors of documents."""
+    return self.index.get(ids)
+
+  def observe(self, *id_lists: Sequence[Sequence[str]] | Sequence[str]
+              ) -> int:
+    """Marks documents touched by a step: e.g. `observe(gold, retrieved)`.
+
+    Each argument is a list of ids or a list of lists of ids. With
+    `touch_neighbors` their graph neighbours are marked too. An unknown id
+    raises KeyError and marks nothing. Returns how many are marked now.
+    """
+    ids = []
+    for item in id_lists:
+      for x in item:
+        if isinstance(x, str):
+          ids.append(x)
+        else:
+          ids.extend(x)
+    rows = self.index.rows(ids) if ids else np.zeros((0,), np.int64)
+    if self.cfg.touch_neighbors and rows.size:
+      nb = self.graph[rows].ravel()
+      rows = np.concatenate([rows, nb[nb >= 0]])
+    self.touched[rows] = True
+    return int(self.touched.sum())
+
+  def maybe_refresh(self, step: int, encode: EncodeFn) -> Optional[dict]:
+    """`refresh` on steps that are multiples of `refresh_every`."""
+    if step % self.cfg.refresh_every:
+      return None
+    return self.refresh(step, encode)
+
+  def refresh(self, step: int, encode: EncodeFn, full: bool = False) -> dict:
+    """Brings the index up to date with `encode` (the current parameters).
+
+    Returns:
+      The report: `kind` ("selective" or "full"), `reencoded` (documents
+      encoded, probes included), `reencoded_fraction` (of the corpus),
+      `probed`, `touched`, `drifted_regions`, `region_drift` (list, one per
+      region), `drift_mean`, `drift_max`, `since_rebuild_fraction` and the
+      seconds of each phase (`time_probe`, `time_encode`, `time_upsert`,
+      `time_graph`, `time_rebuild`, `time_total`).
+    """
+    t_start = time.perf_counter()
+    n = self.size
+    cfg = self.cfg
+    nreg = len(self.centroids)
+    # 1. Probes: a few documents per region, re-encoded to measure drift.
+    probes = []
+    if cfg.probes_per_region:
+      for r in range(nreg):
+        members = np.flatnonzero(self.regions == r)
+        if members.size:
+          take = min(cfg.probes_per_region, members.size)
+          probes.append(self._rng.choice(members, take, replace=False))
+    probes = (np.sort(np.concatenate(probes)) if probes
+              else np.zeros((0,), np.int64))
+    fresh_probes = self._encode(encode, probes)
+    stored = self.index.vectors[probes]
+    cos = np.sum(stored * fresh_probes, axis=1) / np.maximum(
+        np.linalg.norm(stored, axis=1) * np.linalg.norm(fresh_probes, axis=1),
+        1e-12)
+    # Clamped at 0: rounding can put cos a hair above 1.
+    drift_each = np.maximum(1.0 - cos, 0.0)
+    region_drift = np.full(nreg, np.nan)
+    if probes.size:
+      sums = np.bincount(self.regions[probes], drift_each, minlength=nreg)
+      counts = np.bincount(self.regions[probes], minlength=nreg)
+      region_drift = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    t_probe = time.perf_counter() - t_start
+
+    # 2. Selection: drifted regions, touched documents, probes.
+    if cfg.probes_per_region:
+      drifted = np.flatnonzero(np.nan_to_num(region_drift, nan=-1.0)
+                               >= cfg.drift_threshold)
+    else:  # no probes: the threshold alone decides (0 selects all)
+      drifted = (np.arange(nreg) if cfg.drift_threshold <= 0
+                 else np.zeros((0,), np.int64))
+    selected = self.touched.copy()
+    selected[probes] = True
+    selected |= np.isin(self.regions, drifted)
+    n_touched = int(self.touched.sum())
+    since = (self.refreshed_since | selected).mean()
+    scheduled = (cfg.full_refresh_every
+                 and step - self.last_full >= cfg.full_refresh_every)
+    go_full = full or since > cfg.rebuild_fraction or bool(scheduled)
+
+    report = {"step": int(step), "probed": int(probes.size),
+              "touched": n_touched, "drifted_regions": int(drifted.size),
+              "regions": nreg,
+              "region_drift": [float(x) for x in region_drift],
+              "drift_mean": float(np.nanmean(region_drift))
+                            if probes.size else float("nan"),
+              "drift_max": float(np.nanmax(region_drift))
+                           if probes.size else float("nan"),
+              "time_probe": t_probe}
+    if go_full:
+      # Everything, re-using the probes' fresh vectors.
+      t = time.perf_counter()
+      rest = np.setdiff1d(np.arange(n), probes)
+      vectors = np.zeros((n, self.index.dim), np.float32)
+      vectors[probes] = fresh_probes
+      vectors[rest] = self._encode(encode, rest)
+      t_encode = time.perf_counter() - t
+      timings = self._rebuild(vectors, step)
+      self.refreshed_since[:] = False
+      self.last_full = int(step)
+      report.update(kind="full", reencoded=n, time_encode=t_encode,
+                    time_upsert=0.0, time_graph=timings["graph"],
+                    time_rebuild=timings["index"] + timings["regions"])
+    else:
+      t = time.perf_counter()
+      rows = np.flatnonzero(selected)
+      others = np.setdiff1d(rows, probes)
+      vectors = np.zeros((rows.size, self.index.dim), np.float32)
+      pos = np.searchsorted(rows, probes)
+      vectors[pos] = fresh_probes
+      vectors[np.searchsorted(rows, others)] = self._encode(encode, others)
+      t_encode = time.perf_counter() - t
+      t = time.perf_counter()
+      if rows.size:
+        self.index.upsert([self.doc_ids[r] for r in rows], vectors, step)
+        self.regions[rows] = nearest_region(vectors, self.centroids)
+      t_upsert = time.perf_counter() - t
+      t = time.perf_counter()
+      self._relink(rows)
+      t_graph = time.perf_counter() - t
+      self.refreshed_since |= selected
+      report.update(kind="selective", reencoded=int(rows.size),
+                    time_encode=t_encode, time_upsert=t_upsert,
+                    time_graph=t_graph, time_rebuild=0.0)
+    self.touched[:] = False
+    self.step = int(step)
+    report["reencoded_fraction"] = report["reencoded"] / n
+    report["since_rebuild_fraction"] = float(self.refreshed_since.mean())
+    report["stale_mean"] = float(step - self.index.versions[
+        self.index.alive].mean())
+    report["time_total"] = time.perf_counter() - t_start
+    self.reports.append(report)
+    logging.info(
+        "refresh step %d: %s, re-encoded %d/%d (%.3f; %d probes, %d touched, "
+        "%d/%d regions drifted, drift mean %.4f max %.4f) in %.2fs",
+        step, report["kind"], report["reencoded"], n,
+        report["reencoded_fraction"], report["probed"], n_touched,
+        report["drifted_regions"], nreg, report["drift_mean"],
+        report["drift_max"], report["time_total"])
+    return report
+
+  # -- persistence -----------------------------------------------------------
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the environment (index, regions, graph, marks) to `path`,
+    replacing it atomically. The corpus texts are not saved."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-env-", dir=os.path.dirname(path))
+    try:
+      self.index.save(os.path.join(tmp, "index"))
+      np.savez(os.path.join(tmp, "environment.npz"),
+               doc_ids=np.asarray(self.doc_ids, dtype=str),
+               regions=self.regions, centroids=self.centroids,
+               graph=self.graph, touched=self.touched,
+               refreshed_since=self.refreshed_since)
+      with open(os.path.join(tmp, "environment.json"), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION,
+                   "config": dataclasses.asdict(self.cfg),
+                   "step": self.step, "last_full": self.last_full,
+                   "size": self.size}, f, indent=1)
+      from search_r3_jax.index import _replace_dir  # pylint: disable=g-import-not-at-top
+      _replace_dir(tmp, path)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+
+  @classmethod
+  def load(cls, path: str | os.PathLike, corpus: Mapping[str, str]
+           ) -> "RetrievalEnvironment":
+    """Reads an environment written by `save`; `corpus` must hold exactly
+    the saved documents (their texts are what later refreshes encode)."""
+    path = os.fspath(path)
+    meta_path = os.path.join(path, "environment.json")
+    if not os.path.isfile(meta_path):
+      raise FileNotFoundError(f"no environment at {path} (missing {meta_path})")
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"{meta_path}: format_version "
+                       f"{meta.get('format_version')}, expected "
+                       f"{FORMAT_VERSION}")
+    cfg = EnvConfig.from_mapping(meta["config"])
+    arrays_path = os.path.join(path, "environment.npz")
+    with np.load(arrays_path) as z:
+      arrays = {k: z[k] for k in z.files}
+    saved_ids = [str(d) for d in arrays["doc_ids"]]
+    missing = [d for d in saved_ids if d not in corpus]
+    extra = [d for d in corpus if d not in set(saved_ids)]
+    if missing or extra:
+      raise ValueError(f"{path}: the corpus differs from the saved one "
+                       f"({len(missing)} saved ids missing, e.g. "
+                       f"{missing[:3]}; {len(extra)} new ids, e.g. "
+                       f"{extra[:3]})")
+    env = cls({d: corpus[d] for d in saved_ids}, lambda _: None, cfg,
+              meta["step"], _skip_build=True)
+    env.last_full = int(meta["last_full"])
+    env.index = VectorIndex.load(os.path.join(path, "index"))
+    if env.index.ids != saved_ids:
+      raise ValueError(f"{path}: index ids disagree with environment.npz")
+    env.regions = arrays["regions"].astype(np.int64)
+    env.centroids = arrays["centroids"].astype(np.float32)
+    env.graph = arrays["graph"].astype(np.int64)
+    env.touched = arrays["touched"].astype(bool)
+    env.refreshed_since = arrays["refreshed_since"].astype(bool)
+    for name in ("regions", "graph", "touched", "refreshed_since"):
+      if getattr(env, name).shape[0] != env.size:
+        raise ValueError(f"{arrays_path}: {name} has "
+                         f"{getattr(env, name).shape[0]} rows, expected "
+                         f"{env.size}")
+    return env
+
+
+__all__ = ["EnvConfig", "RetrievalEnvironment", "document_encoder", "kmeans",
+           "IndexInputError"]

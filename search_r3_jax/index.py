@@ -1,0 +1,426 @@
+"""A host index over corpus embeddings: one interface, two engines.
+
+`VectorIndex` keeps the stored embeddings on the host (ids, vectors, the
+training step that produced each vector) and answers maximum-inner-product
+queries through an engine:
+
+  * "scann": a ScaNN searcher built with the document ids, so `upsert` and
+    `delete` change it in place. Its parameters come from the corpus size
+    (`scann_params`): a k-means tree of about sqrt(N) leaves, asymmetric
+    hashing with 2 dimensions per block, and an exact float reorder of the
+    best candidates. Small corpora (under `SCANN_TREE_MIN` vectors) are
+    scored by brute force.
+  * "exact": a jitted matmul + top-k on a JAX device over the whole store;
+    for small corpora and as the ground truth of the approximate engine.
+
+Rows of the store are stable: a deleted document leaves a dead row, which
+searches never return, until `compact()` (which the environment calls when it
+rebuilds). Every mutation checks its whole input first (dimension, finite
+values, known and unique ids) and raises before touching anything, so a bad
+call leaves the index as it was.
+
+`save(path)` writes the store and, for ScaNN, the searcher's own
+serialization into a temporary directory next to `path` and renames it into
+place, so a crash mid-save leaves the previous copy whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ENGINES = ("scann", "exact")
+SCANN_TREE_MIN = 2048   # below this many vectors ScaNN scores by brute force
+FORMAT_VERSION = 1
+
+
+class IndexInputError(ValueError):
+  """Bad input to the index (the index is left unchanged)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+  """Top-k of a batch of queries, best first.
+
+  Attributes:
+    scores: [Q, k] float32 inner products (-inf where fewer than k exist).
+    rows: [Q, k] int64 store rows (-1 where fewer than k exist).
+    ids: Q lists of document ids (only the real hits).
+  """
+  scores: np.ndarray
+  rows: np.ndarray
+  ids: list[list[str]]
+
+
+def scann_params(n: int, k: int = 10) -> dict:
+  """ScaNN parameters chosen from the corpus size `n`.
+
+  A tree of about sqrt(n) leaves searched over 1/10 of them (at least 8),
+  asymmetric hashing (2 dims per block, anisotropic threshold 0.2) and an
+  exact reorder of max(100, 10 k) candidates. Below `SCANN_TREE_MIN`
+  vectors, brute force.
+  """
+  if n < SCANN_TREE_MIN:
+    return {"kind": "brute_force", "num_neighbors": k}
+  leaves = int(round(math.sqrt(n)))
+  return {
+      "kind": "tree_ah",
+      "num_neighbors": k,
+      "num_leaves": leaves,
+      "num_leaves_to_search": min(leaves, max(8, int(math.ceil(leaves / 10)))),
+      "training_sample_size": min(n, 100_000),
+      "dims_per_block": 2,
+      "anisotropic_quantization_threshold": 0.2,
+      "reorder": max(100, 10 * k),
+  }
+
+
+def _build_scann(vectors: np.ndarray, ids: list[str], params: dict):
+  import scann  # pylint: disable=g-import-not-at-top
+  b = scann.scann_ops_pybind.builder(vectors, params["num_neighbors"],
+                                     "dot_product")
+  if params["kind"] == "brute_force":
+    b = b.score_brute_force()
+  else:
+    b = b.tree(num_leaves=params["num_leaves"],
+               num_leaves_to_search=params["num_leaves_to_search"],
+               training_sample_size=params["training_sample_size"])
+    b = b.score_ah(params["dims_per_block"],
+                   anisotropic_quantization_threshold=params[
+                       "anisotropic_quantization_threshold"])
+    b = b.reorder(params["reorder"])
+  return b.build(docids=list(ids))
+
+
+@jax.jit
+def _masked_top_k_scores(q, d, alive):
+  s = q @ d.T
+  return jnp.where(alive[None, :], s, -jnp.inf)
+
+
+class VectorIndex:
+  """Stored embeddings with ids and versions, searched by an engine.
+
+  Build with `VectorIndex.build(ids, vectors, step, engine=...)`.
+  """
+
+  def __init__(self, dim: int, engine: str = "scann",
+               params: Optional[dict] = None):
+    if engine not in ENGINES:
+      raise IndexInputError(f"unknown index engine {engine!r}; known: {ENGINES}")
+    self.dim = int(dim)
+    self.engine = engine
+    self.params = dict(params or {})
+    self.ids: list[str] = []
+    self.row_of: dict[str, int] = {}
+    self.vectors = np.zeros((0, self.dim), np.float32)
+    self.versions = np.zeros((0,), np.int64)
+    self.alive = np.zeros((0,), bool)
+    self._scann = None
+    self._device_store = None  # (vectors, alive) on the device, exact engine
+
+  # -- construction ----------------------------------------------------------
+
+  @classmethod
+  def build(cls, ids: Sequence[str], vectors: np.ndarray, step: int = 0, *,
+            engine: str = "scann", k: int = 10,
+            params: Optional[dict] = None) -> "VectorIndex":
+    """An index over `vectors` [N, D] (N >= 1) with document `ids`.
+
+    Args:
+      step: the training step that produced the vectors (their version).
+      k: the default number of neighbours (ScaNN's configured value).
+      params: ScaNN parameters; default `scann_params(N, k)`.
+    """
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+      raise IndexInputError(f"vectors must be [N, D], got shape {vectors.shape}")
+    index = cls(vectors.shape[1], engine)
+    ids = index._check_ids(ids, vectors, "build")
+    if not ids:
+      raise IndexInputError("cannot build an index over an empty corpus")
+    index.params = dict(params or scann_params(len(ids), k))
+    index.ids = list(ids)
+    index.row_of = {d: i for i, d in enumerate(index.ids)}
+    index.vectors = np.ascontiguousarray(vectors, np.float32)
+    index.versions = np.full((len(ids),), int(step), np.int64)
+    index.alive = np.ones((len(ids),), bool)
+    index._rebuild_engine()
+    return index
+
+  def _rebuild_engine(self) -> None:
+    self._device_store = None
+    self._scann = None
+    if self.engine == "scann":
+      rows = np.flatnonzero(self.alive)
+      if rows.size == 0:
+        raise IndexInputError("cannot build a ScaNN index over an empty corpus")
+      self._scann = _build_scann(self.vectors[rows],
+                                 [self.ids[r] for r in rows], self.params)
+
+  def rebuild(self, params: Optional[dict] = None) -> None:
+    """Compacts dead rows away and rebuilds the engine (new ScaNN
+    parameters from the live size unless `params` is given)."""
+    self.compact()
+    k = self.params.get("num_neighbors", 10)
+    self.params = dict(params or scann_params(len(self.ids), k))
+    self._rebuild_engine()
+
+  def compact(self) -> np.ndarray:
+    """Drops dead rows. Returns the old row of each new row."""
+    keep = np.flatnonzero(self.alive)
+    if keep.size == len(self.ids):
+      return keep
+    self.ids = [self.ids[r] for r in keep]
+    self.row_of = {d: i for i, d in enumerate(self.ids)}
+    self.vectors = self.vectors[keep]
+    self.versions = self.versions[keep]
+    self.alive = self.alive[keep]
+    self._device_store = None
+    return keep
+
+  # -- checks ----------------------------------------------------------------
+
+  def _check_vectors(self, vectors: np.ndarray, what: str,
+                     ids: Optional[Sequence[str]] = None) -> np.ndarray:
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+      raise IndexInputError(f"{what}: vectors must be [n, {self.dim}], got shape "
+                        f"{vectors.shape}")
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+      i = int(np.flatnonzero(bad)[0])
+      name = f"document {ids[i]!r}" if ids is not None else f"row {i}"
+      raise IndexInputError(f"{what}: {name} has a non-finite (NaN or inf) "
+                        f"embedding ({int(bad.sum())} such rows)")
+    return vectors.astype(np.float32, copy=False)
+
+  def _check_ids(self, ids, vectors, what: str) -> list[str]:
+    ids = list(ids)
+    for i, d in enumerate(ids):
+      if not isinstance(d, str):
+        raise IndexInputError(f"{what}: document id at position {i} is "
+                          f"{type(d).__name__}, not str")
+    if len(set(ids)) != len(ids):
+      seen = set()
+      dup = next(d for d in ids if d in seen or seen.add(d))
+      raise IndexInputError(f"{what}: duplicate document id {dup!r}")
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or len(ids) != vectors.shape[0]:
+      raise IndexInputError(f"{what}: {len(ids)} ids but vectors of shape "
+                        f"{vectors.shape}")
+    self._check_vectors(vectors, what, ids)
+    return ids
+
+  def _known_rows(self, ids: Sequence[str], what: str) -> np.ndarray:
+    rows = []
+    for d in ids:
+      r = self.row_of.get(d)
+      if r is None or not self.alive[r]:
+        raise KeyError(f"{what}: unknown document id {d!r}")
+      rows.append(r)
+    return np.asarray(rows, np.int64)
+
+  # -- reading ---------------------------------------------------------------
+
+  def __len__(self) -> int:
+    return int(self.alive.sum())
+
+  def __contains__(self, doc_id: str) -> bool:
+    r = self.row_of.get(doc_id)
+    return r is not None and bool(self.alive[r])
+
+  def rows(self, ids: Sequence[str]) -> np.ndarray:
+    """Store rows of live documents (KeyError names an unknown id)."""
+    return self._known_rows(ids, "rows")
+
+  def get(self, ids: Sequence[str]) -> np.ndarray:
+    """Stored vectors [n, D] of live documents."""
+    return self.vectors[self._known_rows(ids, "get")]
+
+  def search(self, queries: np.ndarray, k: int = 10,
+             exact: bool = False) -> SearchResult:
+    """Top-`k` documents by inner product for each query row.
+
+    Args:
+      queries: [Q, D] float.
+      exact: search the whole store exactly whatever the engine.
+    """
+    queries = self._check_vectors(queries, "search")
+    if k < 1:
+      raise IndexInputError(f"search: k must be >= 1, got {k}")
+    n_live = len(self)
+    if n_live == 0:
+      raise IndexInputError("search: the index is empty")
+    q = queries.shape[0]
+    scores = np.full((q, k), -np.inf, np.float32)
+    rows = np.full((q, k), -1, np.int64)
+    if q == 0:
+      return SearchResult(scores, rows, [])
+    if self.engine == "exact" or exact:
+      s, r = self._exact(queries, min(k, n_live))
+    else:
+      s, r = self._scann_search(queries, min(k, n_live))
+    scores[:, :s.shape[1]] = s
+    rows[:, :r.shape[1]] = r
+    ids = [[self.ids[j] for j in row if j >= 0] for row in rows]
+    return SearchResult(scores, rows, ids)
+
+  def _exact(self, queries: np.ndarray, k: int, chunk: int = 2048):
+    if self._device_store is None:
+      self._device_store = (jnp.asarray(self.vectors), jnp.asarray(self.alive))
+    d, alive = self._device_store
+    out_s, out_r = [], []
+    for s in range(0, queries.shape[0], chunk):
+      sc = _masked_top_k_scores(jnp.asarray(queries[s:s + chunk]), d, alive)
+      v, i = jax.lax.top_k(sc, k)
+      out_s.append(np.asarray(v))
+      out_r.append(np.asarray(i, np.int64))
+    return np.concatenate(out_s), np.concatenate(out_r)
+
+  def _scann_search(self, queries: np.ndarray, k: int):
+    if queries.shape[0] >= 64:
+      ids, dist = self._scann.search_batched_parallel(
+          queries, final_num_neighbors=k)
+    else:
+      ids, dist = self._scann.search_batched(queries, final_num_neighbors=k)
+    q = queries.shape[0]
+    scores = np.full((q, k), -np.inf, np.float32)
+    rows = np.full((q, k), -1, np.int64)
+    for i, (row_ids, row_d) in enumerate(zip(ids, np.asarray(dist))):
+      n = len(row_ids)
+      rows[i, :n] = [self.row_of[d] for d in row_ids]
+      scores[i, :n] = row_d[:n]
+    return scores, rows
+
+  # -- mutation --------------------------------------------------------------
+
+  def upsert(self, ids: Sequence[str], vectors: np.ndarray, step: int) -> None:
+    """Inserts new documents and replaces the vectors of known ones.
+
+    Every id and vector is checked before anything changes.
+    """
+    ids = self._check_ids(ids, vectors, "upsert")
+    vectors = np.asarray(vectors, np.float32)
+    if not ids:
+      return
+    if self._scann is not None:
+      # ScaNN inserts unknown ids (new or previously deleted) and updates
+      # known ones in place.
+      self._scann.upsert(list(ids), vectors,
+                         batch_size=max(1, min(256, len(ids))))
+    new = [d for d in ids if d not in self.row_of]
+    if new:
+      base = len(self.ids)
+      self.ids.extend(new)
+      for j, d in enumerate(new):
+        self.row_of[d] = base + j
+      n = len(new)
+      self.vectors = np.concatenate(
+          [self.vectors, np.zeros((n, self.dim), np.float32)])
+      self.versions = np.concatenate([self.versions, np.zeros(n, np.int64)])
+      self.alive = np.concatenate([self.alive, np.zeros(n, bool)])
+    rows = np.asarray([self.row_of[d] for d in ids], np.int64)
+    self.vectors[rows] = vectors
+    self.versions[rows] = int(step)
+    self.alive[rows] = True
+    self._device_store = None
+
+  def delete(self, ids: Sequence[str]) -> None:
+    """Removes documents (KeyError names an unknown id; nothing changes)."""
+    ids = list(ids)
+    if len(set(ids)) != len(ids):
+      raise IndexInputError("delete: duplicate document ids")
+    rows = self._known_rows(ids, "delete")
+    if rows.size and rows.size == len(self):
+      raise IndexInputError("delete: would leave the index empty")
+    if self._scann is not None and ids:
+      self._scann.delete(ids)
+    self.alive[rows] = False
+    self._device_store = None
+
+  # -- persistence -----------------------------------------------------------
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the index to directory `path` (replaced atomically)."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-index-", dir=parent)
+    try:
+      np.savez(os.path.join(tmp, "store.npz"),
+               ids=np.asarray(self.ids, dtype=str), vectors=self.vectors,
+               versions=self.versions, alive=self.alive)
+      if self._scann is not None:
+        os.makedirs(os.path.join(tmp, "scann"))
+        self._scann.serialize(os.path.join(tmp, "scann"), relative_path=True)
+      with open(os.path.join(tmp, "index.json"), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, "engine": self.engine,
+                   "dim": self.dim, "params": self.params,
+                   "size": len(self.ids), "live": len(self)}, f, indent=1)
+      _replace_dir(tmp, path)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "VectorIndex":
+    """Reads an index written by `save`."""
+    path = os.fspath(path)
+    meta_path = os.path.join(path, "index.json")
+    if not os.path.isfile(meta_path):
+      raise FileNotFoundError(f"no index at {path} (missing {meta_path})")
+    with open(meta_path) as f:
+      meta = json.load(f)
+    for key in ("format_version", "engine", "dim", "params", "size"):
+      if key not in meta:
+        raise IndexInputError(f"{meta_path}: missing field {key!r}")
+    if meta["format_version"] != FORMAT_VERSION:
+      raise IndexInputError(f"{meta_path}: format_version "
+                        f"{meta['format_version']}, expected {FORMAT_VERSION}")
+    index = cls(meta["dim"], meta["engine"], meta["params"])
+    store_path = os.path.join(path, "store.npz")
+    with np.load(store_path) as z:
+      index.ids = [str(d) for d in z["ids"]]
+      index.vectors = np.ascontiguousarray(z["vectors"], np.float32)
+      index.versions = z["versions"].astype(np.int64)
+      index.alive = z["alive"].astype(bool)
+    n = meta["size"]
+    shapes = (len(index.ids), index.vectors.shape[0], index.versions.shape[0],
+              index.alive.shape[0])
+    if any(s != n for s in shapes) or index.vectors.shape[1] != index.dim:
+      raise IndexInputError(f"{store_path}: arrays disagree with {meta_path} "
+                        f"(size {n}, dim {index.dim}): {shapes}, "
+                        f"vectors {index.vectors.shape}")
+    index.row_of = {d: i for i, d in enumerate(index.ids)}
+    if index.engine == "scann":
+      import scann  # pylint: disable=g-import-not-at-top
+      sdir = os.path.join(path, "scann")
+      if not os.path.isdir(sdir):
+        raise FileNotFoundError(f"{path}: missing ScaNN directory {sdir}")
+      index._scann = scann.scann_ops_pybind.load_searcher(sdir)
+      if index._scann.size() != len(index):
+        raise IndexInputError(f"{sdir}: ScaNN holds {index._scann.size()} "
+                          f"vectors, the store {len(index)} live ones")
+    return index
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+  """Moves directory `tmp` to `path`, replacing an existing one last."""
+  if os.path.exists(path):
+    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(path))
+    os.rmdir(old)
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, path)
