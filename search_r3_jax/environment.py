@@ -9,24 +9,26 @@ fresh where it matters, without re-encoding the corpus at every step:
   * **Graph.** Each document is linked to its `graph_k` nearest neighbours,
     found through the index.
   * **Touched documents.** Each step, `observe(gold, retrieved)` marks the
-    gold documents, the retrieved top-k, and (with `touch_neighbors`) their
-    graph neighbours.
+    gold documents, the retrieved top-k, and the graph neighbours of the gold
+    documents (`touch_neighbors="gold"`; "all" adds the retrieved documents'
+    neighbours, "none" marks no neighbour).
   * **Selective refresh.** Every `refresh_every` steps (`maybe_refresh`), a
     probe sample of `probes_per_region` documents per region is re-encoded
     with the current parameters; a region's drift is the mean of
     1 - cos(stored, fresh) over its probes. Every region whose drift is at
-    least `drift_threshold` is re-encoded whole, together with the touched
-    documents (and the probes, already encoded); they are upserted with the
-    current step as their version, moved to their nearest region centroid,
-    and their kNN links are searched anew.
+    least `drift_threshold` is re-encoded whole (its probes' fresh vectors
+    re-used), together with the touched documents; they are upserted with
+    the current step as their version, moved to their nearest region
+    centroid, and their kNN links are searched anew. Probes of regions that
+    did not drift are measurements only and are not written.
   * **Full refresh.** When the documents re-encoded since the last rebuild
     (counting the ones about to be) would pass `rebuild_fraction` of the
     corpus, or every `full_refresh_every` steps (0: never on a schedule),
     everything is re-encoded and the regions, index and graph are rebuilt.
     With `drift_threshold` 0 every region is selected, so a refresh
-    re-encodes every document exactly once; with an infinite threshold and
-    nothing touched it re-encodes only the probes and changes nothing else
-    unless `probes_per_region` is 0 too.
+    re-encodes and writes every document exactly once; with an infinite
+    threshold and nothing touched it writes nothing (the probes are still
+    encoded, to measure drift).
 
 The encode function is the caller's: texts -> [n, D] unit vectors, batched
 and jitted on the device mesh (`document_encoder` wraps a `SearchR3`). Only
@@ -76,7 +78,8 @@ class EnvConfig:
       re-encoded since the last rebuild would pass this fraction of the corpus.
     full_refresh_every: full refresh at least every this many steps (0: no
       schedule).
-    touch_neighbors: `observe` also marks the graph neighbours.
+    touch_neighbors: whose graph neighbours `observe` marks too: "gold"
+      (the gold documents'), "all" (gold and retrieved) or "none".
     seed: probe sampling and k-means initialisation.
   """
   engine: str = "scann"
@@ -89,7 +92,7 @@ class EnvConfig:
   refresh_every: int = 1
   rebuild_fraction: float = 0.5
   full_refresh_every: int = 0
-  touch_neighbors: bool = True
+  touch_neighbors: str = "gold"
   seed: int = 0
 
   @classmethod
@@ -112,6 +115,9 @@ class EnvConfig:
     for name in ("num_regions", "probes_per_region", "full_refresh_every"):
       if getattr(self, name) < 0:
         raise ValueError(f"env.{name} must be >= 0, got {getattr(self, name)}")
+    if self.touch_neighbors not in ("gold", "all", "none"):
+      raise ValueError(f"env.touch_neighbors: {self.touch_neighbors!r} is "
+                       "not gold, all or none")
     if math.isnan(self.drift_threshold) or self.drift_threshold < 0:
       raise ValueError(f"env.drift_threshold must be >= 0, got "
                        f"{self.drift_threshold}")
@@ -168,6 +174,19 @@ def document_encoder(model, *, max_length: int = 128,
 
 
 # -- the environment ---------------------------------------------------------
+
+def _flatten(ids) -> list[str]:
+  """A flat list of ids from a list of ids or of lists of ids."""
+  if isinstance(ids, str):
+    raise TypeError(f"expected a list of document ids, got the string {ids!r}")
+  out = []
+  for x in ids:
+    if isinstance(x, str):
+      out.append(x)
+    else:
+      out.extend(x)
+  return out
+
 
 class RetrievalEnvironment:
   """Corpus embeddings in an index, refreshed where the policy moved them.
@@ -269,32 +288,34 @@ class RetrievalEnvironment:
   def search(self, queries: np.ndarray, k: Optional[int] = None
              ) -> SearchResult:
     """Top-k documents (default `cfg.k`) for each query embedding."""
-    return self.index.search(queries, k or self.cfg.k)
+    return self.index.search(queries, self.cfg.k if k is None else k)
 
   def embeddings(self, ids: Sequence[str]) -> np.ndarray:
     """Stored (possibly stale) vectors of documents."""
     return self.index.get(ids)
 
-  def observe(self, *id_lists: Sequence[Sequence[str]] | Sequence[str]
-              ) -> int:
-    """Marks documents touched by a step: e.g. `observe(gold, retrieved)`.
+  def observe(self, gold: Sequence[Sequence[str]] | Sequence[str],
+              retrieved: Sequence[Sequence[str]] | Sequence[str] = ()) -> int:
+    """Marks the documents a step touched.
 
-    Each argument is a list of ids or a list of lists of ids. With
-    `touch_neighbors` their graph neighbours are marked too. An unknown id
-    raises KeyError and marks nothing. Returns how many are marked now.
+    Args:
+      gold: the step's gold document ids (a flat list or one list per query).
+      retrieved: the ids the index returned for the step's embeddings.
+    With `touch_neighbors` "gold" the gold documents' graph neighbours are
+    marked too, with "all" the retrieved ones' as well. An unknown id raises
+    KeyError and marks nothing.
+
+    Returns:
+      How many documents are marked now.
     """
-    ids = []
-    for item in id_lists:
-      for x in item:
-        if isinstance(x, str):
-          ids.append(x)
-        else:
-          ids.extend(x)
-    rows = self.index.rows(ids) if ids else np.zeros((0,), np.int64)
-    if self.cfg.touch_neighbors and rows.size:
-      nb = self.graph[rows].ravel()
-      rows = np.concatenate([rows, nb[nb >= 0]])
-    self.touched[rows] = True
+    gold_rows = self.index.rows(_flatten(gold))
+    retrieved_rows = self.index.rows(_flatten(retrieved))
+    mode = self.cfg.touch_neighbors
+    hubs = {"gold": gold_rows, "none": gold_rows[:0],
+            "all": np.concatenate([gold_rows, retrieved_rows])}[mode]
+    nb = self.graph[hubs].ravel()
+    self.touched[np.concatenate([gold_rows, retrieved_rows,
+                                 nb[nb >= 0]]).astype(np.int64)] = True
     return int(self.touched.sum())
 
   def maybe_refresh(self, step: int, encode: EncodeFn) -> Optional[dict]:
@@ -308,7 +329,8 @@ class RetrievalEnvironment:
 
     Returns:
       The report: `kind` ("selective" or "full"), `reencoded` (documents
-      encoded, probes included), `reencoded_fraction` (of the corpus),
+      encoded, probes included), `refreshed` (documents written to the
+      index), `reencoded_fraction` (`reencoded` over the corpus size),
       `probed`, `touched`, `drifted_regions`, `region_drift` (list, one per
       region), `drift_mean`, `drift_max`, `since_rebuild_fraction` and the
       seconds of each phase (`time_probe`, `time_encode`, `time_upsert`,
@@ -342,16 +364,14 @@ class RetrievalEnvironment:
       region_drift = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     t_probe = time.perf_counter() - t_start
 
-    # 2. Selection: drifted regions, touched documents, probes.
+    # 2. Selection: drifted regions and touched documents.
     if cfg.probes_per_region:
       drifted = np.flatnonzero(np.nan_to_num(region_drift, nan=-1.0)
                                >= cfg.drift_threshold)
     else:  # no probes: the threshold alone decides (0 selects all)
       drifted = (np.arange(nreg) if cfg.drift_threshold <= 0
                  else np.zeros((0,), np.int64))
-    selected = self.touched.copy()
-    selected[probes] = True
-    selected |= np.isin(self.regions, drifted)
+    selected = self.touched | np.isin(self.regions, drifted)
     n_touched = int(self.touched.sum())
     since = (self.refreshed_since | selected).mean()
     scheduled = (cfg.full_refresh_every
@@ -378,16 +398,17 @@ class RetrievalEnvironment:
       timings = self._rebuild(vectors, step)
       self.refreshed_since[:] = False
       self.last_full = int(step)
-      report.update(kind="full", reencoded=n, time_encode=t_encode,
+      report.update(kind="full", reencoded=n, refreshed=n,
+                    time_encode=t_encode,
                     time_upsert=0.0, time_graph=timings["graph"],
                     time_rebuild=timings["index"] + timings["regions"])
     else:
       t = time.perf_counter()
       rows = np.flatnonzero(selected)
+      probed = np.isin(probes, rows)          # probes whose vector is kept
       others = np.setdiff1d(rows, probes)
       vectors = np.zeros((rows.size, self.index.dim), np.float32)
-      pos = np.searchsorted(rows, probes)
-      vectors[pos] = fresh_probes
+      vectors[np.searchsorted(rows, probes[probed])] = fresh_probes[probed]
       vectors[np.searchsorted(rows, others)] = self._encode(encode, others)
       t_encode = time.perf_counter() - t
       t = time.perf_counter()
@@ -399,7 +420,9 @@ class RetrievalEnvironment:
       self._relink(rows)
       t_graph = time.perf_counter() - t
       self.refreshed_since |= selected
-      report.update(kind="selective", reencoded=int(rows.size),
+      report.update(kind="selective",
+                    reencoded=int(probes.size + others.size),
+                    refreshed=int(rows.size),
                     time_encode=t_encode, time_upsert=t_upsert,
                     time_graph=t_graph, time_rebuild=0.0)
     self.touched[:] = False
@@ -411,10 +434,11 @@ class RetrievalEnvironment:
     report["time_total"] = time.perf_counter() - t_start
     self.reports.append(report)
     logging.info(
-        "refresh step %d: %s, re-encoded %d/%d (%.3f; %d probes, %d touched, "
-        "%d/%d regions drifted, drift mean %.4f max %.4f) in %.2fs",
-        step, report["kind"], report["reencoded"], n,
-        report["reencoded_fraction"], report["probed"], n_touched,
+        "refresh step %d: %s, re-encoded %d/%d (%.3f), wrote %d (%d probes, "
+        "%d touched, %d/%d regions drifted, drift mean %.4f max %.4f) in "
+        "%.2fs", step, report["kind"], report["reencoded"], n,
+        report["reencoded_fraction"], report["refreshed"], report["probed"],
+        n_touched,
         report["drifted_regions"], nreg, report["drift_mean"],
         report["drift_max"], report["time_total"])
     return report
@@ -430,7 +454,6 @@ class RetrievalEnvironment:
     try:
       self.index.save(os.path.join(tmp, "index"))
       np.savez(os.path.join(tmp, "environment.npz"),
-               doc_ids=np.asarray(self.doc_ids, dtype=str),
                regions=self.regions, centroids=self.centroids,
                graph=self.graph, touched=self.touched,
                refreshed_since=self.refreshed_since)
@@ -439,8 +462,8 @@ class RetrievalEnvironment:
                    "config": dataclasses.asdict(self.cfg),
                    "step": self.step, "last_full": self.last_full,
                    "size": self.size}, f, indent=1)
-      from search_r3_jax.index import _replace_dir  # pylint: disable=g-import-not-at-top
-      _replace_dir(tmp, path)
+      from search_r3_jax.index import replace_dir  # pylint: disable=g-import-not-at-top
+      replace_dir(tmp, path)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
@@ -464,9 +487,11 @@ class RetrievalEnvironment:
     arrays_path = os.path.join(path, "environment.npz")
     with np.load(arrays_path) as z:
       arrays = {k: z[k] for k in z.files}
-    saved_ids = [str(d) for d in arrays["doc_ids"]]
+    index = VectorIndex.load(os.path.join(path, "index"))
+    saved_ids = index.ids  # the environment's documents, in store order
+    saved = set(saved_ids)
     missing = [d for d in saved_ids if d not in corpus]
-    extra = [d for d in corpus if d not in set(saved_ids)]
+    extra = [d for d in corpus if d not in saved]
     if missing or extra:
       raise ValueError(f"{path}: the corpus differs from the saved one "
                        f"({len(missing)} saved ids missing, e.g. "
@@ -475,9 +500,7 @@ class RetrievalEnvironment:
     env = cls({d: corpus[d] for d in saved_ids}, lambda _: None, cfg,
               meta["step"], _skip_build=True)
     env.last_full = int(meta["last_full"])
-    env.index = VectorIndex.load(os.path.join(path, "index"))
-    if env.index.ids != saved_ids:
-      raise ValueError(f"{path}: index ids disagree with environment.npz")
+    env.index = index
     env.regions = arrays["regions"].astype(np.int64)
     env.centroids = arrays["centroids"].astype(np.float32)
     env.graph = arrays["graph"].astype(np.int64)

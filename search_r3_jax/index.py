@@ -64,7 +64,7 @@ class SearchResult:
 def scann_params(n: int, k: int = 10) -> dict:
   """ScaNN parameters chosen from the corpus size `n`.
 
-  A tree of about sqrt(n) leaves searched over 1/10 of them (at least 8),
+  A tree of about sqrt(n) leaves searched over 1/20 of them (at least 8),
   asymmetric hashing (2 dims per block, anisotropic threshold 0.2) and an
   exact reorder of max(100, 10 k) candidates. Below `SCANN_TREE_MIN`
   vectors, brute force.
@@ -76,7 +76,8 @@ def scann_params(n: int, k: int = 10) -> dict:
       "kind": "tree_ah",
       "num_neighbors": k,
       "num_leaves": leaves,
-      "num_leaves_to_search": min(leaves, max(8, int(math.ceil(leaves / 10)))),
+      "num_leaves_to_search": min(leaves,
+                                  max(8, int(math.ceil(leaves / 20)))),
       "training_sample_size": min(n, 100_000),
       "dims_per_block": 2,
       "anisotropic_quantization_threshold": 0.2,
@@ -357,9 +358,11 @@ class VectorIndex:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-index-", dir=parent)
     try:
-      np.savez(os.path.join(tmp, "store.npz"),
-               ids=np.asarray(self.ids, dtype=str), vectors=self.vectors,
+      np.savez(os.path.join(tmp, "store.npz"), vectors=self.vectors,
                versions=self.versions, alive=self.alive)
+      # JSON keeps any id exactly (numpy strings drop trailing NULs).
+      with open(os.path.join(tmp, "ids.json"), "w", encoding="utf-8") as f:
+        json.dump(self.ids, f)
       if self._scann is not None:
         os.makedirs(os.path.join(tmp, "scann"))
         self._scann.serialize(os.path.join(tmp, "scann"), relative_path=True)
@@ -367,7 +370,7 @@ class VectorIndex:
         json.dump({"format_version": FORMAT_VERSION, "engine": self.engine,
                    "dim": self.dim, "params": self.params,
                    "size": len(self.ids), "live": len(self)}, f, indent=1)
-      _replace_dir(tmp, path)
+      replace_dir(tmp, path)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
@@ -389,8 +392,9 @@ class VectorIndex:
                         f"{meta['format_version']}, expected {FORMAT_VERSION}")
     index = cls(meta["dim"], meta["engine"], meta["params"])
     store_path = os.path.join(path, "store.npz")
+    with open(os.path.join(path, "ids.json"), encoding="utf-8") as f:
+      index.ids = json.load(f)
     with np.load(store_path) as z:
-      index.ids = [str(d) for d in z["ids"]]
       index.vectors = np.ascontiguousarray(z["vectors"], np.float32)
       index.versions = z["versions"].astype(np.int64)
       index.alive = z["alive"].astype(bool)
@@ -414,7 +418,7 @@ class VectorIndex:
     return index
 
 
-def _replace_dir(tmp: str, path: str) -> None:
+def replace_dir(tmp: str, path: str) -> None:
   """Moves directory `tmp` to `path`, replacing an existing one last."""
   if os.path.exists(path):
     old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(path))

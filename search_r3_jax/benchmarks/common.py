@@ -16,3 +16,19 @@ def median_time(fn: Callable[[], object], repeats: int
     fn()
     times.append(time.perf_counter() - t)
   return statistics.median(times), times
+
+
+def repo_config(name: str, arg: str = ""):
+  """`get_config(arg)` of the repository's `configs/<name>.py`."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
+                      "configs", f"{name}.py")
+  path = os.path.normpath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config {path} not found; run the benchmark "
+                            "from a checkout of the repository")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
