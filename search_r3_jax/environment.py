@@ -15,8 +15,14 @@ fresh where it matters, without re-encoding the corpus at every step:
   * **Selective refresh.** Every `refresh_every` steps (`maybe_refresh`), a
     probe sample of `probes_per_region` documents per region is re-encoded
     with the current parameters; a region's drift is the mean of
-    1 - cos(stored, fresh) over its probes. Every region whose drift is at
-    least `drift_threshold` is re-encoded whole (its probes' fresh vectors
+    1 - cos(stored, fresh) over its probes. With `drift_scale`
+    "neighbourhood" (the default) that drift is compared in the region's own
+    scale: sqrt(drift / radius), where the radius is the region's median
+    1 - cos between a document and its `graph_k`-th neighbour, i.e. the
+    fraction of the way to its k-th neighbour that a document moved (one
+    threshold then serves a tight, untrained embedding space and a spread,
+    trained one alike); "absolute" compares 1 - cos itself. Every region
+    whose drift is at least `drift_threshold` is re-encoded whole (its probes' fresh vectors
     re-used), together with the touched documents; they are upserted with
     the current step as their version, moved to their nearest region
     centroid, and their kNN links are searched anew. Probes of regions that
@@ -71,8 +77,11 @@ class EnvConfig:
     kmeans_iters: Lloyd iterations of the spherical k-means.
     graph_k: kNN links per document.
     probes_per_region: documents re-encoded per region to measure drift.
-    drift_threshold: a region whose mean probe drift (1 - cos) is at least
+    drift_threshold: a region whose drift (in `drift_scale`) is at least
       this is re-encoded whole; 0 re-encodes every region.
+    drift_scale: "neighbourhood": sqrt(mean probe 1 - cos / region radius),
+      the fraction of the distance to the `graph_k`-th neighbour moved;
+      "absolute": the mean probe 1 - cos.
     refresh_every: `maybe_refresh` acts on steps that are multiples of this.
     rebuild_fraction: full re-encode and rebuild when the documents
       re-encoded since the last rebuild would pass this fraction of the corpus.
@@ -88,7 +97,8 @@ class EnvConfig:
   kmeans_iters: int = 10
   graph_k: int = 8
   probes_per_region: int = 2
-  drift_threshold: float = 0.02
+  drift_threshold: float = 0.05
+  drift_scale: str = "neighbourhood"
   refresh_every: int = 1
   rebuild_fraction: float = 0.5
   full_refresh_every: int = 0
@@ -118,6 +128,9 @@ class EnvConfig:
     if self.touch_neighbors not in ("gold", "all", "none"):
       raise ValueError(f"env.touch_neighbors: {self.touch_neighbors!r} is "
                        "not gold, all or none")
+    if self.drift_scale not in ("neighbourhood", "absolute"):
+      raise ValueError(f"env.drift_scale: {self.drift_scale!r} is not "
+                       "neighbourhood or absolute")
     if math.isnan(self.drift_threshold) or self.drift_threshold < 0:
       raise ValueError(f"env.drift_threshold must be >= 0, got "
                        f"{self.drift_threshold}")
@@ -272,6 +285,27 @@ class RetrievalEnvironment:
     t3 = time.perf_counter()
     return {"index": t1 - t0, "regions": t2 - t1, "graph": t3 - t2}
 
+  def _region_radius(self) -> np.ndarray:
+    """[R] median 1 - cos between a region's documents and their
+    `graph_k`-th (else farthest linked) neighbour, from the stored vectors."""
+    has = self.graph >= 0
+    last = np.where(has.any(1), has.sum(1) - 1, 0)
+    nb = self.graph[np.arange(self.size), last]
+    ok = nb >= 0
+    v = self.index.vectors
+    rows = np.flatnonzero(ok)
+    dist = np.full(self.size, np.nan)
+    dist[rows] = 1.0 - np.sum(v[rows] * v[nb[rows]], axis=1)
+    out = np.full(len(self.centroids), np.nan)
+    order = np.argsort(self.regions, kind="stable")
+    bounds = np.searchsorted(self.regions[order], np.arange(len(out) + 1))
+    for r in range(len(out)):
+      d = dist[order[bounds[r]:bounds[r + 1]]]
+      d = d[np.isfinite(d)]
+      if d.size:
+        out[r] = max(float(np.median(d)), 0.0)
+    return out
+
   def _relink(self, rows: np.ndarray, chunk: int = 4096) -> None:
     """Searches the kNN links of `rows` anew (self excluded)."""
     k = self.cfg.graph_k
@@ -331,7 +365,9 @@ class RetrievalEnvironment:
       The report: `kind` ("selective" or "full"), `reencoded` (documents
       encoded, probes included), `refreshed` (documents written to the
       index), `reencoded_fraction` (`reencoded` over the corpus size),
-      `probed`, `touched`, `drifted_regions`, `region_drift` (list, one per
+      `probed`, `touched`, `drifted_regions`, `region_drift` (mean probe
+      1 - cos), `region_radius`, `region_score` (what the threshold sees;
+      `score_max` its largest) (lists, one per
       region), `drift_mean`, `drift_max`, `since_rebuild_fraction` and the
       seconds of each phase (`time_probe`, `time_encode`, `time_upsert`,
       `time_graph`, `time_rebuild`, `time_total`).
@@ -362,11 +398,16 @@ class RetrievalEnvironment:
       sums = np.bincount(self.regions[probes], drift_each, minlength=nreg)
       counts = np.bincount(self.regions[probes], minlength=nreg)
       region_drift = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    radius = self._region_radius()
+    if cfg.drift_scale == "neighbourhood":
+      region_score = np.sqrt(region_drift / np.maximum(radius, 1e-12))
+    else:
+      region_score = region_drift
     t_probe = time.perf_counter() - t_start
 
     # 2. Selection: drifted regions and touched documents.
     if cfg.probes_per_region:
-      drifted = np.flatnonzero(np.nan_to_num(region_drift, nan=-1.0)
+      drifted = np.flatnonzero(np.nan_to_num(region_score, nan=-1.0)
                                >= cfg.drift_threshold)
     else:  # no probes: the threshold alone decides (0 selects all)
       drifted = (np.arange(nreg) if cfg.drift_threshold <= 0
@@ -382,6 +423,10 @@ class RetrievalEnvironment:
               "touched": n_touched, "drifted_regions": int(drifted.size),
               "regions": nreg,
               "region_drift": [float(x) for x in region_drift],
+              "region_radius": [float(x) for x in radius],
+              "region_score": [float(x) for x in region_score],
+              "score_max": float(np.nanmax(region_score))
+                           if probes.size else float("nan"),
               "drift_mean": float(np.nanmean(region_drift))
                             if probes.size else float("nan"),
               "drift_max": float(np.nanmax(region_drift))

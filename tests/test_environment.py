@@ -254,6 +254,51 @@ def test_drift_in_two_regions_reencodes_those_regions_and_touched():
 # -- observe -------------------------------------------------------------------
 
 
+def _two_spreads(scale, threshold):
+  """A tight cluster (rows < 100) and a spread one (rows >= 100), and the
+  same small random displacement applied to every document."""
+  rng = np.random.default_rng(7)
+  centres = np.zeros((2, D))
+  centres[0, 0] = centres[1, 1] = 1.0
+  base = np.concatenate([centres[0] + 0.01 * rng.standard_normal((100, D)),
+                         centres[1] + 0.3 * rng.standard_normal((100, D))])
+  enc = Encoder(_unit(base))
+  env = RetrievalEnvironment(_corpus(200), enc, EnvConfig(
+      num_regions=2, probes_per_region=4, drift_threshold=threshold,
+      drift_scale=scale, rebuild_fraction=2.0, engine="exact"))
+  enc.reset()
+  enc.shift = 0.02 * rng.standard_normal((200, D))
+  report = env.refresh(1, enc)
+  tight = int(np.bincount(env.regions[:100], minlength=2).argmax())
+  return env, report, tight
+
+
+def test_neighbourhood_scale_refreshes_the_tight_region_only():
+  env, report, tight = _two_spreads("neighbourhood", 0.5)
+  spread = 1 - tight
+  drift = np.array(report["region_drift"])
+  radius = np.array(report["region_radius"])
+  score = np.array(report["region_score"])
+  # The same absolute drift (within 3x) in both regions ...
+  assert drift[tight] < 3 * drift[spread] and drift[spread] < 3 * drift[tight]
+  # ... is large next to the tight region's radius, small next to the other.
+  assert radius[tight] < 0.05 * radius[spread]
+  np.testing.assert_allclose(score, np.sqrt(drift / radius), rtol=1e-6)
+  assert score[tight] >= 0.5 > score[spread]
+  assert report["drifted_regions"] == 1
+  refreshed = set(np.flatnonzero(env.index.versions == 1))
+  assert refreshed == set(np.flatnonzero(env.regions == tight))
+
+
+def test_absolute_scale_compares_one_minus_cos():
+  env, report, _ = _two_spreads("absolute", 1e-4)
+  drift = np.array(report["region_drift"])
+  assert (drift >= 1e-4).all()
+  np.testing.assert_array_equal(report["region_score"], drift)
+  assert report["drifted_regions"] == 2
+  assert (env.index.versions == 1).all()
+
+
 def test_observe_marks_ids_and_graph_neighbours():
   env, enc = _make(touch_neighbors="all")
   gold = ["doc3"]
