@@ -600,3 +600,38 @@ def test_save_replaces_an_existing_environment(tmp_path):
   assert loaded.step == 3
   assert (loaded.index.versions == 3).sum() == env.reports[-1]["refreshed"]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["env"]
+
+
+# -- with a real (tiny, random) model on the 8-device mesh ---------------------
+
+
+def test_refresh_with_a_model_encoder_on_a_mesh(eight_device_mesh):
+  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.environment import document_encoder  # pylint: disable=g-import-not-at-top
+  shape = dict(hidden_size=64, intermediate_size=128, num_layers=2,
+               num_heads=2, num_kv_heads=1, head_dim=32)
+  a = SearchR3.random(seed=0, mesh=eight_device_mesh, **shape)
+  words = ["river", "mountain", "violin", "protein", "comet", "harbour",
+           "glacier", "sonnet", "enzyme", "volcano", "orchid", "falcon"]
+  corpus = {f"d{i}": f"A short note about the {w}, number {i}."
+            for i, w in enumerate(words * 3)}
+  texts = list(corpus.values())
+  enc_a = document_encoder(a, max_length=16, batch_size=8)
+  env = RetrievalEnvironment(corpus, enc_a, EnvConfig(engine="exact",
+                                                       graph_k=4))
+  np.testing.assert_allclose(env.index.vectors,
+                             a.encode_documents(texts, max_length=16,
+                                                progress=False), atol=1e-5)
+  # The same parameters: no drift, nothing written.
+  report = env.refresh(1, enc_a)
+  assert report["drift_max"] < 1e-5 and report["refreshed"] == 0
+  assert (env.index.versions == 0).all()
+  # Other parameters: every region drifted, everything re-encoded.
+  b = SearchR3.random(seed=1, mesh=eight_device_mesh, **shape)
+  report = env.refresh(2, document_encoder(b, max_length=16, batch_size=8))
+  assert report["drifted_regions"] == report["regions"]
+  assert report["reencoded"] == len(corpus)
+  assert (env.index.versions == 2).all()
+  np.testing.assert_allclose(env.index.vectors,
+                             b.encode_documents(texts, max_length=16,
+                                                progress=False), atol=1e-5)
