@@ -230,7 +230,6 @@ class RetrievalEnvironment:
     self.step = int(step)
     self.last_full = int(step)
     self.reports: list[dict] = []
-    self._rng = np.random.default_rng(self.cfg.seed)
     if not _skip_build:
       t = time.perf_counter()
       vectors = self._encode(encode, np.arange(len(self.doc_ids)))
@@ -378,12 +377,14 @@ class RetrievalEnvironment:
     nreg = len(self.centroids)
     # 1. Probes: a few documents per region, re-encoded to measure drift.
     probes = []
+    # Seeded by (seed, step): a resumed run draws the same probes.
+    rng = np.random.default_rng([cfg.seed, int(step)])
     if cfg.probes_per_region:
       for r in range(nreg):
         members = np.flatnonzero(self.regions == r)
         if members.size:
           take = min(cfg.probes_per_region, members.size)
-          probes.append(self._rng.choice(members, take, replace=False))
+          probes.append(rng.choice(members, take, replace=False))
     probes = (np.sort(np.concatenate(probes)) if probes
               else np.zeros((0,), np.int64))
     fresh_probes = self._encode(encode, probes)
