@@ -60,7 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from search_r3_jax.index import IndexInputError, VectorIndex, SearchResult
+from search_r3_jax.index import (IndexInputError, SearchResult, VectorIndex,
+                                 read_meta, replace_dir)
 
 EncodeFn = Callable[[Sequence[str]], np.ndarray]
 FORMAT_VERSION = 1
@@ -508,7 +509,6 @@ class RetrievalEnvironment:
                    "config": dataclasses.asdict(self.cfg),
                    "step": self.step, "last_full": self.last_full,
                    "size": self.size}, f, indent=1)
-      from search_r3_jax.index import replace_dir  # pylint: disable=g-import-not-at-top
       replace_dir(tmp, path)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -520,15 +520,8 @@ class RetrievalEnvironment:
     """Reads an environment written by `save`; `corpus` must hold exactly
     the saved documents (their texts are what later refreshes encode)."""
     path = os.fspath(path)
-    meta_path = os.path.join(path, "environment.json")
-    if not os.path.isfile(meta_path):
-      raise FileNotFoundError(f"no environment at {path} (missing {meta_path})")
-    with open(meta_path) as f:
-      meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{meta_path}: format_version "
-                       f"{meta.get('format_version')}, expected "
-                       f"{FORMAT_VERSION}")
+    meta = read_meta(os.path.join(path, "environment.json"), "environment",
+                     FORMAT_VERSION, ("config", "step", "last_full", "size"))
     cfg = EnvConfig.from_mapping(meta["config"])
     arrays_path = os.path.join(path, "environment.npz")
     with np.load(arrays_path) as z:

@@ -380,16 +380,8 @@ class VectorIndex:
     """Reads an index written by `save`."""
     path = os.fspath(path)
     meta_path = os.path.join(path, "index.json")
-    if not os.path.isfile(meta_path):
-      raise FileNotFoundError(f"no index at {path} (missing {meta_path})")
-    with open(meta_path) as f:
-      meta = json.load(f)
-    for key in ("format_version", "engine", "dim", "params", "size"):
-      if key not in meta:
-        raise IndexInputError(f"{meta_path}: missing field {key!r}")
-    if meta["format_version"] != FORMAT_VERSION:
-      raise IndexInputError(f"{meta_path}: format_version "
-                        f"{meta['format_version']}, expected {FORMAT_VERSION}")
+    meta = read_meta(meta_path, "index", FORMAT_VERSION,
+                     ("engine", "dim", "params", "size"))
     index = cls(meta["dim"], meta["engine"], meta["params"])
     store_path = os.path.join(path, "store.npz")
     with open(os.path.join(path, "ids.json"), encoding="utf-8") as f:
@@ -416,6 +408,24 @@ class VectorIndex:
         raise IndexInputError(f"{sdir}: ScaNN holds {index._scann.size()} "
                           f"vectors, the store {len(index)} live ones")
     return index
+
+
+def read_meta(meta_path: str, what: str, version: int,
+              fields: Sequence[str]) -> dict:
+  """A saved object's JSON metadata, checked for its format version and
+  required fields (errors name the file)."""
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(f"no {what} at {os.path.dirname(meta_path)} "
+                            f"(missing {meta_path})")
+  with open(meta_path, encoding="utf-8") as f:
+    meta = json.load(f)
+  for key in ("format_version",) + tuple(fields):
+    if key not in meta:
+      raise IndexInputError(f"{meta_path}: missing field {key!r}")
+  if meta["format_version"] != version:
+    raise IndexInputError(f"{meta_path}: format_version "
+                          f"{meta['format_version']}, expected {version}")
+  return meta
 
 
 def replace_dir(tmp: str, path: str) -> None:
