@@ -129,3 +129,75 @@ def triplet_margin(queries: jax.Array, docs: jax.Array,
   cos = jnp.einsum("bd,bkd->bk", q, d)
   dist = 1.0 - cos
   return jnp.mean(jax.nn.relu(dist[:, :1] - dist[:, 1:] + margin))
+
+
+# -- stage 2 (GRPO) -----------------------------------------------------------
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """log p(tokens[:, t] | prefix) from `logits[:, t-1]`: [B, T-1] float32."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+  return jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+
+
+def group_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """GRPO advantages: each reward minus its group's mean, over the group's
+  standard deviation (population, + eps; a group of equal rewards gets 0).
+
+  Args:
+    rewards: [Q, G], G samples of each of Q queries.
+  """
+  r = rewards.astype(jnp.float32)
+  mean = jnp.mean(r, axis=1, keepdims=True)
+  std = jnp.std(r, axis=1, keepdims=True)
+  return (r - mean) / (std + eps)
+
+
+def grpo_terms(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
+               mask: jax.Array, advantages: jax.Array, clip_eps: float = 0.2,
+               beta: float = 1e-3) -> dict[str, jax.Array]:
+  """The clipped GRPO objective and its parts, per response token.
+
+  For token t of rollout i, with r = exp(logp - old_logp) and A_i the
+  rollout's advantage:
+
+    policy = -min(r A_i, clip(r, 1 - eps, 1 + eps) A_i)
+    kl     = exp(ref - logp) - (ref - logp) - 1      (k3, >= 0)
+
+  averaged over all response tokens of the batch (a token-level mean).
+
+  Args:
+    logp: [N, T] log-probabilities of the taken tokens under the policy.
+    old_logp: [N, T] the same under the policy that sampled them.
+    ref_logp: [N, T] the same under the frozen reference.
+    mask: [N, T], 1 on response tokens.
+    advantages: [N].
+  Returns:
+    {"loss", "policy", "kl", "clip_fraction", "ratio_mean"}: scalars.
+  """
+  mask = mask.astype(jnp.float32)
+  ratio = jnp.exp(logp - old_logp)
+  adv = advantages.astype(jnp.float32)[:, None]
+  unclipped = ratio * adv
+  clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+  policy = -jnp.minimum(unclipped, clipped)
+  d = ref_logp - logp
+  kl = jnp.exp(d) - d - 1.0
+  was_clipped = (clipped < unclipped).astype(jnp.float32)
+  return {
+      "loss": _masked_mean(policy + beta * kl, mask),
+      "policy": _masked_mean(policy, mask),
+      "kl": _masked_mean(kl, mask),
+      "clip_fraction": _masked_mean(was_clipped, mask),
+      "ratio_mean": _masked_mean(ratio, mask),
+  }
+
+
+@register("grpo")
+def grpo(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
+         mask: jax.Array, advantages: jax.Array, clip_eps: float = 0.2,
+         beta: float = 1e-3) -> jax.Array:
+  """The GRPO loss (see `grpo_terms`): clipped policy term + β k3 KL,
+  a token-level mean over response tokens."""
+  return grpo_terms(logp, old_logp, ref_logp, mask, advantages, clip_eps,
+                    beta)["loss"]

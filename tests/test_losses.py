@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -111,3 +113,77 @@ def test_info_nce_skips_in_batch_copies_of_the_positive():
     total -= _log_softmax(scores)[cands.index(target)]
   got = float(losses.get("infonce")(q, d, tau=tau, doc_groups=groups))
   assert got == pytest.approx(total / 2, rel=1e-4)
+
+
+# -- GRPO ----------------------------------------------------------------------
+
+
+def test_group_advantages_by_hand():
+  rewards = np.array([[1.0, 0.0, 0.0, 1.0],    # mean 0.5, std 0.5
+                      [2.0, 2.0, 2.0, 2.0],    # no spread: no signal
+                      [3.0, 0.0, 0.0, 0.0]])   # mean 0.75, std sqrt(27)/4
+  got = np.asarray(losses.group_advantages(jnp.asarray(rewards), eps=1e-9))
+  s = math.sqrt(27) / 4
+  want = [[1, -1, -1, 1], [0, 0, 0, 0],
+          [2.25 / s, -0.75 / s, -0.75 / s, -0.75 / s]]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_by_hand():
+  # Two rollouts, three positions; the third is padding and holds values
+  # that would dominate if the mask were ignored.
+  logp = [[-1.0, -0.5, 5.0], [-1.0 + math.log(0.5), -0.1, 5.0]]
+  old = [[-1.5, -0.5, -9.0], [-1.0, -0.4, -9.0]]
+  ref = [[-1.0, -1.0, 9.0], [-1.0 + math.log(0.5), -0.2, 9.0]]
+  mask = [[1, 1, 0], [1, 1, 0]]
+  adv = [1.0, -2.0]
+  eps, beta = 0.2, 0.1
+  # Token by token: ratio r = exp(logp - old), policy = -min(rA, clip(r)A).
+  r00 = math.exp(0.5)            # 1.6487 > 1.2, A > 0: clipped to 1.2
+  p00, c00 = -min(r00 * 1.0, 1.2 * 1.0), 1
+  p01, c01 = -1.0, 0             # ratio 1
+  r10 = 0.5                      # < 0.8, A < 0: clipped to 0.8
+  p10, c10 = -min(r10 * -2.0, 0.8 * -2.0), 1
+  r11 = math.exp(0.3)            # 1.35 > 1.2 but A < 0: unclipped is smaller
+  p11, c11 = -min(r11 * -2.0, 1.2 * -2.0), 0
+  assert p00 == -1.2 and p10 == 1.6 and c00 + c10 == 2
+  k3 = lambda d: math.exp(d) - d - 1.0
+  kls = [k3(0.0), k3(-0.5), k3(0.0), k3(-0.1)]
+  policies = [p00, p01, p10, p11]
+  want_loss = sum(p + beta * k for p, k in zip(policies, kls)) / 4
+  got = losses.grpo_terms(*(jnp.asarray(x, jnp.float32)
+                            for x in (logp, old, ref, mask, adv)),
+                          clip_eps=eps, beta=beta)
+  np.testing.assert_allclose(float(got["loss"]), want_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(got["policy"]), sum(policies) / 4,
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(got["kl"]), sum(kls) / 4, rtol=1e-5)
+  assert float(got["clip_fraction"]) == 0.5
+  np.testing.assert_allclose(float(got["ratio_mean"]),
+                             (r00 + 1.0 + r10 + r11) / 4, rtol=1e-5)
+  assert losses.get("grpo") is losses.grpo
+  np.testing.assert_allclose(
+      float(losses.grpo(*(jnp.asarray(x, jnp.float32)
+                          for x in (logp, old, ref, mask, adv)),
+                        clip_eps=eps, beta=beta)), want_loss, rtol=1e-5)
+
+
+def test_grpo_on_policy_gradient_is_the_advantage_weighted_score():
+  # At logp == old_logp the clipped objective's gradient w.r.t. logp is
+  # -A / n_tokens per response token (and KL's gradient is 0 at logp == ref).
+  logp = jnp.array([[-0.7, -1.2, -3.0], [-0.2, -0.9, -3.0]])
+  mask = jnp.array([[1, 1, 0], [1, 0, 0]], jnp.float32)
+  adv = jnp.array([0.5, -1.5])
+  grad = jax.grad(lambda lp: losses.grpo(lp, logp, lp, mask, adv))(logp)
+  want = -np.array([[0.5, 0.5, 0.0], [-1.5, 0.0, 0.0]]) / 3
+  np.testing.assert_allclose(np.asarray(grad), want, atol=1e-6)
+
+
+def test_token_logprobs_by_hand():
+  logits = jnp.array([[[0.0, math.log(3.0)], [math.log(2.0), 0.0],
+                       [0.0, 0.0]]])
+  tokens = jnp.array([[0, 1, 0]])
+  got = np.asarray(losses.token_logprobs(logits, tokens))
+  # p(1 | pos 0) = 3/4, p(0 | pos 1) = 2/3
+  np.testing.assert_allclose(got, [[math.log(0.75), math.log(2 / 3)]],
+                             rtol=1e-6)
