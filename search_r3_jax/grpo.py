@@ -1,0 +1,126 @@
+"""The stage-2 GRPO update: one pure, jitted, donated step over the mesh.
+
+A batch holds N = Q * G rollouts, each a right-padded row of prompt +
+sampled reasoning + `<|embed_token|>`:
+
+  tokens     [N, T] int32   ids
+  lengths    [N]    int32   real tokens per row
+  mask       [N, T] float   1 at the positions of sampled response tokens
+                            (the prompt, padding and an embed token appended
+                            to a rollout that never emitted it are 0)
+  old_logp   [N, T-1] f32   log-probabilities of tokens[:, 1:] under the
+                            parameters that sampled them (`logprobs`)
+  advantages [N]    f32     group-normalised rewards (`losses.group_advantages`)
+  embed_pos  [N]    int32   position of `<|embed_token|>` in each row
+  docs       [N, K, D] f32  the gold document's stored embedding first, then
+                            index negatives (constants: no gradient reaches
+                            the index)
+
+The loss is `losses.grpo` (clipped importance ratio, token-level mean, k3 KL
+to the frozen reference with weight beta) plus, with `aux_weight`, InfoNCE of
+the rollout's embedding (the final hidden state at `<|embed_token|>`,
+recomputed here so gradients reach it) against `docs`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from search_r3_jax import losses as losses_lib
+from search_r3_jax import sharding as shd
+from search_r3_jax.train_state import TrainState
+
+BATCH_KEYS = ("tokens", "lengths", "mask", "old_logp", "advantages",
+              "embed_pos", "docs")
+_BATCH_NDIMS = (2, 1, 2, 2, 1, 1, 3)
+
+
+def _forward(graphdef, params, tokens, lengths, return_logits=True):
+  model = nnx.merge(graphdef, params)
+  b, t = tokens.shape
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  return model(tokens, pos, pos < lengths[:, None],
+               return_logits=return_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def logprobs(graphdef, params, tokens: jax.Array, lengths: jax.Array
+             ) -> jax.Array:
+  """[N, T-1] log p(tokens[:, t] | prefix) under `params` (the old policy's
+  log-probabilities before several inner epochs)."""
+  logits, _, _ = _forward(graphdef, params, tokens, lengths)
+  return losses_lib.token_logprobs(logits, tokens)
+
+
+def grpo_losses(graphdef, params, ref_params, batch: Mapping[str, jax.Array],
+                cfg: Mapping) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss and its parts.
+
+  Args:
+    cfg: `clip_eps`, `beta` (KL weight; 0 skips the reference), `aux_weight`
+      (0 skips the auxiliary InfoNCE), `tau`.
+  """
+  tokens, lengths = batch["tokens"], batch["lengths"]
+  logits, hidden, _ = _forward(graphdef, params, tokens, lengths)
+  logp = losses_lib.token_logprobs(logits, tokens)
+  mask = batch["mask"][:, 1:]
+  beta = float(cfg["beta"])
+  if beta:
+    ref_logits, _, _ = _forward(graphdef, ref_params, tokens, lengths)
+    ref_logp = jax.lax.stop_gradient(
+        losses_lib.token_logprobs(ref_logits, tokens))
+  else:
+    ref_logp = jax.lax.stop_gradient(logp)
+  parts = losses_lib.grpo_terms(logp, batch["old_logp"], ref_logp, mask,
+                                batch["advantages"],
+                                clip_eps=float(cfg["clip_eps"]), beta=beta)
+  total = parts["loss"]
+  aux_weight = float(cfg.get("aux_weight", 0.0))
+  if aux_weight:
+    pos = batch["embed_pos"]
+    q_emb = jnp.take_along_axis(hidden, pos[:, None, None], 1)[:, 0]
+    docs = jax.lax.stop_gradient(batch["docs"])
+    parts["aux_infonce"] = losses_lib.get("infonce")(
+        q_emb, docs, tau=float(cfg["tau"]), in_batch=False)
+    total = total + aux_weight * parts["aux_infonce"]
+  parts["response_tokens"] = jnp.sum(mask)
+  return total, parts
+
+
+def make_grpo_step(graphdef, tx, schedule, cfg: Mapping, mesh: Mesh,
+                   state_shardings, batch_size: int):
+  """The jitted `(state, batch) -> (state, metrics)` update.
+
+  The state is donated; batch arrays are split over the mesh's batch axes.
+  Call it once per inner epoch with the same batch (`old_logp` fixed).
+  """
+  cfg = dict(cfg)
+
+  def step(state: TrainState, batch):
+    def loss_fn(params):
+      return grpo_losses(graphdef, params, state.ref_params, batch, cfg)
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads),
+                   lr=schedule(state.step))
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state), metrics
+
+  batch_shardings = {
+      k: shd.batch_sharding(mesh, nd, batch_size=batch_size)
+      for k, nd in zip(BATCH_KEYS, _BATCH_NDIMS)
+  }
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, replicated),
+                 donate_argnums=(0,)), batch_shardings
