@@ -1,0 +1,108 @@
+"""Stage-2 rollouts: G samples of reasoning + `<|embed_token|>` per query,
+and the GRPO batch built from them.
+
+`sample` runs the jitted sampler once over all Q * G rows (each query's
+reasoning prompt repeated G times), stopping a row at an end-of-turn/eos id
+or at `<|embed_token|>`, and takes the embedding of each row that emitted the
+token from inside the generation loop (`capture_stop_hidden`). A row that
+never emits it (it ended its turn or ran out of `max_new_tokens`) has no
+embedding: its rewards are the format penalty alone.
+
+`grpo_batch` lays the rollouts out for `grpo.make_grpo_step`: prompt +
+sampled response, and the embed token appended where the rollout did not
+emit it (so the update can still read a hidden state there), with the loss
+mask on the sampled tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """N = Q * G sampled rollouts, grouped by query (rows i*G .. i*G+G-1).
+
+  Attributes:
+    query_index: [N] the query of each row.
+    prompts: N prompt id lists.
+    responses: N sampled id lists (the stop token included when sampled).
+    has_embed: [N] bool, the rollout emitted `<|embed_token|>`.
+    embeddings: [N, D] float32 unit rows (zeros where `has_embed` is False).
+    texts: N decoded responses.
+  """
+  query_index: np.ndarray
+  prompts: list[list[int]]
+  responses: list[list[int]]
+  has_embed: np.ndarray
+  embeddings: np.ndarray
+  texts: list[str]
+
+  @property
+  def size(self) -> int:
+    return len(self.responses)
+
+  def response_lengths(self) -> np.ndarray:
+    return np.asarray([len(r) for r in self.responses], np.int32)
+
+
+def sample(model, queries: Sequence[str], *, group_size: int,
+           max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+           seed: int = 0, max_query_tokens: int = 128) -> Rollouts:
+  """`group_size` reasoning rollouts per query from `model` (a `SearchR3`)."""
+  if group_size < 1:
+    raise ValueError(f"group_size must be >= 1, got {group_size}")
+  if not queries:
+    raise ValueError("sample: no queries")
+  tok = model.tokenizer
+  base = [tok.embedding_prompt(model.prompts, "query", q, reasoning=True,
+                               max_text_tokens=max_query_tokens)
+          for q in queries]
+  prompts = [list(p) for p in base for _ in range(group_size)]
+  stop = tuple(tok.eos_ids) + (tok.embed_token_id,)
+  gen = model.generate_ids(prompts, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, seed=seed,
+                           stop_ids=stop, capture_stop_hidden=True)
+  responses, has_embed = [], []
+  for row, n, stopped in zip(gen.tokens, gen.lengths, gen.stopped):
+    resp = [int(x) for x in row[:n]]
+    responses.append(resp)
+    has_embed.append(bool(stopped) and resp[-1] == tok.embed_token_id)
+  has_embed = np.asarray(has_embed, bool)
+  h = np.asarray(gen.stop_hidden, np.float32)
+  norms = np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
+  emb = np.where(has_embed[:, None], h / norms, 0.0).astype(np.float32)
+  texts = [tok.decode([x for x in r if x != tok.embed_token_id])
+           for r in responses]
+  return Rollouts(np.repeat(np.arange(len(queries)), group_size), prompts,
+                  responses, has_embed, emb, texts)
+
+
+def grpo_batch(rollouts: Rollouts, *, embed_token_id: int, pad_id: int,
+               seq_len: int) -> dict[str, np.ndarray]:
+  """tokens, lengths, mask and embed_pos of `grpo.BATCH_KEYS` (the caller
+  adds old_logp, advantages and docs).
+
+  Raises:
+    ValueError: a rollout does not fit in `seq_len` (nothing is cut
+      silently).
+  """
+  n = rollouts.size
+  tokens = np.full((n, seq_len), pad_id, np.int32)
+  lengths = np.zeros((n,), np.int32)
+  mask = np.zeros((n, seq_len), np.float32)
+  embed_pos = np.zeros((n,), np.int32)
+  for i, (p, r, ok) in enumerate(zip(rollouts.prompts, rollouts.responses,
+                                     rollouts.has_embed)):
+    row = list(p) + list(r) + ([] if ok else [embed_token_id])
+    if len(row) > seq_len:
+      raise ValueError(f"rollout {i} has {len(row)} tokens, more than "
+                       f"seq_len {seq_len}")
+    tokens[i, :len(row)] = row
+    lengths[i] = len(row)
+    mask[i, len(p):len(p) + len(r)] = 1.0
+    embed_pos[i] = len(row) - 1
+  return dict(tokens=tokens, lengths=lengths, mask=mask, embed_pos=embed_pos)

@@ -1,0 +1,48 @@
+"""Rollout sampling and the GRPO batch layout."""
+
+import numpy as np
+import pytest
+
+from search_r3_jax import rollouts as rl
+
+
+def test_sample_groups_and_embeddings(tiny):
+  out = rl.sample(tiny, ["where is rome", "the river"], group_size=3,
+                  max_new_tokens=5, temperature=1.0, seed=1)
+  assert out.size == 6
+  np.testing.assert_array_equal(out.query_index, [0, 0, 0, 1, 1, 1])
+  assert out.prompts[0] == out.prompts[2] != out.prompts[3]
+  eid = tiny.tokenizer.embed_token_id
+  for i in range(6):
+    resp = out.responses[i]
+    assert 1 <= len(resp) <= 5
+    if out.has_embed[i]:
+      assert resp[-1] == eid
+      np.testing.assert_allclose(np.linalg.norm(out.embeddings[i]), 1.0,
+                                 rtol=1e-5)
+    else:
+      assert eid not in resp
+      assert not out.embeddings[i].any()
+  # Sampling differs within a group (5 tokens from a random model).
+  assert len({tuple(r) for r in out.responses[:3]}) > 1
+  with pytest.raises(ValueError, match="group_size"):
+    rl.sample(tiny, ["x"], group_size=0, max_new_tokens=3)
+
+
+def test_grpo_batch_layout_appends_the_missing_embed_token():
+  r = rl.Rollouts(query_index=np.array([0, 0]),
+                  prompts=[[5, 6, 7], [5, 6, 7]],
+                  responses=[[11, 12, 99], [13, 2]],  # 99: embed, 2: eos
+                  has_embed=np.array([True, False]),
+                  embeddings=np.zeros((2, 4), np.float32),
+                  texts=["", ""])
+  b = rl.grpo_batch(r, embed_token_id=99, pad_id=0, seq_len=8)
+  np.testing.assert_array_equal(b["tokens"], [[5, 6, 7, 11, 12, 99, 0, 0],
+                                              [5, 6, 7, 13, 2, 99, 0, 0]])
+  np.testing.assert_array_equal(b["lengths"], [6, 6])
+  np.testing.assert_array_equal(b["embed_pos"], [5, 5])
+  # The loss sees the sampled tokens only: not the appended embed token.
+  np.testing.assert_array_equal(b["mask"], [[0, 0, 0, 1, 1, 1, 0, 0],
+                                            [0, 0, 0, 1, 1, 0, 0, 0]])
+  with pytest.raises(ValueError, match="rollout 0 has 6 tokens"):
+    rl.grpo_batch(r, embed_token_id=99, pad_id=0, seq_len=5)
