@@ -217,9 +217,15 @@ class RetrievalEnvironment:
     reports: every refresh report, in order.
   """
 
-  def __init__(self, corpus: Mapping[str, str], encode: EncodeFn,
-               cfg: Optional[EnvConfig] = None, step: int = 0,
+  def __init__(self, corpus: Mapping[str, str],
+               encode: Optional[EncodeFn] = None,
+               cfg: Optional[EnvConfig] = None, step: int = 0, *,
+               vectors: Optional[np.ndarray] = None,
                _skip_build: bool = False):
+    """Encodes `corpus` ({id: text}) with `encode` and builds the index,
+    regions and graph; or starts from `vectors` ([N, D], one per document
+    in corpus order, e.g. the embeddings stage 1 computed), stale or not:
+    refreshing them is the environment's job."""
     self.cfg = cfg or EnvConfig()
     self.cfg.check()
     if not corpus:
@@ -231,16 +237,24 @@ class RetrievalEnvironment:
     self.step = int(step)
     self.last_full = int(step)
     self.reports: list[dict] = []
-    if not _skip_build:
-      t = time.perf_counter()
+    if _skip_build:
+      return
+    if (encode is None) == (vectors is None):
+      raise ValueError("give the environment either encode or vectors")
+    t = time.perf_counter()
+    if vectors is None:
       vectors = self._encode(encode, np.arange(len(self.doc_ids)))
-      t_encode = time.perf_counter() - t
-      timings = self._rebuild(vectors, step)
-      timings["encode"] = t_encode
-      logging.info("environment built over %d documents, %d regions "
-                   "(encode %.1fs, index %.2fs, graph %.2fs)",
-                   len(self.doc_ids), len(self.centroids), t_encode,
-                   timings["index"], timings["graph"])
+    else:
+      vectors = np.asarray(vectors)
+      if vectors.ndim != 2 or vectors.shape[0] != len(self.doc_ids):
+        raise ValueError(f"vectors of shape {vectors.shape} for "
+                         f"{len(self.doc_ids)} documents")
+    t_encode = time.perf_counter() - t
+    timings = self._rebuild(vectors, step)  # VectorIndex checks the values
+    logging.info("environment built over %d documents, %d regions "
+                 "(encode %.1fs, index %.2fs, graph %.2fs)",
+                 len(self.doc_ids), len(self.centroids), t_encode,
+                 timings["index"], timings["graph"])
 
   @property
   def size(self) -> int:
@@ -536,8 +550,8 @@ class RetrievalEnvironment:
                        f"({len(missing)} saved ids missing, e.g. "
                        f"{missing[:3]}; {len(extra)} new ids, e.g. "
                        f"{extra[:3]})")
-    env = cls({d: corpus[d] for d in saved_ids}, lambda _: None, cfg,
-              meta["step"], _skip_build=True)
+    env = cls({d: corpus[d] for d in saved_ids}, None, cfg, meta["step"],
+              _skip_build=True)
     env.last_full = int(meta["last_full"])
     env.index = index
     env.regions = arrays["regions"].astype(np.int64)

@@ -635,3 +635,21 @@ def test_refresh_with_a_model_encoder_on_a_mesh(eight_device_mesh):
   np.testing.assert_allclose(env.index.vectors,
                              b.encode_documents(texts, max_length=16,
                                                 progress=False), atol=1e-5)
+
+
+def test_start_from_given_vectors():
+  env, enc = _make()
+  start = _stored(env) + 0.0
+  seeded = RetrievalEnvironment(_corpus(), cfg=EnvConfig(), vectors=start,
+                                step=3)
+  np.testing.assert_array_equal(seeded.index.vectors, start)
+  assert (seeded.index.versions == 3).all()
+  np.testing.assert_array_equal(seeded.graph, env.graph)
+  with pytest.raises(ValueError, match="either encode or vectors"):
+    RetrievalEnvironment(_corpus(), enc, vectors=start)
+  with pytest.raises(ValueError, match="for 400 documents"):
+    RetrievalEnvironment(_corpus(), vectors=start[:10])
+  bad = start.copy()
+  bad[7, 0] = np.nan
+  with pytest.raises(ValueError, match="doc7"):
+    RetrievalEnvironment(_corpus(), vectors=bad)

@@ -146,13 +146,9 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
   initial = enc0(list(corpus.values()))
   t_initial = time.perf_counter() - t
   _say(f"initial encode of {len(corpus)} documents: {t_initial:.1f}s")
-  texts_to_vec = dict(zip(corpus.values(), initial))
-
-  def cached(texts):  # both environments start from the same encoding
-    return np.stack([texts_to_vec[x] for x in texts])
-
-  selective = RetrievalEnvironment(corpus, cached, env_cfg)
-  full = RetrievalEnvironment(corpus, cached, env_cfg)
+  # Both environments start from the same encoding.
+  selective = RetrievalEnvironment(corpus, cfg=env_cfg, vectors=initial)
+  full = RetrievalEnvironment(corpus, cfg=env_cfg, vectors=initial)
   stale = VectorIndex.build(list(corpus), initial, 0, engine="exact")
 
   rng = jax.random.key(cfg.seed)
