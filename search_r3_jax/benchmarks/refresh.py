@@ -4,13 +4,14 @@
     python -m search_r3_jax.benchmarks.refresh --quick    # a few minutes
     python -m search_r3_jax.benchmarks.refresh --corpus_size=0   # all 10,033 leads
 
-Part 1, the environment. The embedded default model (SmolLM2-135M) encodes
+Part 1, the environment. The embedded default model (SmolLM2-135M; with
+`--init_from=runs/sft` the stage-1 model that stage 2 starts from) encodes
 the embedded corpus (Wikipedia leads; on CPU a documented subset: every gold
 page of the dev_sub questions plus seeded distractors up to `corpus_size`,
 each document cut to `doc_len` tokens). Then, `refreshes` times: the model
 takes `steps_between` real AdamW steps of the stage-1 loss (CE + KL +
-InfoNCE + triplet on the wiki_fanout training pairs, the stage-1 config's
-learning rate, reached at once: no warmup), and each step marks its touched
+InfoNCE + triplet on the wiki_fanout training pairs, batch 8, a constant
+`learning_rate`, 3e-6 by default, a stage-2 rate), and each step marks its touched
 documents in the environment as a stage-2 step would (the batch's gold pages
 and the index's top-k for the batch's query embeddings, plus their graph
 neighbours). Two environments over the same documents then refresh with the
@@ -62,8 +63,9 @@ REFRESHES = flags.DEFINE_integer("refreshes", 3, "Refreshes to run.")
 STEPS_BETWEEN = flags.DEFINE_integer("steps_between", 2,
                                      "Optimizer steps before each refresh.")
 BATCH = flags.DEFINE_integer("batch_size", 8, "Training examples per step.")
-LR = flags.DEFINE_float("learning_rate", None,
-                        "Learning rate (default: the stage-1 config's peak).")
+LR = flags.DEFINE_float(
+    "learning_rate", 3e-6, "Learning rate: between GRPO's usual 1e-6 and the "
+    "1e-5 that stage 1's schedule ends at (its peak is 1e-4).")
 THRESHOLD = flags.DEFINE_float("drift_threshold", None,
                                "Region drift threshold (default: EnvConfig).")
 PROBES = flags.DEFINE_integer("probes_per_region", None,
