@@ -245,7 +245,9 @@ class SearchR3:
     with jax.set_mesh(self.mesh):
       for s in bar:
         idx = order[s:s + batch_size]
-        b = self._pad_batch(len(idx))
+        # Power-of-two row buckets: a ragged last batch reuses a compiled
+        # shape instead of compiling its own.
+        b = self._pad_batch(min(batch_size, 1 << (len(idx) - 1).bit_length()))
         t = _round_up(max(len(rows[i]) for i in idx), LENGTH_BUCKET)
         ids = np.full((b, t), self.tokenizer.pad_id, np.int32)
         lengths = np.ones((b,), np.int32)

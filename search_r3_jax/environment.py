@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import json
 import math
+import operator
 import os
 import shutil
 import tempfile
@@ -159,9 +160,6 @@ def _spherical_kmeans(x, centroids, iters: int):
   return c, jnp.argmax(x @ c.T, axis=1)
 
 
-@jax.jit
-def _nearest(x, centroids):
-  return jnp.argmax(x @ centroids.T, axis=1)
 
 
 def kmeans(x: np.ndarray, k: int, iters: int, seed: int
@@ -175,7 +173,9 @@ def kmeans(x: np.ndarray, k: int, iters: int, seed: int
 
 
 def nearest_region(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-  return np.asarray(_nearest(jnp.asarray(x), jnp.asarray(centroids)), np.int64)
+  """Region of each row of `x` (host numpy: R x D is small, and a jitted
+  version would compile for every refresh's row count)."""
+  return np.argmax(x @ centroids.T, axis=1).astype(np.int64)
 
 
 def document_encoder(model, *, max_length: int = 128,
@@ -188,6 +188,17 @@ def document_encoder(model, *, max_length: int = 128,
 
 
 # -- the environment ---------------------------------------------------------
+
+def _check_step(step) -> int:
+  """A training step: a non-negative integer (checked before any change)."""
+  try:
+    value = operator.index(step)
+  except TypeError:
+    raise TypeError(f"step must be an integer, got {step!r}") from None
+  if value < 0:
+    raise ValueError(f"step must be >= 0, got {value}")
+  return value
+
 
 def _flatten(ids) -> list[str]:
   """A flat list of ids from a list of ids or of lists of ids."""
@@ -245,7 +256,7 @@ class RetrievalEnvironment:
     if vectors is None:
       vectors = self._encode(encode, np.arange(len(self.doc_ids)))
     else:
-      vectors = np.asarray(vectors)
+      vectors = np.array(vectors, np.float32, copy=True)
       if vectors.ndim != 2 or vectors.shape[0] != len(self.doc_ids):
         raise ValueError(f"vectors of shape {vectors.shape} for "
                          f"{len(self.doc_ids)} documents")
@@ -368,6 +379,7 @@ class RetrievalEnvironment:
 
   def maybe_refresh(self, step: int, encode: EncodeFn) -> Optional[dict]:
     """`refresh` on steps that are multiples of `refresh_every`."""
+    step = _check_step(step)
     if step % self.cfg.refresh_every:
       return None
     return self.refresh(step, encode)
@@ -386,6 +398,7 @@ class RetrievalEnvironment:
       seconds of each phase (`time_probe`, `time_encode`, `time_upsert`,
       `time_graph`, `time_rebuild`, `time_total`).
     """
+    step = _check_step(step)
     t_start = time.perf_counter()
     n = self.size
     cfg = self.cfg
@@ -395,8 +408,10 @@ class RetrievalEnvironment:
     # Seeded by (seed, step): a resumed run draws the same probes.
     rng = np.random.default_rng([cfg.seed, int(step)])
     if cfg.probes_per_region:
+      order = np.argsort(self.regions, kind="stable")
+      bounds = np.searchsorted(self.regions[order], np.arange(nreg + 1))
       for r in range(nreg):
-        members = np.flatnonzero(self.regions == r)
+        members = order[bounds[r]:bounds[r + 1]]
         if members.size:
           take = min(cfg.probes_per_region, members.size)
           probes.append(rng.choice(members, take, replace=False))
@@ -423,7 +438,10 @@ class RetrievalEnvironment:
 
     # 2. Selection: drifted regions and touched documents.
     if cfg.probes_per_region:
-      drifted = np.flatnonzero(np.nan_to_num(region_score, nan=-1.0)
+      # A region without a probe (empty) has a NaN score; threshold 0
+      # still selects it, so that 0 always means everything.
+      unknown = -1.0 if cfg.drift_threshold > 0 else 0.0
+      drifted = np.flatnonzero(np.nan_to_num(region_score, nan=unknown)
                                >= cfg.drift_threshold)
     else:  # no probes: the threshold alone decides (0 selects all)
       drifted = (np.arange(nreg) if cfg.drift_threshold <= 0

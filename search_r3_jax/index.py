@@ -14,10 +14,10 @@ queries through an engine:
     for small corpora and as the ground truth of the approximate engine.
 
 Rows of the store are stable: a deleted document leaves a dead row, which
-searches never return, until `compact()` (which the environment calls when it
-rebuilds). Every mutation checks its whole input first (dimension, finite
-values, known and unique ids) and raises before touching anything, so a bad
-call leaves the index as it was.
+searches never return, until `compact()` or `rebuild()`. Every mutation
+checks its whole input first (dimension, finite values, known and unique ids)
+and raises before touching anything, so a bad call leaves the index as it
+was.
 
 `save(path)` writes the store and, for ScaNN, the searcher's own
 serialization into a temporary directory next to `path` and renames it into
@@ -27,6 +27,7 @@ place, so a crash mid-save leaves the previous copy whole.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -61,23 +62,23 @@ class SearchResult:
   ids: list[list[str]]
 
 
-def scann_params(n: int, k: int = 10) -> dict:
+def scann_params(n: int, k: int = 10, search_fraction: float = 0.1) -> dict:
   """ScaNN parameters chosen from the corpus size `n`.
 
-  A tree of about sqrt(n) leaves searched over 1/20 of them (at least 8),
-  asymmetric hashing (2 dims per block, anisotropic threshold 0.2) and an
-  exact reorder of max(100, 10 k) candidates. Below `SCANN_TREE_MIN`
+  A tree of about sqrt(n) leaves searched over `search_fraction` of them (at
+  least 8), asymmetric hashing (2 dims per block, anisotropic threshold 0.2)
+  and an exact reorder of max(100, 10 k) candidates. Below `SCANN_TREE_MIN`
   vectors, brute force.
   """
   if n < SCANN_TREE_MIN:
     return {"kind": "brute_force", "num_neighbors": k}
   leaves = int(round(math.sqrt(n)))
+  search = max(8, int(math.ceil(leaves * search_fraction)))
   return {
       "kind": "tree_ah",
       "num_neighbors": k,
       "num_leaves": leaves,
-      "num_leaves_to_search": min(leaves,
-                                  max(8, int(math.ceil(leaves / 20)))),
+      "num_leaves_to_search": min(leaves, search),
       "training_sample_size": min(n, 100_000),
       "dims_per_block": 2,
       "anisotropic_quantization_threshold": 0.2,
@@ -102,9 +103,15 @@ def _build_scann(vectors: np.ndarray, ids: list[str], params: dict):
   return b.build(docids=list(ids))
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _top_k(scores, k):
+  return jax.lax.top_k(scores, k)
+
+
 @jax.jit
 def _masked_top_k_scores(q, d, alive):
-  s = q @ d.T
+  # HIGHEST: the ground truth must not run in TF32 or bf16 on accelerators.
+  s = jnp.matmul(q, d.T, precision=jax.lax.Precision.HIGHEST)
   return jnp.where(alive[None, :], s, -jnp.inf)
 
 
@@ -152,29 +159,36 @@ class VectorIndex:
     index.params = dict(params or scann_params(len(ids), k))
     index.ids = list(ids)
     index.row_of = {d: i for i, d in enumerate(index.ids)}
-    index.vectors = np.ascontiguousarray(vectors, np.float32)
+    # A copy: later upserts must never write into the caller's array.
+    index.vectors = np.array(vectors, np.float32, order="C", copy=True)
     index.versions = np.full((len(ids),), int(step), np.int64)
     index.alive = np.ones((len(ids),), bool)
     index._rebuild_engine()
     return index
 
-  def _rebuild_engine(self) -> None:
-    self._device_store = None
-    self._scann = None
+  def _rebuild_engine(self, params: Optional[dict] = None) -> None:
+    """Builds the engine with `params` (default: the current ones) and
+    only then replaces the old one: a failed build changes nothing."""
+    params = dict(self.params if params is None else params)
+    searcher = None
     if self.engine == "scann":
       rows = np.flatnonzero(self.alive)
       if rows.size == 0:
-        raise IndexInputError("cannot build a ScaNN index over an empty corpus")
-      self._scann = _build_scann(self.vectors[rows],
-                                 [self.ids[r] for r in rows], self.params)
+        raise IndexInputError("cannot build a ScaNN index over an empty "
+                              "corpus")
+      try:
+        searcher = _build_scann(self.vectors[rows],
+                                [self.ids[r] for r in rows], params)
+      except KeyError as e:
+        raise IndexInputError(f"ScaNN parameters {params} lack {e}") from None
+    self.params, self._scann, self._device_store = params, searcher, None
 
   def rebuild(self, params: Optional[dict] = None) -> None:
     """Compacts dead rows away and rebuilds the engine (new ScaNN
     parameters from the live size unless `params` is given)."""
     self.compact()
     k = self.params.get("num_neighbors", 10)
-    self.params = dict(params or scann_params(len(self.ids), k))
-    self._rebuild_engine()
+    self._rebuild_engine(params or scann_params(len(self.ids), k))
 
   def compact(self) -> np.ndarray:
     """Drops dead rows. Returns the old row of each new row."""
@@ -195,15 +209,19 @@ class VectorIndex:
                      ids: Optional[Sequence[str]] = None) -> np.ndarray:
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-      raise IndexInputError(f"{what}: vectors must be [n, {self.dim}], got shape "
-                        f"{vectors.shape}")
+      raise IndexInputError(f"{what}: vectors must be [n, {self.dim}], got "
+                            f"shape {vectors.shape}")
+    # Checked after the cast: a float64 1e39 becomes inf in float32.
+    with np.errstate(over="ignore"):  # reported below, by document
+      vectors = vectors.astype(np.float32, copy=False)
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
       i = int(np.flatnonzero(bad)[0])
       name = f"document {ids[i]!r}" if ids is not None else f"row {i}"
       raise IndexInputError(f"{what}: {name} has a non-finite (NaN or inf) "
-                        f"embedding ({int(bad.sum())} such rows)")
-    return vectors.astype(np.float32, copy=False)
+                            f"embedding in float32 ({int(bad.sum())} such "
+                            "rows)")
+    return vectors
 
   def _check_ids(self, ids, vectors, what: str) -> list[str]:
     ids = list(ids)
@@ -282,10 +300,14 @@ class VectorIndex:
     d, alive = self._device_store
     out_s, out_r = [], []
     for s in range(0, queries.shape[0], chunk):
-      sc = _masked_top_k_scores(jnp.asarray(queries[s:s + chunk]), d, alive)
-      v, i = jax.lax.top_k(sc, k)
-      out_s.append(np.asarray(v))
-      out_r.append(np.asarray(i, np.int64))
+      part = queries[s:s + chunk]
+      # Power-of-two row buckets bound the number of compiled shapes.
+      rows = min(chunk, 1 << (len(part) - 1).bit_length())
+      padded = np.zeros((rows, self.dim), np.float32)
+      padded[:len(part)] = part
+      v, i = _top_k(_masked_top_k_scores(jnp.asarray(padded), d, alive), k)
+      out_s.append(np.asarray(v)[:len(part)])
+      out_r.append(np.asarray(i, np.int64)[:len(part)])
     return np.concatenate(out_s), np.concatenate(out_r)
 
   def _scann_search(self, queries: np.ndarray, k: int):

@@ -156,7 +156,6 @@ def test_kmeans_is_a_fixed_point():
                                                     (2.0, "selective")])
 def test_threshold_zero_refreshes_everything_once(rebuild_fraction, kind):
   env, enc = _make(drift_threshold=0.0, rebuild_fraction=rebuild_fraction)
-  nonempty = len(np.unique(env.regions))  # empty regions have no probes
   enc.shift = 0.5 * np.random.default_rng(1).standard_normal((N, D))
   before = _stored(env)
   assert np.abs(before - enc.fresh()).max() > 0.05  # it really drifted
@@ -165,7 +164,8 @@ def test_threshold_zero_refreshes_everything_once(rebuild_fraction, kind):
   assert report["kind"] == kind
   assert report["reencoded"] == N and report["refreshed"] == N
   assert report["reencoded_fraction"] == 1.0
-  assert report["drifted_regions"] == nonempty
+  # Every region, even one k-means left empty (no probe, NaN drift).
+  assert report["drifted_regions"] == report["regions"]
   _assert_encoded_once(enc, N)
   assert set(enc.texts()) == set(_corpus().values())
   np.testing.assert_allclose(_stored(env), enc.fresh(), rtol=0, atol=1e-6)
@@ -329,6 +329,30 @@ def test_observe_marks_neighbours_of_gold_only_by_default():
   nb = set(env.graph[3]) - {-1}
   assert nb  # the fixture links every document
   assert set(np.flatnonzero(env.touched)) == {3, 10, 11} | nb
+
+
+def test_bad_step_is_refused_before_anything_changes():
+  env, enc = _make()
+  env.observe(["doc3"])
+  before = (_stored(env).copy(), env.index.versions.copy(),
+            env.touched.copy())
+  for bad, err in (("3", TypeError), (2.5, TypeError), (-1, ValueError)):
+    with pytest.raises(err, match="step"):
+      env.refresh(bad, enc)
+  np.testing.assert_array_equal(_stored(env), before[0])
+  np.testing.assert_array_equal(env.index.versions, before[1])
+  np.testing.assert_array_equal(env.touched, before[2])
+  assert not env.reports
+
+
+def test_given_vectors_are_copied():
+  env, _ = _make()
+  start = _stored(env).copy()
+  seeded = RetrievalEnvironment(_corpus(), vectors=start, cfg=EnvConfig(
+      drift_threshold=0.0, rebuild_fraction=2.0))
+  enc = Encoder(np.ones_like(start))
+  seeded.refresh(1, enc)
+  np.testing.assert_array_equal(start, _stored(env))  # the caller's array
 
 
 def test_search_with_k_zero_is_an_error():

@@ -312,6 +312,31 @@ def test_save_replaces_an_existing_index(engine, tmp_path):
   assert loaded.search(x2[:5], 1).ids == [[f"doc{i}"] for i in range(5)]
 
 
+def test_build_copies_and_failed_rebuild_changes_nothing():
+  rng = np.random.default_rng(3)
+  x = _unit(rng.standard_normal((50, D)))
+  keep = x.copy()
+  index = VectorIndex.build([f"doc{i}" for i in range(50)], x, 0,
+                            engine="scann")
+  index.upsert(["doc1"], _unit(rng.standard_normal((1, D))), 1)
+  np.testing.assert_array_equal(x, keep)  # the caller's array is untouched
+  params = dict(index.params)
+  with pytest.raises(ValueError, match="num_leaves"):
+    index.rebuild(params={"kind": "tree_ah", "num_neighbors": 10})
+  assert index.params == params
+  assert index.search(x[[0, 2]], 1).ids == [["doc0"], ["doc2"]]  # still works
+
+
+def test_float64_values_that_overflow_float32_are_refused():
+  rng = np.random.default_rng(4)
+  x = _unit(rng.standard_normal((20, D)))
+  index = VectorIndex.build([f"doc{i}" for i in range(20)], x, 0,
+                            engine="exact")
+  with pytest.raises(ValueError, match="non-finite"):
+    index.upsert(["doc0"], np.full((1, D), 1e39), 1)
+  np.testing.assert_array_equal(index.vectors, x)
+
+
 def test_save_load_keeps_unusual_ids_exactly(tmp_path):
   ids = ["a", "b\x00", " c ", "d\u00e9"]
   x = np.eye(4, dtype=np.float32)
