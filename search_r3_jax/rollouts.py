@@ -106,3 +106,50 @@ def grpo_batch(rollouts: Rollouts, *, embed_token_id: int, pad_id: int,
     mask[i, len(p):len(p) + len(r)] = 1.0
     embed_pos[i] = len(row) - 1
   return dict(tokens=tokens, lengths=lengths, mask=mask, embed_pos=embed_pos)
+
+
+def score(env, rollouts: Rollouts, gold: Sequence[Sequence[str]], *,
+          group_size: int, weights=None, k: int = 10,
+          eps: float = 1e-6) -> dict:
+  """Searches each rollout's embedding in `env` and rewards it.
+
+  Args:
+    env: a `RetrievalEnvironment` (its stored, possibly stale, vectors are
+      the documents' side of the cosine term).
+    gold: per query (not per rollout), its gold document ids.
+    group_size: G; rollouts are grouped as `sample` lays them out.
+    weights: reward weights (`rewards.DEFAULT_WEIGHTS` when None).
+  Returns:
+    {"reward": [N], "terms": {name: [N]}, "advantages": [N] (group-normalised
+    rewards), "retrieved": N id lists (empty without an embed token),
+    "best_rank": [N] 1-based rank of the best gold document within the top
+    k, 0 when none is there or no embed token was emitted}.
+  """
+  from search_r3_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
+  n = rollouts.size
+  if n % group_size:
+    raise ValueError(f"{n} rollouts do not split into groups of {group_size}")
+  if len(gold) * group_size != n:
+    raise ValueError(f"{len(gold)} gold lists for {n // group_size} queries")
+  retrieved: list[list[str]] = [[] for _ in range(n)]
+  rows = np.flatnonzero(rollouts.has_embed)
+  if rows.size:
+    hits = env.search(rollouts.embeddings[rows], k)
+    for r, ids in zip(rows, hits.ids):
+      retrieved[r] = ids
+  row_gold = [list(gold[q]) for q in rollouts.query_index]
+  inputs = rewards_lib.RewardInputs(
+      retrieved=retrieved, gold=row_gold, query_emb=rollouts.embeddings,
+      gold_emb=[env.embeddings(g) for g in row_gold],
+      has_embed=rollouts.has_embed)
+  total, terms = rewards_lib.combined(inputs, weights, k=k)
+  best_rank = np.zeros((n,), np.int32)
+  for i, (ids, g) in enumerate(zip(retrieved, row_gold)):
+    ranks = [j + 1 for j, d in enumerate(ids[:k]) if d in set(g)]
+    best_rank[i] = ranks[0] if ranks else 0
+  groups = total.reshape(-1, group_size).astype(np.float64)
+  adv = (groups - groups.mean(1, keepdims=True)) / (
+      groups.std(1, keepdims=True) + eps)
+  return {"reward": total, "terms": terms,
+          "advantages": adv.reshape(-1).astype(np.float32),
+          "retrieved": retrieved, "best_rank": best_rank}

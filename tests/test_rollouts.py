@@ -46,3 +46,32 @@ def test_grpo_batch_layout_appends_the_missing_embed_token():
                                             [0, 0, 0, 1, 1, 0, 0, 0]])
   with pytest.raises(ValueError, match="rollout 0 has 6 tokens"):
     rl.grpo_batch(r, embed_token_id=99, pad_id=0, seq_len=5)
+
+
+def test_score_searches_rewards_and_normalises_by_group():
+  from search_r3_jax.environment import EnvConfig, RetrievalEnvironment  # pylint: disable=g-import-not-at-top
+  d = 8
+  docs = np.eye(d, dtype=np.float32)                   # doc i = axis i
+  corpus = {f"doc{i}": f"text {i}" for i in range(d)}
+  env = RetrievalEnvironment(corpus, cfg=EnvConfig(engine="exact",
+                                                   graph_k=2), vectors=docs)
+  q = np.zeros((4, d), np.float32)
+  q[0] = docs[2]                                        # gold doc2 at rank 1
+  q[1] = (0.8 * docs[5] + 0.6 * docs[2])               # doc2 at rank 2
+  q[2] = docs[7]                                        # gold not in top 3
+  r = rl.Rollouts(query_index=np.array([0, 0, 0, 0]),
+                  prompts=[[1]] * 4, responses=[[2]] * 4,
+                  has_embed=np.array([True, True, True, False]),
+                  embeddings=q, texts=[""] * 4)
+  out = rl.score(env, r, [["doc2"]], group_size=4, k=3)
+  np.testing.assert_array_equal(out["best_rank"], [1, 2, 0, 0])
+  assert out["retrieved"][0][0] == "doc2" and out["retrieved"][3] == []
+  # 1/log2(1 + rank) + 0.1 cos, and -1 without an embed token.
+  want = np.array([1.0 + 0.1, 1 / np.log2(3) + 0.1 * 0.6, 0.0, -1.0])
+  np.testing.assert_allclose(out["reward"], want, rtol=1e-5)
+  adv = (want - want.mean()) / (want.std() + 1e-6)
+  np.testing.assert_allclose(out["advantages"], adv, rtol=1e-4)
+  with pytest.raises(ValueError, match="gold lists"):
+    rl.score(env, r, [["doc2"], ["doc3"]], group_size=4)
+  with pytest.raises(KeyError, match="nope"):
+    rl.score(env, r, [["nope"]], group_size=4)
