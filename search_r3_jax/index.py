@@ -8,8 +8,8 @@ queries through an engine:
     `delete` change it in place. Its parameters come from the corpus size
     (`scann_params`): a k-means tree of about sqrt(N) leaves, asymmetric
     hashing with 2 dimensions per block, and an exact float reorder of the
-    best candidates. Small corpora (under `SCANN_TREE_MIN` vectors) are
-    scored by brute force.
+    best candidates. Small corpora (under `SCANN_TREE_MIN` = 16,384 vectors)
+    are scored by brute force.
   * "exact": a jitted matmul + top-k on a JAX device over the whole store;
     for small corpora and as the ground truth of the approximate engine.
 
@@ -40,7 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 
 ENGINES = ("scann", "exact")
-SCANN_TREE_MIN = 2048   # below this many vectors ScaNN scores by brute force
+# Below this many vectors ScaNN scores by brute force: on the 10,033
+# stage-1 SmolLM2 embeddings of the embedded corpus (576 dims), a tree of 100
+# leaves searching 10 found only 0.83 of the exact top 10, while brute force
+# over 10k vectors costs a few milliseconds per query batch.
+SCANN_TREE_MIN = 16384
 FORMAT_VERSION = 1
 
 

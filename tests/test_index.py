@@ -28,11 +28,24 @@ def _clustered(rng, n, d, centres, noise=0.3):
   return _unit(centres[lab] + noise * rng.standard_normal((n, d)))
 
 
+def _tree_params(n, k=10):
+  """ScaNN tree + AH parameters for a corpus below SCANN_TREE_MIN, so the
+  tree's upsert/delete paths are tested on small fixtures too."""
+  leaves = round(n ** 0.5)
+  return {"kind": "tree_ah", "num_neighbors": k, "num_leaves": leaves,
+          "num_leaves_to_search": 8, "training_sample_size": n,
+          "dims_per_block": 2, "anisotropic_quantization_threshold": 0.2,
+          "reorder": 100}
+
+
 def _small(engine, n=300, d=D, seed=0, step=3):
   rng = np.random.default_rng(seed)
   x = _clustered(rng, n, d, rng.standard_normal((10, d)))
   ids = [f"doc{i}" for i in range(n)]
-  return VectorIndex.build(ids, x, step, engine=engine), ids, x
+  # 300 vectors: brute force; more: a tree (see MUTABLE).
+  params = _tree_params(n) if engine == "scann" and n > 300 else None
+  return (VectorIndex.build(ids, x, step, engine=engine, params=params),
+          ids, x)
 
 
 def _exact_top(vectors, alive, queries, k):
@@ -158,7 +171,7 @@ MUTABLE = [("scann", 300), ("scann", 2500), ("exact", 300)]
 def test_upsert_is_found_first(engine, n):
   index, ids, x = _small(engine, n=n)
   if engine == "scann":
-    assert index.params["kind"] == ("tree_ah" if n >= 2048 else "brute_force")
+    assert index.params["kind"] == ("tree_ah" if n > 300 else "brute_force")
   rng = np.random.default_rng(7)
   v_new, v_rep = _unit(rng.standard_normal((2, D)))
   index.upsert(["new", "doc5"], np.stack([v_new, v_rep]), step=7)

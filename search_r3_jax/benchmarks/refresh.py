@@ -56,8 +56,7 @@ import numpy as np
 
 QUICK = flags.DEFINE_bool("quick", False, "A small run (a few minutes).")
 CORPUS_SIZE = flags.DEFINE_integer(
-    "corpus_size", 2500, "Documents (gold pages + distractors); 0: all. "
-    "From 2,048 on ScaNN uses its tree (below, brute force).")
+    "corpus_size", 2500, "Documents (gold pages + distractors); 0: all.")
 DOC_LEN = flags.DEFINE_integer("doc_len", 64, "Tokens per document.")
 MAX_QUERIES = flags.DEFINE_integer("max_queries", 0,
                                    "dev_sub questions for fidelity (0: all).")
