@@ -29,13 +29,12 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from search_r3_jax import losses as losses_lib
 from search_r3_jax import sharding as shd
-from search_r3_jax.train_state import TrainState
+from search_r3_jax.train_state import TrainState, gradient_step
 
 BATCH_KEYS = ("tokens", "lengths", "mask", "old_logp", "advantages",
               "embed_pos", "docs")
@@ -107,14 +106,7 @@ def make_grpo_step(graphdef, tx, schedule, cfg: Mapping, mesh: Mesh,
     def loss_fn(params):
       return grpo_losses(graphdef, params, state.ref_params, batch, cfg)
 
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads),
-                   lr=schedule(state.step))
-    return state.replace(step=state.step + 1, params=params,
-                         opt_state=opt_state), metrics
+    return gradient_step(state, loss_fn, tx, schedule)
 
   batch_shardings = {
       k: shd.batch_sharding(mesh, nd, batch_size=batch_size)

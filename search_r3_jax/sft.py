@@ -17,7 +17,6 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -25,7 +24,7 @@ from search_r3_jax import losses as losses_lib
 from search_r3_jax import sharding as shd
 from search_r3_jax.prompts import PromptConfig
 from search_r3_jax.tokenizer import Tokenizer
-from search_r3_jax.train_state import TrainState
+from search_r3_jax.train_state import TrainState, gradient_step
 
 BATCH_KEYS = ("q_tokens", "q_lengths", "q_mask", "q_embed_pos", "d_tokens",
               "d_lengths", "d_groups")
@@ -182,14 +181,7 @@ def make_sft_step(graphdef, tx, schedule, loss_cfg, mesh: Mesh,
     def loss_fn(params):
       return sft_losses(graphdef, params, ref, batch, loss_cfg)
 
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads),
-                   lr=schedule(state.step))
-    return state.replace(step=state.step + 1, params=params,
-                         opt_state=opt_state), metrics
+    return gradient_step(state, loss_fn, tx, schedule)
 
   batch_shardings = {
       k: shd.batch_sharding(mesh, nd, batch_size=batch_size)

@@ -99,3 +99,16 @@ def create_train_state(model: Decoder, tx, mesh,
 
 def shardings_of(tree):
   return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def gradient_step(state: TrainState, loss_fn, tx, schedule):
+  """One optimizer update of `state` by the gradient of
+  `loss_fn(params) -> (loss, parts)`; returns (new state, metrics)."""
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads),
+                 lr=schedule(state.step))
+  return state.replace(step=state.step + 1, params=params,
+                       opt_state=opt_state), metrics
