@@ -10,11 +10,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def _right_padded_inputs(tokens, lengths):
+def right_padded_forward(model, tokens: jax.Array, lengths: jax.Array,
+                         return_logits: bool = True):
+  """`model` over a right-padded batch: rows hold `lengths` real tokens
+  from position 0. Returns the model's (logits, hidden, cache)."""
   t = tokens.shape[1]
-  valid = jnp.arange(t)[None, :] < lengths[:, None]
   positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
-  return positions, valid
+  valid = positions < lengths[:, None]
+  return model(tokens, positions, valid, return_logits=return_logits)
+
+
+def hidden_at(hidden: jax.Array, pos: jax.Array) -> jax.Array:
+  """[B, D] float32: each row's hidden state at position `pos[b]`."""
+  h = jnp.take_along_axis(hidden, pos[:, None, None], 1)[:, 0]
+  return h.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -29,11 +38,9 @@ def embed_last(graphdef, state, tokens: jax.Array,
     [B, D] float32 unit vectors.
   """
   model = nnx.merge(graphdef, state)
-  positions, valid = _right_padded_inputs(tokens, lengths)
-  _, hidden, _ = model(tokens, positions, valid, return_logits=False)
-  idx = jnp.maximum(lengths - 1, 0)
-  h = jnp.take_along_axis(hidden, idx[:, None, None], 1)[:, 0]
-  h = h.astype(jnp.float32)
+  _, hidden, _ = right_padded_forward(model, tokens, lengths,
+                                      return_logits=False)
+  h = hidden_at(hidden, jnp.maximum(lengths - 1, 0))
   return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
 
 
@@ -43,6 +50,5 @@ def forward_logits(graphdef, state, tokens: jax.Array,
   """Logits [B, T, V] float32 and final hidden [B, T, D] of a right-padded
   batch (positions past `lengths` hold padding)."""
   model = nnx.merge(graphdef, state)
-  positions, valid = _right_padded_inputs(tokens, lengths)
-  logits, hidden, _ = model(tokens, positions, valid)
+  logits, hidden, _ = right_padded_forward(model, tokens, lengths)
   return logits, hidden

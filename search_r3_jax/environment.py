@@ -310,6 +310,13 @@ class RetrievalEnvironment:
     t3 = time.perf_counter()
     return {"index": t1 - t0, "regions": t2 - t1, "graph": t3 - t2}
 
+  def _region_members(self) -> list[np.ndarray]:
+    """The document rows of each region, in region order."""
+    order = np.argsort(self.regions, kind="stable")
+    bounds = np.searchsorted(self.regions[order],
+                             np.arange(len(self.centroids) + 1))
+    return [order[bounds[r]:bounds[r + 1]] for r in range(len(bounds) - 1)]
+
   def _region_radius(self) -> np.ndarray:
     """[R] median 1 - cos between a region's documents and their
     `graph_k`-th (else farthest linked) neighbour, from the stored vectors."""
@@ -322,10 +329,8 @@ class RetrievalEnvironment:
     dist = np.full(self.size, np.nan)
     dist[rows] = 1.0 - np.sum(v[rows] * v[nb[rows]], axis=1)
     out = np.full(len(self.centroids), np.nan)
-    order = np.argsort(self.regions, kind="stable")
-    bounds = np.searchsorted(self.regions[order], np.arange(len(out) + 1))
-    for r in range(len(out)):
-      d = dist[order[bounds[r]:bounds[r + 1]]]
+    for r, members in enumerate(self._region_members()):
+      d = dist[members]
       d = d[np.isfinite(d)]
       if d.size:
         out[r] = max(float(np.median(d)), 0.0)
@@ -408,10 +413,7 @@ class RetrievalEnvironment:
     # Seeded by (seed, step): a resumed run draws the same probes.
     rng = np.random.default_rng([cfg.seed, int(step)])
     if cfg.probes_per_region:
-      order = np.argsort(self.regions, kind="stable")
-      bounds = np.searchsorted(self.regions[order], np.arange(nreg + 1))
-      for r in range(nreg):
-        members = order[bounds[r]:bounds[r + 1]]
+      for members in self._region_members():
         if members.size:
           take = min(cfg.probes_per_region, members.size)
           probes.append(rng.choice(members, take, replace=False))

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from search_r3_jax import losses as losses_lib
+from search_r3_jax.encoding import hidden_at, right_padded_forward
 from search_r3_jax import sharding as shd
 from search_r3_jax.train_state import TrainState, gradient_step
 
@@ -41,12 +42,8 @@ BATCH_KEYS = ("tokens", "lengths", "mask", "old_logp", "advantages",
 _BATCH_NDIMS = (2, 1, 2, 2, 1, 1, 3)
 
 
-def _forward(graphdef, params, tokens, lengths, return_logits=True):
-  model = nnx.merge(graphdef, params)
-  b, t = tokens.shape
-  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-  return model(tokens, pos, pos < lengths[:, None],
-               return_logits=return_logits)
+def _forward(graphdef, params, tokens, lengths):
+  return right_padded_forward(nnx.merge(graphdef, params), tokens, lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -84,7 +81,7 @@ def grpo_losses(graphdef, params, ref_params, batch: Mapping[str, jax.Array],
   aux_weight = float(cfg.get("aux_weight", 0.0))
   if aux_weight:
     pos = batch["embed_pos"]
-    q_emb = jnp.take_along_axis(hidden, pos[:, None, None], 1)[:, 0]
+    q_emb = hidden_at(hidden, pos)
     docs = jax.lax.stop_gradient(batch["docs"])
     parts["aux_infonce"] = losses_lib.get("infonce")(
         q_emb, docs, tau=float(cfg["tau"]), in_batch=False)

@@ -21,7 +21,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from search_r3_jax import losses as losses_lib
+from search_r3_jax.encoding import hidden_at, right_padded_forward
 from search_r3_jax import sharding as shd
+from search_r3_jax import train_state
 from search_r3_jax.prompts import PromptConfig
 from search_r3_jax.tokenizer import Tokenizer
 from search_r3_jax.train_state import TrainState, gradient_step
@@ -103,11 +105,6 @@ class Batcher:
     return int(batch["q_lengths"].sum() + batch["d_lengths"].sum())
 
 
-def _embed_at(hidden, pos):
-  h = jnp.take_along_axis(hidden, pos[:, None, None], 1)[:, 0]
-  return h.astype(jnp.float32)
-
-
 def sft_losses(graphdef, params, ref_params, batch, loss_cfg):
   """Weighted stage-1 loss and its parts.
 
@@ -120,28 +117,26 @@ def sft_losses(graphdef, params, ref_params, batch, loss_cfg):
   weights = {k: float(v) for k, v in loss_cfg["weights"].items() if v}
   model = nnx.merge(graphdef, params)
   q = batch["q_tokens"]
-  b, t = q.shape
-  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-  q_valid = pos < batch["q_lengths"][:, None]
+  b = q.shape[0]
   need_logits = "sft" in weights or "kl" in weights
-  logits, hidden, _ = model(q, pos, q_valid, return_logits=need_logits)
-  q_emb = _embed_at(hidden, batch["q_embed_pos"])
+  logits, hidden, _ = right_padded_forward(model, q, batch["q_lengths"],
+                                           return_logits=need_logits)
+  q_emb = hidden_at(hidden, batch["q_embed_pos"])
 
   d = batch["d_tokens"]
   _, k, td = d.shape
   flat = d.reshape(b * k, td)
   lengths = batch["d_lengths"].reshape(b * k)
-  d_pos = jnp.broadcast_to(jnp.arange(td), (b * k, td))
-  _, d_hidden, _ = model(flat, d_pos, d_pos < lengths[:, None],
-                         return_logits=False)
-  d_emb = _embed_at(d_hidden, lengths - 1).reshape(b, k, -1)
+  _, d_hidden, _ = right_padded_forward(model, flat, lengths,
+                                        return_logits=False)
+  d_emb = hidden_at(d_hidden, lengths - 1).reshape(b, k, -1)
 
   parts = {}
   if "sft" in weights:
     parts["sft"] = losses_lib.get("sft")(logits, q, batch["q_mask"])
   if "kl" in weights:
     ref = nnx.merge(graphdef, ref_params)
-    ref_logits, _, _ = ref(q, pos, q_valid)
+    ref_logits, _, _ = right_padded_forward(ref, q, batch["q_lengths"])
     parts["kl"] = losses_lib.get("kl")(
         logits, jax.lax.stop_gradient(ref_logits), batch["q_mask"])
   if "infonce" in weights:
@@ -192,3 +187,18 @@ def make_sft_step(graphdef, tx, schedule, loss_cfg, mesh: Mesh,
                  in_shardings=(state_shardings, batch_shardings, replicated),
                  out_shardings=(state_shardings, replicated),
                  donate_argnums=(0,)), batch_shardings
+
+
+def stage1_step(cfg, model, mesh):
+  """The stage-1 pieces a config asks for: (graphdef, train state, jitted
+  step, batch shardings, `Batcher`)."""
+  tx, schedule = train_state.make_optimizer(cfg.optimizer)
+  needs_ref = bool(cfg.loss.weights.get("kl"))
+  graphdef, state, shardings = train_state.create_train_state(
+      model.model, tx, mesh, with_reference=needs_ref)
+  step_fn, batch_sh = make_sft_step(
+      graphdef, tx, schedule, cfg.loss.to_dict(), mesh, shardings,
+      batch_size=cfg.batch_size)
+  batcher = Batcher(model.tokenizer, model.prompts, query_len=cfg.query_len,
+                    doc_len=cfg.doc_len, num_negatives=cfg.data.num_negatives)
+  return graphdef, state, step_fn, batch_sh, batcher

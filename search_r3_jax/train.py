@@ -30,7 +30,6 @@ from search_r3_jax import checkpoint as ckpt_lib
 from search_r3_jax import evaluation
 from search_r3_jax import sft
 from search_r3_jax import sharding as shd
-from search_r3_jax import train_state as ts
 from search_r3_jax.api import SearchR3
 from search_r3_jax.data import stage1 as data_lib
 from search_r3_jax.plots import write_plots
@@ -123,16 +122,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       f.write(cfg.to_json_best_effort(indent=2))
   mesh = shd.make_mesh(tuple(cfg.mesh))
   model = load_model(cfg, mesh)
-  tx, schedule = ts.make_optimizer(cfg.optimizer)
-  needs_ref = bool(cfg.loss.weights.get("kl"))
-  graphdef, state, shardings = ts.create_train_state(
-      model.model, tx, mesh, with_reference=needs_ref)
-  step_fn, batch_sh = sft.make_sft_step(
-      graphdef, tx, schedule, cfg.loss.to_dict(), mesh, shardings,
-      batch_size=cfg.batch_size)
-  batcher = sft.Batcher(model.tokenizer, model.prompts,
-                        query_len=cfg.query_len, doc_len=cfg.doc_len,
-                        num_negatives=cfg.data.num_negatives)
+  graphdef, state, step_fn, batch_sh, batcher = sft.stage1_step(
+      cfg, model, mesh)
   if cfg.batch_size % jax.process_count():
     raise ValueError(f"batch_size {cfg.batch_size} does not divide over "
                      f"{jax.process_count()} processes")

@@ -107,7 +107,6 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from search_r3_jax import SearchR3, evaluation, sft  # pylint: disable=g-import-not-at-top
   from search_r3_jax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import train_state as ts  # pylint: disable=g-import-not-at-top
   from search_r3_jax.data import stage1 as data_lib  # pylint: disable=g-import-not-at-top
   from search_r3_jax.environment import (  # pylint: disable=g-import-not-at-top
       EnvConfig, RetrievalEnvironment, document_encoder)
@@ -139,14 +138,8 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
     return document_encoder(m, max_length=doc_len,
                             batch_size=ENCODE_BATCH.value)
 
-  tx, schedule = ts.make_optimizer(cfg.optimizer)
-  graphdef, state, shardings = ts.create_train_state(model.model, tx, mesh)
-  step_fn, batch_sh = sft.make_sft_step(
-      graphdef, tx, schedule, cfg.loss.to_dict(), mesh, shardings,
-      batch_size=cfg.batch_size)
-  batcher = sft.Batcher(model.tokenizer, model.prompts,
-                        query_len=cfg.query_len, doc_len=cfg.doc_len,
-                        num_negatives=cfg.data.num_negatives)
+  graphdef, state, step_fn, batch_sh, batcher = sft.stage1_step(
+      cfg, model, mesh)
   loader = data_lib.train_loader(cfg.data, batch_size=cfg.batch_size,
                                  seed=cfg.seed)
 
