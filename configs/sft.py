@@ -20,6 +20,8 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.stage = 1
+  c.workdir = "runs/sft"  # --workdir overrides
   c.seed = 0
 
   # Model. `random_init` (a dict of ModelConfig overrides) replaces the

@@ -74,15 +74,37 @@ class Evaluator:
                batch_size=eval_cfg.batch_size)
 
   def __call__(self, model) -> dict[str, dict[str, float]]:
-    docs = model.encode_documents(self.doc_texts, batch_size=self.batch_size,
+    return self.score(model, self.documents(model), reasoning=self.reasoning)
+
+  def documents(self, model) -> np.ndarray:
+    """[N, D] embeddings of the corpus documents, in `doc_ids` order."""
+    return model.encode_documents(self.doc_texts, batch_size=self.batch_size,
                                   max_length=self.doc_len, progress=False)
+
+  def score(self, model, docs: np.ndarray, *, reasoning: bool = False,
+            max_new_tokens: int = 128, samples: Optional[list] = None
+            ) -> dict[str, dict[str, float]]:
+    """Figures per split for `model`'s queries against `docs`.
+
+    With `reasoning`, queries are encoded after a greedy analysis of at most
+    `max_new_tokens`; the analyses are appended to `samples` (when given) as
+    {split, query_id, query, reasoning, gold, top} dicts.
+    """
     out = {}
     for name, sp in self.splits.items():
       qids = list(sp.queries)
-      q = model.encode_queries([sp.queries[i] for i in qids],
-                               reasoning=self.reasoning,
-                               batch_size=self.batch_size, progress=False)
+      texts = [sp.queries[i] for i in qids]
+      q, analyses = model.encode_queries(
+          texts, reasoning=reasoning, max_new_tokens=max_new_tokens,
+          batch_size=self.batch_size, progress=False, return_reasoning=True)
       out[name] = self._score(qids, q, docs, sp.qrels)
+      if samples is not None and reasoning:
+        top = np.argmax(q @ docs.T, axis=1)
+        for i, qid in enumerate(qids):
+          samples.append(dict(split=name, query_id=qid, query=texts[i],
+                              reasoning=analyses[i],
+                              gold=sorted(sp.qrels.get(qid, {})),
+                              top=self.doc_ids[int(top[i])]))
     return out
 
   def _score(self, qids, q, docs, qrels) -> dict[str, float]:

@@ -55,6 +55,18 @@ def logprobs(graphdef, params, tokens: jax.Array, lengths: jax.Array
   return losses_lib.token_logprobs(logits, tokens)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def policy_outputs(graphdef, params, tokens: jax.Array, lengths: jax.Array,
+                   embed_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One forward pass of the sampling policy over a GRPO batch: the [N, T-1]
+  old log-probabilities and the [N, D] L2-normalised embeddings at
+  `embed_pos` (what the rollouts are searched and rewarded with)."""
+  logits, hidden, _ = _forward(graphdef, params, tokens, lengths)
+  emb = hidden_at(hidden, embed_pos).astype(jnp.float32)
+  emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+  return losses_lib.token_logprobs(logits, tokens), emb
+
+
 def grpo_losses(graphdef, params, ref_params, batch: Mapping[str, jax.Array],
                 cfg: Mapping) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and its parts.

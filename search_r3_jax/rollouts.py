@@ -9,9 +9,11 @@ never emits it (it ended its turn or ran out of `max_new_tokens`) has no
 embedding: its rewards are the format penalty alone.
 
 `grpo_batch` lays the rollouts out for `grpo.make_grpo_step`: prompt +
-sampled response, and the embed token appended where the rollout did not
-emit it (so the update can still read a hidden state there), with the loss
-mask on the sampled tokens only.
+sampled response, and where the rollout did not emit the token, a suffix
+ending with it (by default the bare token; the train program appends the
+prompts' " The embedding is <|embed_token|>", as `SearchR3.encode_queries`
+does), so the update can read a hidden state there. The loss mask covers
+the sampled tokens only.
 """
 
 from __future__ import annotations
@@ -82,14 +84,23 @@ def sample(model, queries: Sequence[str], *, group_size: int,
 
 
 def grpo_batch(rollouts: Rollouts, *, embed_token_id: int, pad_id: int,
-               seq_len: int) -> dict[str, np.ndarray]:
+               seq_len: int, suffix: Sequence[int] | None = None
+               ) -> dict[str, np.ndarray]:
   """tokens, lengths, mask and embed_pos of `grpo.BATCH_KEYS` (the caller
   adds old_logp, advantages and docs).
+
+  Args:
+    suffix: ids appended (unmasked) to a rollout without the embed token;
+      must end with `embed_token_id`. Default: the token alone.
 
   Raises:
     ValueError: a rollout does not fit in `seq_len` (nothing is cut
       silently).
   """
+  suffix = [embed_token_id] if suffix is None else [int(x) for x in suffix]
+  if not suffix or suffix[-1] != embed_token_id:
+    raise ValueError(f"grpo_batch: suffix {suffix} does not end with the "
+                     f"embed token {embed_token_id}")
   n = rollouts.size
   tokens = np.full((n, seq_len), pad_id, np.int32)
   lengths = np.zeros((n,), np.int32)
@@ -97,7 +108,7 @@ def grpo_batch(rollouts: Rollouts, *, embed_token_id: int, pad_id: int,
   embed_pos = np.zeros((n,), np.int32)
   for i, (p, r, ok) in enumerate(zip(rollouts.prompts, rollouts.responses,
                                      rollouts.has_embed)):
-    row = list(p) + list(r) + ([] if ok else [embed_token_id])
+    row = list(p) + list(r) + ([] if ok else suffix)
     if len(row) > seq_len:
       raise ValueError(f"rollout {i} has {len(row)} tokens, more than "
                        f"seq_len {seq_len}")
@@ -109,8 +120,8 @@ def grpo_batch(rollouts: Rollouts, *, embed_token_id: int, pad_id: int,
 
 
 def score(env, rollouts: Rollouts, gold: Sequence[Sequence[str]], *,
-          group_size: int, weights=None, k: int = 10,
-          eps: float = 1e-6) -> dict:
+          group_size: int, weights=None, k: int = 10, eps: float = 1e-6,
+          embeddings: np.ndarray | None = None) -> dict:
   """Searches each rollout's embedding in `env` and rewards it.
 
   Args:
@@ -119,6 +130,11 @@ def score(env, rollouts: Rollouts, gold: Sequence[Sequence[str]], *,
     gold: per query (not per rollout), its gold document ids.
     group_size: G; rollouts are grouped as `sample` lays them out.
     weights: reward weights (`rewards.DEFAULT_WEIGHTS` when None).
+    embeddings: [N, D] unit embeddings of every rollout, those without the
+      token included (taken at the suffix `grpo_batch` appends). Given, every
+      rollout is searched and earns the rank and cosine rewards, and the
+      format penalty still marks the ones that did not emit the token; None
+      (the paper's rule) leaves those rollouts the format penalty alone.
   Returns:
     {"reward": [N], "terms": {name: [N]}, "advantages": [N] (group-normalised
     rewards), "retrieved": N id lists (empty without an embed token),
@@ -131,18 +147,33 @@ def score(env, rollouts: Rollouts, gold: Sequence[Sequence[str]], *,
     raise ValueError(f"{n} rollouts do not split into groups of {group_size}")
   if len(gold) * group_size != n:
     raise ValueError(f"{len(gold)} gold lists for {n // group_size} queries")
+  emitted = np.asarray(rollouts.has_embed, bool)
+  if embeddings is None:
+    searched, emb = emitted, rollouts.embeddings
+  else:
+    emb = np.asarray(embeddings, np.float32)
+    if emb.shape != rollouts.embeddings.shape:
+      raise ValueError(f"score: embeddings of shape {emb.shape} for "
+                       f"rollouts of shape {rollouts.embeddings.shape}")
+    searched = np.ones((n,), bool)
   retrieved: list[list[str]] = [[] for _ in range(n)]
-  rows = np.flatnonzero(rollouts.has_embed)
+  rows = np.flatnonzero(searched)
   if rows.size:
-    hits = env.search(rollouts.embeddings[rows], k)
+    hits = env.search(emb[rows], k)
     for r, ids in zip(rows, hits.ids):
       retrieved[r] = ids
   row_gold = [list(gold[q]) for q in rollouts.query_index]
   inputs = rewards_lib.RewardInputs(
-      retrieved=retrieved, gold=row_gold, query_emb=rollouts.embeddings,
-      gold_emb=[env.embeddings(g) for g in row_gold],
-      has_embed=rollouts.has_embed)
+      retrieved=retrieved, gold=row_gold, query_emb=emb,
+      gold_emb=[env.embeddings(g) for g in row_gold], has_embed=searched)
+  weights = dict(rewards_lib.DEFAULT_WEIGHTS if weights is None else weights)
   total, terms = rewards_lib.combined(inputs, weights, k=k)
+  if "format" in weights:  # the penalty follows what was actually emitted
+    fmt = rewards_lib.get("format")(dataclasses.replace(
+        inputs, has_embed=emitted), k=k)
+    total = (total + float(weights["format"]) * (fmt - terms["format"])
+             ).astype(np.float32)
+    terms["format"] = fmt
   best_rank = np.zeros((n,), np.int32)
   for i, (ids, g) in enumerate(zip(retrieved, row_gold)):
     ranks = [j + 1 for j, d in enumerate(ids[:k]) if d in set(g)]

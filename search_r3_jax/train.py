@@ -1,5 +1,7 @@
-r"""Training program.
+r"""Training program: stage 1 (this module) or stage 2 (`rl.py`), as the
+config's `stage` says.
 
+    python -m search_r3_jax.train --config=configs/rl.py      # runs/rl
     python -m search_r3_jax.train --config=configs/sft.py --workdir=runs/sft
     python -m search_r3_jax.train --config=configs/sft.py:tiny --workdir=/tmp/t \
         --config.total_steps=10
@@ -17,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 from absl import app, flags, logging
 import jax
@@ -33,86 +34,16 @@ from search_r3_jax import sharding as shd
 from search_r3_jax.api import SearchR3
 from search_r3_jax.data import stage1 as data_lib
 from search_r3_jax.plots import write_plots
+from search_r3_jax.runtime import (MetricWriter, NonFiniteLossError,
+                                   load_model, say)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:variant]).",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
-                               required=True)
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite."""
-
-
-def _say(message: str) -> None:
-  """A line for the person watching (process 0), above the progress bar."""
-  if jax.process_index() == 0:
-    tqdm.tqdm.write(message)
-
-
-# ------------------------------------------------------------------ setup
-
-
-def load_model(cfg, mesh) -> SearchR3:
-  """The starting model: `init_from`, a random model, or the preset."""
-  kw = dict(mesh=mesh, model_dir=cfg.model_dir)
-  if cfg.init_from:
-    return SearchR3.from_pretrained(cfg.init_from, compute_dtype=cfg.compute_dtype,
-                                    param_dtype=cfg.param_dtype, **kw)
-  if cfg.random_init:
-    return SearchR3.random(cfg.model, seed=cfg.seed,
-                           compute_dtype=cfg.compute_dtype,
-                           param_dtype=cfg.param_dtype, **kw,
-                           **dict(cfg.random_init))
-  return SearchR3.from_pretrained(cfg.model, compute_dtype=cfg.compute_dtype,
-                                  param_dtype=cfg.param_dtype, **kw)
-
-
-class MetricWriter:
-  """metrics.jsonl + TensorBoard, from process 0 only."""
-
-  def __init__(self, workdir: str):
-    self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tb = None
-    if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-
-  def write(self, step: int, values: dict[str, Any], kind: str = "train"):
-    if not self.enabled:
-      return
-    row = {"step": step, "kind": kind, "time": time.time()}
-    row.update({k: float(v) for k, v in values.items()})
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
-    for k, v in values.items():
-      self.tb.add_scalar(f"{kind}/{k}", float(v), step)
-    self.tb.flush()
-
-  def truncate_after(self, step: int) -> None:
-    """Drops rows a killed run logged past the checkpoint it resumes from
-    (train rows name the step they ran, 0-based; evaluations the step
-    count they followed), so every step appears once."""
-    if not self.enabled or not os.path.exists(self.path):
-      return
-    with open(self.path, encoding="utf-8") as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-    keep = [r for r in rows if r["step"] < step or (
-        r["kind"] != "train" and r["step"] == step)]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(tmp, self.path)
-
-  def close(self):
-    if self.tb is not None:
-      self.tb.close()
-
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory (default: the config's `workdir`).")
 
 # ------------------------------------------------------------------ train
-
 
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Runs stage 1; returns the last evaluation's figures."""
@@ -138,7 +69,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   if start:
     state, position = checkpoints.restore(state)
     loader.set_state(position)
-    _say(f"resumed from {checkpoints.directory} at step {start}, data "
+    say(f"resumed from {checkpoints.directory} at step {start}, data "
          f"position {position}")
   writer = MetricWriter(workdir)
   if start:
@@ -153,7 +84,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             for k, v in d.items()}
     flat["eval_seconds"] = time.perf_counter() - t
     writer.write(step, flat, kind="eval")
-    _say(f"eval at step {step}: " + ", ".join(
+    say(f"eval at step {step}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in flat.items() if not k.endswith("queries")))
     return figures
 
@@ -162,7 +93,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     bm25 = evaluator.bm25()
     writer.write(0, {f"{split}/{k}": v for split, d in bm25.items()
                      for k, v in d.items()}, kind="bm25")
-    _say("BM25 on the same documents: " + json.dumps(bm25))
+    say("BM25 on the same documents: " + json.dumps(bm25))
     last_eval = evaluate(0, state.params)
 
   rng = jax.random.key(cfg.seed)
@@ -227,16 +158,22 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                   os.path.join(workdir, "plots"))
   return last_eval
 
-
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library chatter (orbax, tfds)
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    cfg = _CONFIG.value
+    workdir = _WORKDIR.value or cfg.get("workdir")
+    if not workdir:
+      raise SystemExit("error: give --workdir (the config names no workdir)")
+    if cfg.get("stage", 1) == 2:
+      from search_r3_jax import rl  # pylint: disable=g-import-not-at-top
+      rl.train_and_evaluate(cfg, workdir)
+    else:
+      train_and_evaluate(cfg, workdir)
   except NonFiniteLossError as e:
     raise SystemExit(f"error: {e}") from None
-
 
 if __name__ == "__main__":
   app.run(main)

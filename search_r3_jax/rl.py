@@ -1,0 +1,368 @@
+r"""Stage 2: GRPO over reasoning and embedding, inside the retrieval loop.
+
+    python -m search_r3_jax.train --config=configs/rl.py
+    python -m search_r3_jax.train --config=configs/rl.py:tiny --workdir=/tmp/t
+
+Each step:
+  1. rollout: `queries_per_step` training queries, `group_size` samples of
+     reasoning + `<|embed_token|>` each, from the current policy (the jitted
+     sampler, KV cache);
+  2. forward: one pass of the sampling parameters over prompt + response
+     (+ the embed suffix where the token was not emitted) gives the old
+     log-probabilities and every rollout's embedding;
+  3. search + reward: the embeddings are searched in the environment's index
+     and scored by the registered rewards; advantages are group-normalised;
+     the environment marks the gold and retrieved documents;
+  4. update: `inner_epochs` calls of the jitted, donated GRPO step;
+  5. refresh: the environment re-encodes the regions that drifted and the
+     documents the step touched, with the new parameters.
+
+The environment's corpus is the evaluation corpus (every gold page of the
+evaluated dev questions plus sampled distractors up to `eval.corpus_size`,
+documents cut to `eval.doc_len` tokens; 0 is the full corpus). Its first
+index is seeded with the document embeddings the step-0 evaluation computed
+(the same model, the same documents), so nothing is encoded twice. Training
+queries are the data set's training pairs whose positive is in that corpus
+(for wiki_fanout: page titles and first sentences), the positive being the
+one gold document.
+
+Outputs in the workdir, besides stage 1's (config.json, metrics.jsonl, tb/,
+plots/, checkpoints/): env/<step>/ (the environment at each checkpoint, for
+resume) and samples/step_<n>.jsonl (the reasoning the model wrote for each
+evaluated dev question).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from search_r3_jax import checkpoint as ckpt_lib
+from search_r3_jax import evaluation
+from search_r3_jax import grpo
+from search_r3_jax import rollouts as rollouts_lib
+from search_r3_jax import sharding as shd
+from search_r3_jax import train_state as ts_lib
+from search_r3_jax.api import SearchR3
+from search_r3_jax.data import stage1 as data_lib
+from search_r3_jax.environment import (EnvConfig, RetrievalEnvironment,
+                                       document_encoder)
+from search_r3_jax.plots import write_plots
+from search_r3_jax.runtime import (MetricWriter, NonFiniteLossError, load_model,
+                                 say)
+
+RANK_BINS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10))
+
+
+# ------------------------------------------------------------------ queries
+
+
+def training_queries(data_cfg, corpus: dict[str, str],
+                     kinds: Sequence[str] = ()) -> list[tuple[str, str]]:
+  """(query, gold doc id) pairs of the training split whose positive is in
+  `corpus`, in the data set's order; `kinds` keeps only those query kinds
+  (wiki_fanout's "title" / "first_sentence"; empty keeps all)."""
+  from search_r3_jax.data.common import to_python  # pylint: disable=g-import-not-at-top
+  builder = data_lib.builder_for(data_cfg)
+  features = builder.info.features
+  if "positive_id" not in features:
+    raise ValueError(f"data {data_cfg.name!r}: stage 2 needs training pairs "
+                     "with a positive_id (the gold document's id in the "
+                     "corpus); this data set has none")
+  out = []
+  for rec in builder.as_data_source(split=data_cfg.split):
+    rec = to_python({k: rec[k] for k in ("query", "positive_id", "query_kind")
+                     if k in rec})
+    if kinds and rec.get("query_kind") not in kinds:
+      continue
+    if rec["positive_id"] in corpus:
+      out.append((rec["query"], rec["positive_id"]))
+  if not out:
+    raise ValueError(f"data {data_cfg.name!r} split {data_cfg.split!r}: no "
+                     f"training query (of kinds {list(kinds) or 'any'}) has "
+                     f"its positive among the {len(corpus)} corpus documents")
+  return out
+
+
+class QueryStream:
+  """Training queries in a fresh seeded order every epoch, resumable."""
+
+  def __init__(self, pairs: list[tuple[str, str]], seed: int):
+    self.pairs = list(pairs)
+    self.seed = int(seed)
+    self.epoch, self.cursor = 0, 0
+
+  def _order(self) -> np.ndarray:
+    return np.random.default_rng([self.seed, self.epoch]).permutation(
+        len(self.pairs))
+
+  def next(self, n: int) -> list[tuple[str, str]]:
+    out, order = [], self._order()
+    while len(out) < n:
+      if self.cursor == len(order):
+        self.epoch, self.cursor = self.epoch + 1, 0
+        order = self._order()
+      out.append(self.pairs[order[self.cursor]])
+      self.cursor += 1
+    return out
+
+  def get_state(self) -> dict:
+    return {"epoch": self.epoch, "cursor": self.cursor,
+            "size": len(self.pairs)}
+
+  def set_state(self, state: dict) -> None:
+    if state.get("size") != len(self.pairs):
+      raise ValueError(f"the saved query position is for {state.get('size')}"
+                       f" training queries, this run has {len(self.pairs)}: "
+                       "the data or the corpus changed since the checkpoint")
+    self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def embed_suffix(tokenizer, prompts) -> list[int]:
+  """What ends a rollout that did not emit the token: " The embedding is
+  <|embed_token|>" (as `SearchR3.encode_queries` appends)."""
+  ids = tokenizer.encode(" " + prompts.embed_suffix)
+  return ids[:ids.index(tokenizer.embed_token_id) + 1]
+
+
+def aux_documents(env, emb: np.ndarray, gold: Sequence[str], k: int
+                  ) -> np.ndarray:
+  """[N, k, D] stored embeddings: each row's gold document, then its
+  highest-ranked non-gold documents in the index (the auxiliary InfoNCE's
+  negatives)."""
+  hits = env.search(emb, k)
+  out = np.zeros((len(gold), k, emb.shape[1]), np.float32)
+  for i, (ids, g) in enumerate(zip(hits.ids, gold)):
+    negs = [d for d in ids if d != g][:k - 1]
+    out[i] = env.embeddings([g] + negs)
+  return out
+
+
+def rollout_metrics(ro, sc, group_size: int) -> dict[str, float]:
+  reward = np.asarray(sc["reward"], np.float64)
+  groups = reward.reshape(-1, group_size)
+  best = np.asarray(sc["best_rank"])
+  out = {"reward_mean": reward.mean(), "reward_std": reward.std(),
+         "reward_group_std": groups.std(1).mean(),
+         "embed_rate": float(np.mean(ro.has_embed)),
+         "reasoning_tokens": float(ro.response_lengths().mean())}
+  for name, values in sc["terms"].items():
+    out[f"reward_{name}"] = float(np.mean(values))
+  for name, lo, hi in RANK_BINS:
+    out[name] = float(np.mean((best >= lo) & (best <= hi)))
+  out["rank_miss"] = float(np.mean(best == 0))
+  return out
+
+
+# ------------------------------------------------------------------ program
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict:
+  """Runs stage 2; returns the last evaluation's flat figures."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+  rl = cfg.rl
+  group, nq = int(rl.group_size), int(rl.queries_per_step)
+  n_rows = group * nq
+  mesh = shd.make_mesh(tuple(cfg.mesh))
+  model = load_model(cfg, mesh)
+  tok, prompts = model.tokenizer, model.prompts
+  tx, schedule = ts_lib.make_optimizer(cfg.optimizer)
+  graphdef, state, shardings = ts_lib.create_train_state(
+      model.model, tx, mesh, with_reference=bool(cfg.loss.beta))
+  step_fn, batch_sh = grpo.make_grpo_step(
+      graphdef, tx, schedule, cfg.loss.to_dict(), mesh, shardings,
+      batch_size=n_rows)
+  del model  # its parameters live on in `state`
+
+  def view(params) -> SearchR3:
+    return SearchR3(nnx.merge(graphdef, params), tok, mesh, prompts=prompts)
+
+  def encoder(params):
+    return document_encoder(view(params), max_length=cfg.eval.doc_len,
+                            batch_size=cfg.eval.batch_size)
+
+  evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
+  corpus = dict(zip(evaluator.doc_ids, evaluator.doc_texts))
+  stream = QueryStream(training_queries(cfg.data, corpus,
+                                        tuple(cfg.data.query_kinds)),
+                       cfg.seed)
+  env_cfg = EnvConfig.from_mapping(cfg.env.to_dict())
+  suffix = embed_suffix(tok, prompts)
+  env_root = os.path.join(workdir, "env")
+  samples_dir = os.path.join(workdir, "samples")
+  say(f"stage 2: {len(stream.pairs)} training queries, environment of "
+      f"{len(corpus)} documents, {nq} queries x {group} rollouts per step")
+
+  checkpoints = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
+  start = checkpoints.latest_step() or 0
+  env = None
+  if start:
+    state, position = checkpoints.restore(state)
+    stream.set_state(position["queries"])
+    env = RetrievalEnvironment.load(os.path.join(env_root, str(start)),
+                                    corpus)
+    say(f"resumed from {checkpoints.directory} at step {start}")
+  writer = MetricWriter(workdir)
+  if start:
+    writer.truncate_after(start)
+
+  def evaluate(step: int, params) -> tuple[dict, np.ndarray]:
+    t = time.perf_counter()
+    m = view(params)
+    docs = evaluator.documents(m)
+    flat = {}
+    samples: list[dict] = []
+    for reasoning in (False, True):
+      figures = evaluator.score(m, docs, reasoning=reasoning,
+                                max_new_tokens=rl.max_new_tokens,
+                                samples=samples)
+      tag = "+reasoning" if reasoning else ""
+      flat.update({f"{split}{tag}/{k}": v for split, d in figures.items()
+                   for k, v in d.items()})
+    flat["eval_seconds"] = time.perf_counter() - t
+    writer.write(step, flat, kind="eval")
+    if jax.process_index() == 0:
+      os.makedirs(samples_dir, exist_ok=True)
+      with open(os.path.join(samples_dir, f"step_{step}.jsonl"), "w",
+                encoding="utf-8") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    say(f"eval at step {step}: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in flat.items() if "ndcg" in k or
+        k == "eval_seconds"))
+    return flat, docs
+
+  last_eval: dict = {}
+  if env is None:
+    docs = None
+    if cfg.eval.at_start:
+      last_eval, docs = evaluate(0, state.params)
+    t = time.perf_counter()
+    env = RetrievalEnvironment(
+        corpus, None if docs is not None else encoder(state.params), env_cfg,
+        step=0, vectors=docs)
+    say(f"environment ready in {time.perf_counter() - t:.1f}s "
+        f"({'seeded with the step-0 evaluation embeddings' if docs is not None else 'encoded'})")
+
+  def check(step: int, values: dict) -> None:
+    if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
+      raise NonFiniteLossError(
+          f"step {step}: loss is {values['loss']}, gradient norm "
+          f"{values['grad_norm']}; stopping. The last checkpoint in "
+          f"{checkpoints.directory} is intact: step "
+          f"{checkpoints.latest_step()}")
+
+  def save(done: int) -> None:
+    env.save(os.path.join(env_root, str(done)))
+    checkpoints.save(done, state, {"queries": stream.get_state()})
+    keep = set(checkpoints.manager.all_steps()) | {done}
+    for name in os.listdir(env_root):
+      if name.isdigit() and int(name) not in keep and int(name) < done:
+        shutil.rmtree(os.path.join(env_root, name), ignore_errors=True)
+
+  bar = tqdm.tqdm(total=cfg.total_steps, initial=start, desc="stage 2",
+                  unit="step", disable=jax.process_index() != 0)
+  put = lambda key, x: jax.make_array_from_process_local_data(batch_sh[key], x)
+  try:
+    for step in range(start, cfg.total_steps):
+      times = {}
+      t = time.perf_counter()
+      batch_q = stream.next(nq)
+      ro = rollouts_lib.sample(
+          view(state.params), [q for q, _ in batch_q], group_size=group,
+          max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+          top_p=rl.top_p, seed=cfg.seed * 1_000_003 + step,
+          max_query_tokens=rl.max_query_tokens)
+      times["time_rollout"] = time.perf_counter() - t
+      sampled = int(ro.response_lengths().sum())
+
+      t = time.perf_counter()
+      longest = max(len(p) + len(r) + len(suffix)
+                    for p, r in zip(ro.prompts, ro.responses))
+      # Lengths in buckets, so the forward and the update compile a few
+      # shapes, not one per step.
+      host = rollouts_lib.grpo_batch(
+          ro, embed_token_id=tok.embed_token_id, pad_id=tok.pad_id,
+          seq_len=_round_up(longest, rl.length_bucket), suffix=suffix)
+      dev = {k: put(k, v) for k, v in host.items()}
+      old_logp, emb = grpo.policy_outputs(graphdef, state.params,
+                                          dev["tokens"], dev["lengths"],
+                                          dev["embed_pos"])
+      emb = np.asarray(jax.device_get(emb))
+      times["time_forward"] = time.perf_counter() - t
+
+      t = time.perf_counter()
+      gold = [g for _, g in batch_q]
+      sc = rollouts_lib.score(env, ro, [[g] for g in gold], group_size=group,
+                              weights=dict(cfg.rewards), k=env_cfg.k,
+                              embeddings=emb if rl.fallback_reward else None)
+      row_gold = [gold[q] for q in ro.query_index]
+      docs = aux_documents(env, emb, row_gold, rl.aux_documents)
+      env.observe(gold, sc["retrieved"])
+      times["time_reward"] = time.perf_counter() - t
+
+      t = time.perf_counter()
+      batch = dict(dev, old_logp=old_logp,
+                   advantages=put("advantages", sc["advantages"]),
+                   docs=put("docs", docs))
+      for _ in range(rl.inner_epochs):
+        state, metrics = step_fn(state, batch)
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check(step, values)
+      times["time_update"] = time.perf_counter() - t
+
+      t = time.perf_counter()
+      report = env.maybe_refresh(step + 1, encoder(state.params))
+      times["time_refresh"] = time.perf_counter() - t
+
+      values.update(rollout_metrics(ro, sc, group))
+      values.update(times)
+      values["step_seconds"] = sum(times.values())
+      values["rollout_tokens_per_s"] = sampled / max(times["time_rollout"],
+                                                     1e-9)
+      if report is not None:
+        values.update(refresh_reencoded=report["reencoded"],
+                      refresh_fraction=report["reencoded_fraction"],
+                      refresh_full=float(report["kind"] == "full"),
+                      refresh_drift_mean=report["drift_mean"],
+                      refresh_drifted_regions=report["drifted_regions"])
+      done = step + 1
+      if step % cfg.log_every == 0 or done == cfg.total_steps:
+        writer.write(step, values)
+      bar.set_postfix(reward=f"{values['reward_mean']:.3f}",
+                      emit=f"{values['embed_rate']:.2f}",
+                      kl=f"{values['kl']:.1e}" if "kl" in values else "-")
+      bar.update(1)
+      if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
+        save(done)
+      if (cfg.eval_every and done % cfg.eval_every == 0) or (
+          done == cfg.total_steps):
+        last_eval, _ = evaluate(done, state.params)
+  finally:
+    bar.close()
+    checkpoints.close()
+    writer.close()
+    if jax.process_index() == 0:
+      write_plots(os.path.join(workdir, "metrics.jsonl"),
+                  os.path.join(workdir, "plots"))
+  return last_eval
+
+
+__all__ = ["QueryStream", "train_and_evaluate", "training_queries"]
