@@ -66,36 +66,52 @@ RANK_BINS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10))
 
 
 def training_queries(data_cfg, corpus: dict[str, str],
-                     kinds: Sequence[str] = ()) -> list[tuple[str, str]]:
-  """(query, gold doc id) pairs of the training split whose positive is in
-  `corpus`, in the data set's order; `kinds` keeps only those query kinds
-  (wiki_fanout's "title" / "first_sentence"; empty keeps all)."""
-  from search_r3_jax.data.common import to_python  # pylint: disable=g-import-not-at-top
+                     kinds: Sequence[str] = ()
+                     ) -> list[tuple[str, tuple[str, ...]]]:
+  """(query, gold doc ids) of the training split `data_cfg.split`, keeping
+  the gold documents that are in `corpus` and the queries left with one.
+
+  The split is either training pairs with a `positive_id` (wiki_fanout's
+  `train`, a triples file that names its positives; `kinds` keeps only those
+  query kinds, e.g. wiki_fanout's "title" / "first_sentence") or judged
+  queries (a BEIR folder's `train` qrels: every document judged relevant,
+  score > 0, is gold). Order: the data set's.
+  """
+  from search_r3_jax.data.common import split_fields, to_python  # pylint: disable=g-import-not-at-top
   builder = data_lib.builder_for(data_cfg)
-  features = builder.info.features
-  if "positive_id" not in features:
-    raise ValueError(f"data {data_cfg.name!r}: stage 2 needs training pairs "
-                     "with a positive_id (the gold document's id in the "
-                     "corpus); this data set has none")
+  if data_cfg.split not in builder.info.splits:
+    raise ValueError(f"data {data_cfg.name!r} has no split "
+                     f"{data_cfg.split!r}; it has {sorted(builder.info.splits)}")
+  names = set(split_fields(builder.info, data_cfg.split))
+  if "positive_id" not in names and "doc_ids" not in names:
+    raise ValueError(f"data {data_cfg.name!r} split {data_cfg.split!r}: "
+                     "stage 2 needs the gold documents of each training "
+                     "query (a positive_id, or judged doc_ids); this split "
+                     f"has the fields {sorted(names)}")
   out = []
   for rec in builder.as_data_source(split=data_cfg.split):
-    rec = to_python({k: rec[k] for k in ("query", "positive_id", "query_kind")
-                     if k in rec})
-    if kinds and rec.get("query_kind") not in kinds:
+    rec = to_python(rec)
+    if kinds and "query_kind" in rec and rec["query_kind"] not in kinds:
       continue
-    if rec["positive_id"] in corpus:
-      out.append((rec["query"], rec["positive_id"]))
+    if "positive_id" in rec:
+      gold = [rec["positive_id"]]
+    else:
+      gold = [d for d, s in zip(rec["doc_ids"], rec["scores"]) if s > 0]
+    gold = tuple(d for d in gold if d in corpus)
+    if gold:
+      out.append((rec["query"], gold))
   if not out:
     raise ValueError(f"data {data_cfg.name!r} split {data_cfg.split!r}: no "
                      f"training query (of kinds {list(kinds) or 'any'}) has "
-                     f"its positive among the {len(corpus)} corpus documents")
+                     f"a gold document among the {len(corpus)} corpus "
+                     "documents")
   return out
 
 
 class QueryStream:
   """Training queries in a fresh seeded order every epoch, resumable."""
 
-  def __init__(self, pairs: list[tuple[str, str]], seed: int):
+  def __init__(self, pairs: list[tuple[str, tuple[str, ...]]], seed: int):
     self.pairs = list(pairs)
     self.seed = int(seed)
     self.epoch, self.cursor = 0, 0
@@ -104,7 +120,7 @@ class QueryStream:
     return np.random.default_rng([self.seed, self.epoch]).permutation(
         len(self.pairs))
 
-  def next(self, n: int) -> list[tuple[str, str]]:
+  def next(self, n: int) -> list[tuple[str, tuple[str, ...]]]:
     out, order = [], self._order()
     while len(out) < n:
       if self.cursor == len(order):
@@ -140,16 +156,20 @@ def embed_suffix(tokenizer, prompts) -> list[int]:
   return ids[:ids.index(tokenizer.embed_token_id) + 1]
 
 
-def aux_documents(env, emb: np.ndarray, gold: Sequence[str], k: int
-                  ) -> np.ndarray:
-  """[N, k, D] stored embeddings: each row's gold document, then its
+def aux_documents(env, emb: np.ndarray, gold: Sequence[Sequence[str]],
+                  k: int) -> np.ndarray:
+  """[N, k, D] stored embeddings: each row's first gold document, then its
   highest-ranked non-gold documents in the index (the auxiliary InfoNCE's
   negatives)."""
-  hits = env.search(emb, k)
+  hits = env.search(emb, k + max(len(g) for g in gold))
   out = np.zeros((len(gold), k, emb.shape[1]), np.float32)
   for i, (ids, g) in enumerate(zip(hits.ids, gold)):
-    negs = [d for d in ids if d != g][:k - 1]
-    out[i] = env.embeddings([g] + negs)
+    negs = [d for d in ids if d not in g][:k - 1]
+    if len(negs) < k - 1:
+      raise ValueError(f"aux_documents: the index holds {len(negs)} "
+                       f"non-gold documents for row {i}, {k - 1} needed "
+                       "(lower rl.aux_documents)")
+    out[i] = env.embeddings([g[0]] + negs)
   return out
 
 
@@ -309,8 +329,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       times["time_forward"] = time.perf_counter() - t
 
       t = time.perf_counter()
-      gold = [g for _, g in batch_q]
-      sc = rollouts_lib.score(env, ro, [[g] for g in gold], group_size=group,
+      gold = [list(g) for _, g in batch_q]
+      sc = rollouts_lib.score(env, ro, gold, group_size=group,
                               weights=dict(cfg.rewards), k=env_cfg.k,
                               embeddings=emb if rl.fallback_reward else None)
       row_gold = [gold[q] for q in ro.query_index]
