@@ -192,72 +192,174 @@ def rollout_metrics(ro, sc, group_size: int) -> dict[str, float]:
 # ------------------------------------------------------------------ program
 
 
+class Stage2:
+  """The pieces of the stage-2 loop for one config, and one step of it.
+
+  Attributes:
+    state: the `TrainState` (replaced by every update).
+    env: the `RetrievalEnvironment` (None until `build_env` or `load_env`).
+    evaluator: the dev evaluation over `corpus`.
+    corpus: the environment's documents {id: text}.
+    stream: the training queries.
+  """
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    rl = cfg.rl
+    self.group, self.nq = int(rl.group_size), int(rl.queries_per_step)
+    self.mesh = shd.make_mesh(tuple(cfg.mesh))
+    model = load_model(cfg, self.mesh)
+    self.tokenizer, self.prompts = model.tokenizer, model.prompts
+    tx, schedule = ts_lib.make_optimizer(cfg.optimizer)
+    self.graphdef, self.state, shardings = ts_lib.create_train_state(
+        model.model, tx, self.mesh, with_reference=bool(cfg.loss.beta))
+    self.step_fn, self.batch_sh = grpo.make_grpo_step(
+        self.graphdef, tx, schedule, cfg.loss.to_dict(), self.mesh, shardings,
+        batch_size=self.group * self.nq)
+    self.evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
+    self.corpus = dict(zip(self.evaluator.doc_ids, self.evaluator.doc_texts))
+    self.stream = QueryStream(
+        training_queries(cfg.data, self.corpus, tuple(cfg.data.query_kinds)),
+        cfg.seed)
+    self.env_cfg = EnvConfig.from_mapping(cfg.env.to_dict())
+    self.suffix = embed_suffix(self.tokenizer, self.prompts)
+    self.env = None
+
+  def view(self) -> SearchR3:
+    """The current policy as a `SearchR3`."""
+    return SearchR3(nnx.merge(self.graphdef, self.state.params),
+                    self.tokenizer, self.mesh, prompts=self.prompts)
+
+  def encoder(self):
+    return document_encoder(self.view(), max_length=self.cfg.eval.doc_len,
+                            batch_size=self.cfg.eval.batch_size)
+
+  def build_env(self, vectors: np.ndarray | None = None, step: int = 0):
+    """The environment over `corpus`, from `vectors` (one per document, e.g.
+    the evaluation's) or encoded with the current parameters."""
+    self.env = RetrievalEnvironment(
+        self.corpus, None if vectors is not None else self.encoder(),
+        self.env_cfg, step=step, vectors=vectors)
+    return self.env
+
+  def evaluate(self) -> tuple[dict, np.ndarray, list[dict]]:
+    """Dev figures with reasoning off (`split/metric`) and on
+    (`split+reasoning/metric`), the document embeddings, and the analyses."""
+    t = time.perf_counter()
+    m = self.view()
+    docs = self.evaluator.documents(m)
+    flat, samples = {}, []
+    for reasoning in (False, True):
+      figures = self.evaluator.score(m, docs, reasoning=reasoning,
+                                     max_new_tokens=self.cfg.rl.max_new_tokens,
+                                     samples=samples)
+      tag = "+reasoning" if reasoning else ""
+      flat.update({f"{split}{tag}/{k}": v for split, d in figures.items()
+                   for k, v in d.items()})
+    flat["eval_seconds"] = time.perf_counter() - t
+    return flat, docs, samples
+
+  def _put(self, key: str, x: np.ndarray) -> jax.Array:
+    return jax.make_array_from_process_local_data(self.batch_sh[key], x)
+
+  def step(self, step: int, check=None) -> dict[str, float]:
+    """One loop step (rollout, forward, search + reward, update, refresh);
+    returns its metrics, the time of each phase included. `check(values)`
+    sees each update's metrics before the next (the non-finite guard)."""
+    rl, env, tok = self.cfg.rl, self.env, self.tokenizer
+    times = {}
+    t = time.perf_counter()
+    batch_q = self.stream.next(self.nq)
+    ro = rollouts_lib.sample(
+        self.view(), [q for q, _ in batch_q], group_size=self.group,
+        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+        top_p=rl.top_p, seed=self.cfg.seed * 1_000_003 + step,
+        max_query_tokens=rl.max_query_tokens)
+    times["time_rollout"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    longest = max(len(p) + len(r) + len(self.suffix)
+                  for p, r in zip(ro.prompts, ro.responses))
+    # Lengths in buckets, so the forward and the update compile a few
+    # shapes, not one per step.
+    host = rollouts_lib.grpo_batch(
+        ro, embed_token_id=tok.embed_token_id, pad_id=tok.pad_id,
+        seq_len=_round_up(longest, rl.length_bucket), suffix=self.suffix)
+    dev = {k: self._put(k, v) for k, v in host.items()}
+    old_logp, emb = grpo.policy_outputs(self.graphdef, self.state.params,
+                                        dev["tokens"], dev["lengths"],
+                                        dev["embed_pos"])
+    emb = np.asarray(jax.device_get(emb))
+    times["time_forward"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    gold = [list(g) for _, g in batch_q]
+    sc = rollouts_lib.score(env, ro, gold, group_size=self.group,
+                            weights=dict(self.cfg.rewards), k=self.env_cfg.k,
+                            embeddings=emb if rl.fallback_reward else None)
+    docs = aux_documents(env, emb, [gold[q] for q in ro.query_index],
+                         rl.aux_documents)
+    env.observe(gold, sc["retrieved"])
+    times["time_reward"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    batch = dict(dev, old_logp=old_logp,
+                 advantages=self._put("advantages", sc["advantages"]),
+                 docs=self._put("docs", docs))
+    for _ in range(rl.inner_epochs):
+      self.state, metrics = self.step_fn(self.state, batch)
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if check is not None:
+        check(values)
+    times["time_update"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report = env.maybe_refresh(step + 1, self.encoder())
+    times["time_refresh"] = time.perf_counter() - t
+
+    values.update(rollout_metrics(ro, sc, self.group))
+    values.update(times)
+    values["step_seconds"] = sum(times.values())
+    values["rollout_tokens"] = float(ro.response_lengths().sum())
+    values["rollout_tokens_per_s"] = values["rollout_tokens"] / max(
+        times["time_rollout"], 1e-9)
+    if report is not None:
+      values.update(refresh_reencoded=report["reencoded"],
+                    refresh_fraction=report["reencoded_fraction"],
+                    refresh_full=float(report["kind"] == "full"),
+                    refresh_drift_mean=report["drift_mean"],
+                    refresh_drifted_regions=report["drifted_regions"])
+    self.last_rollouts, self.last_scores = ro, sc
+    return values
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict:
   """Runs stage 2; returns the last evaluation's flat figures."""
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json_best_effort(indent=2))
-  rl = cfg.rl
-  group, nq = int(rl.group_size), int(rl.queries_per_step)
-  n_rows = group * nq
-  mesh = shd.make_mesh(tuple(cfg.mesh))
-  model = load_model(cfg, mesh)
-  tok, prompts = model.tokenizer, model.prompts
-  tx, schedule = ts_lib.make_optimizer(cfg.optimizer)
-  graphdef, state, shardings = ts_lib.create_train_state(
-      model.model, tx, mesh, with_reference=bool(cfg.loss.beta))
-  step_fn, batch_sh = grpo.make_grpo_step(
-      graphdef, tx, schedule, cfg.loss.to_dict(), mesh, shardings,
-      batch_size=n_rows)
-  del model  # its parameters live on in `state`
-
-  def view(params) -> SearchR3:
-    return SearchR3(nnx.merge(graphdef, params), tok, mesh, prompts=prompts)
-
-  def encoder(params):
-    return document_encoder(view(params), max_length=cfg.eval.doc_len,
-                            batch_size=cfg.eval.batch_size)
-
-  evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
-  corpus = dict(zip(evaluator.doc_ids, evaluator.doc_texts))
-  stream = QueryStream(training_queries(cfg.data, corpus,
-                                        tuple(cfg.data.query_kinds)),
-                       cfg.seed)
-  env_cfg = EnvConfig.from_mapping(cfg.env.to_dict())
-  suffix = embed_suffix(tok, prompts)
+  loop = Stage2(cfg)
   env_root = os.path.join(workdir, "env")
   samples_dir = os.path.join(workdir, "samples")
-  say(f"stage 2: {len(stream.pairs)} training queries, environment of "
-      f"{len(corpus)} documents, {nq} queries x {group} rollouts per step")
+  say(f"stage 2: {len(loop.stream.pairs)} training queries, environment of "
+      f"{len(loop.corpus)} documents, {loop.nq} queries x {loop.group} "
+      "rollouts per step")
 
   checkpoints = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
   start = checkpoints.latest_step() or 0
-  env = None
   if start:
-    state, position = checkpoints.restore(state)
-    stream.set_state(position["queries"])
-    env = RetrievalEnvironment.load(os.path.join(env_root, str(start)),
-                                    corpus)
+    loop.state, position = checkpoints.restore(loop.state)
+    loop.stream.set_state(position["queries"])
+    loop.env = RetrievalEnvironment.load(os.path.join(env_root, str(start)),
+                                         loop.corpus)
     say(f"resumed from {checkpoints.directory} at step {start}")
   writer = MetricWriter(workdir)
   if start:
     writer.truncate_after(start)
 
-  def evaluate(step: int, params) -> tuple[dict, np.ndarray]:
-    t = time.perf_counter()
-    m = view(params)
-    docs = evaluator.documents(m)
-    flat = {}
-    samples: list[dict] = []
-    for reasoning in (False, True):
-      figures = evaluator.score(m, docs, reasoning=reasoning,
-                                max_new_tokens=rl.max_new_tokens,
-                                samples=samples)
-      tag = "+reasoning" if reasoning else ""
-      flat.update({f"{split}{tag}/{k}": v for split, d in figures.items()
-                   for k, v in d.items()})
-    flat["eval_seconds"] = time.perf_counter() - t
+  def evaluate(step: int) -> tuple[dict, np.ndarray]:
+    flat, docs, samples = loop.evaluate()
     writer.write(step, flat, kind="eval")
     if jax.process_index() == 0:
       os.makedirs(samples_dir, exist_ok=True)
@@ -270,28 +372,19 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     return flat, docs
 
   last_eval: dict = {}
-  if env is None:
+  if loop.env is None:
     docs = None
     if cfg.eval.at_start:
-      last_eval, docs = evaluate(0, state.params)
+      last_eval, docs = evaluate(0)
     t = time.perf_counter()
-    env = RetrievalEnvironment(
-        corpus, None if docs is not None else encoder(state.params), env_cfg,
-        step=0, vectors=docs)
-    say(f"environment ready in {time.perf_counter() - t:.1f}s "
-        f"({'seeded with the step-0 evaluation embeddings' if docs is not None else 'encoded'})")
-
-  def check(step: int, values: dict) -> None:
-    if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
-      raise NonFiniteLossError(
-          f"step {step}: loss is {values['loss']}, gradient norm "
-          f"{values['grad_norm']}; stopping. The last checkpoint in "
-          f"{checkpoints.directory} is intact: step "
-          f"{checkpoints.latest_step()}")
+    loop.build_env(docs)
+    say(f"environment ready in {time.perf_counter() - t:.1f}s ("
+        + ("seeded with the step-0 evaluation's document embeddings)"
+           if docs is not None else "encoded)"))
 
   def save(done: int) -> None:
-    env.save(os.path.join(env_root, str(done)))
-    checkpoints.save(done, state, {"queries": stream.get_state()})
+    loop.env.save(os.path.join(env_root, str(done)))
+    checkpoints.save(done, loop.state, {"queries": loop.stream.get_state()})
     keep = set(checkpoints.manager.all_steps()) | {done}
     for name in os.listdir(env_root):
       if name.isdigit() and int(name) not in keep and int(name) < done:
@@ -299,82 +392,32 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
   bar = tqdm.tqdm(total=cfg.total_steps, initial=start, desc="stage 2",
                   unit="step", disable=jax.process_index() != 0)
-  put = lambda key, x: jax.make_array_from_process_local_data(batch_sh[key], x)
   try:
     for step in range(start, cfg.total_steps):
-      times = {}
-      t = time.perf_counter()
-      batch_q = stream.next(nq)
-      ro = rollouts_lib.sample(
-          view(state.params), [q for q, _ in batch_q], group_size=group,
-          max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-          top_p=rl.top_p, seed=cfg.seed * 1_000_003 + step,
-          max_query_tokens=rl.max_query_tokens)
-      times["time_rollout"] = time.perf_counter() - t
-      sampled = int(ro.response_lengths().sum())
+      def check(values, step=step):
+        # A finite loss with a non-finite gradient would still poison the
+        # parameters, so both must be finite.
+        if not (np.isfinite(values["loss"])
+                and np.isfinite(values["grad_norm"])):
+          raise NonFiniteLossError(
+              f"step {step}: loss is {values['loss']}, gradient norm "
+              f"{values['grad_norm']}; stopping. The last checkpoint in "
+              f"{checkpoints.directory} is intact: step "
+              f"{checkpoints.latest_step()}")
 
-      t = time.perf_counter()
-      longest = max(len(p) + len(r) + len(suffix)
-                    for p, r in zip(ro.prompts, ro.responses))
-      # Lengths in buckets, so the forward and the update compile a few
-      # shapes, not one per step.
-      host = rollouts_lib.grpo_batch(
-          ro, embed_token_id=tok.embed_token_id, pad_id=tok.pad_id,
-          seq_len=_round_up(longest, rl.length_bucket), suffix=suffix)
-      dev = {k: put(k, v) for k, v in host.items()}
-      old_logp, emb = grpo.policy_outputs(graphdef, state.params,
-                                          dev["tokens"], dev["lengths"],
-                                          dev["embed_pos"])
-      emb = np.asarray(jax.device_get(emb))
-      times["time_forward"] = time.perf_counter() - t
-
-      t = time.perf_counter()
-      gold = [list(g) for _, g in batch_q]
-      sc = rollouts_lib.score(env, ro, gold, group_size=group,
-                              weights=dict(cfg.rewards), k=env_cfg.k,
-                              embeddings=emb if rl.fallback_reward else None)
-      row_gold = [gold[q] for q in ro.query_index]
-      docs = aux_documents(env, emb, row_gold, rl.aux_documents)
-      env.observe(gold, sc["retrieved"])
-      times["time_reward"] = time.perf_counter() - t
-
-      t = time.perf_counter()
-      batch = dict(dev, old_logp=old_logp,
-                   advantages=put("advantages", sc["advantages"]),
-                   docs=put("docs", docs))
-      for _ in range(rl.inner_epochs):
-        state, metrics = step_fn(state, batch)
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        check(step, values)
-      times["time_update"] = time.perf_counter() - t
-
-      t = time.perf_counter()
-      report = env.maybe_refresh(step + 1, encoder(state.params))
-      times["time_refresh"] = time.perf_counter() - t
-
-      values.update(rollout_metrics(ro, sc, group))
-      values.update(times)
-      values["step_seconds"] = sum(times.values())
-      values["rollout_tokens_per_s"] = sampled / max(times["time_rollout"],
-                                                     1e-9)
-      if report is not None:
-        values.update(refresh_reencoded=report["reencoded"],
-                      refresh_fraction=report["reencoded_fraction"],
-                      refresh_full=float(report["kind"] == "full"),
-                      refresh_drift_mean=report["drift_mean"],
-                      refresh_drifted_regions=report["drifted_regions"])
+      values = loop.step(step, check)
       done = step + 1
       if step % cfg.log_every == 0 or done == cfg.total_steps:
         writer.write(step, values)
       bar.set_postfix(reward=f"{values['reward_mean']:.3f}",
                       emit=f"{values['embed_rate']:.2f}",
-                      kl=f"{values['kl']:.1e}" if "kl" in values else "-")
+                      s=f"{values['step_seconds']:.1f}")
       bar.update(1)
       if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
         save(done)
       if (cfg.eval_every and done % cfg.eval_every == 0) or (
           done == cfg.total_steps):
-        last_eval, _ = evaluate(done, state.params)
+        last_eval, _ = evaluate(done)
   finally:
     bar.close()
     checkpoints.close()
@@ -385,4 +428,4 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   return last_eval
 
 
-__all__ = ["QueryStream", "train_and_evaluate", "training_queries"]
+__all__ = ["QueryStream", "Stage2", "train_and_evaluate", "training_queries"]
