@@ -16,11 +16,11 @@ the page) whose page is in that corpus; dev questions are evaluation only.
 
 The paper's GRPO defaults are kept (G = 8, clip 0.2, beta 1e-3, temperature
 1, top-p 1, auxiliary InfoNCE weight 0.1, reward 1/log2(1+rank) +
-0.1 cos - 1 without the token). CPU-sized choices of this project: 4 queries
-per step, a reasoning budget of 48 new tokens (the paper's default is 128),
-40 steps, learning rate 1e-5, a 1,000-document environment with documents cut
-to 64 tokens, 200 dev_sub questions evaluated at steps 0, 20 and 40 with
-reasoning on and off.
+0.1 cos - 1 without the token). CPU-sized choices of this project: 2 queries
+per step (16 rollouts), a reasoning budget of 48 new tokens (the paper's
+default is 128), 50 steps, learning rate 1e-5, a 500-document environment
+with documents cut to 64 tokens and refreshed every 5 steps, 150 dev_sub
+questions evaluated at steps 0, 25 and 50 with reasoning on and off.
 
 `fallback_reward`: a rollout that ends without the token gets the embed
 suffix appended (as `encode_queries` does) and is searched and rewarded like
@@ -62,7 +62,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Rollouts and the GRPO step.
   c.rl = ml_collections.ConfigDict(dict(
-      queries_per_step=4, group_size=8, max_new_tokens=48, temperature=1.0,
+      queries_per_step=2, group_size=8, max_new_tokens=48, temperature=1.0,
       top_p=1.0, max_query_tokens=48, length_bucket=64, inner_epochs=1,
       fallback_reward=True, aux_documents=8))
   c.loss = ml_collections.ConfigDict(dict(
@@ -73,11 +73,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.env = ml_collections.ConfigDict(dict(
       engine="scann", k=10, num_regions=0, kmeans_iters=10, graph_k=8,
       probes_per_region=2, drift_threshold=0.05, drift_scale="neighbourhood",
-      refresh_every=1, rebuild_fraction=0.5, full_refresh_every=0,
+      refresh_every=5, rebuild_fraction=0.5, full_refresh_every=0,
       touch_neighbors="gold", seed=0))
 
   # Optimisation.
-  c.total_steps = 40
+  c.total_steps = 50
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-5, warmup_steps=4, total_steps=c.get_ref("total_steps"),
       end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.99, clip_norm=1.0,
@@ -85,19 +85,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Logging, evaluation, checkpoints.
   c.log_every = 1
-  c.eval_every = 20
+  c.eval_every = 25
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
   c.eval = ml_collections.ConfigDict(dict(
-      splits=("dev_sub",), corpus_size=1000, doc_len=64, batch_size=32,
-      max_queries=200, at_start=True))
+      splits=("dev_sub",), corpus_size=500, doc_len=64, batch_size=32,
+      max_queries=150, at_start=True))
 
   if arg == "tiny":
     c.random_init = dict(hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=2, num_kv_heads=1, head_dim=32)
     c.rl.update(queries_per_step=2, group_size=4, max_new_tokens=8,
                 max_query_tokens=16, length_bucket=32, aux_documents=4)
-    c.env.update(engine="exact", graph_k=4)
+    c.env.update(engine="exact", graph_k=4, refresh_every=1)
     c.total_steps = 4
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 1
