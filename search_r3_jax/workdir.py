@@ -20,6 +20,14 @@ def is_workdir(path: os.PathLike | str) -> bool:
   return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
 
 
+def _has_reference(cfg) -> bool:
+  """Whether the run's train state holds reference parameters: stage 2's
+  KL weight is `loss.beta`, stage 1's `loss.weights.kl`."""
+  if cfg.get("stage", 1) == 2:
+    return bool(cfg.loss.get("beta"))
+  return bool(cfg.loss.weights.get("kl"))
+
+
 def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
                  step: Optional[int] = None):
   """The model of a training workdir at its latest (or given) checkpoint.
@@ -44,7 +52,7 @@ def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
     tx, _ = ts.make_optimizer(cfg.optimizer)
     _, state, _ = ts.create_train_state(
         model.model, tx, mesh,
-        with_reference=bool(cfg.loss.weights.get("kl")))
+        with_reference=_has_reference(cfg))
     state, _ = ck.restore(state, step)
   finally:
     ck.close()
