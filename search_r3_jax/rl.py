@@ -34,6 +34,7 @@ evaluated dev question).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -297,8 +298,11 @@ class Stage2:
     sc = rollouts_lib.score(env, ro, gold, group_size=self.group,
                             weights=dict(self.cfg.rewards), k=self.env_cfg.k,
                             embeddings=emb if rl.fallback_reward else None)
-    docs = aux_documents(env, emb, [gold[q] for q in ro.query_index],
-                         rl.aux_documents)
+    if self.cfg.loss.aux_weight:
+      docs = aux_documents(env, emb, [gold[q] for q in ro.query_index],
+                           rl.aux_documents)
+    else:  # the loss skips the auxiliary InfoNCE; a placeholder of one row
+      docs = np.zeros((len(emb), 1, emb.shape[1]), np.float32)
     env.observe(gold, sc["retrieved"])
     times["time_reward"] = time.perf_counter() - t
 
@@ -311,6 +315,14 @@ class Stage2:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if check is not None:
         check(values)
+    # The loss and gradient above were computed before the update; an
+    # exploding update leaves both finite and the parameters useless. One
+    # document's forward with the new parameters catches it before they
+    # reach the refresh or a checkpoint.
+    probe = self.encoder()(self.env.texts[:1])
+    values["update_finite"] = float(np.isfinite(probe).all())
+    if check is not None:
+      check(values)
     times["time_update"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -353,6 +365,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     loop.stream.set_state(position["queries"])
     loop.env = RetrievalEnvironment.load(os.path.join(env_root, str(start)),
                                          loop.corpus)
+    if loop.env.cfg != loop.env_cfg:
+      changed = {k: (v, getattr(loop.env_cfg, k))
+                 for k, v in dataclasses.asdict(loop.env.cfg).items()
+                 if getattr(loop.env_cfg, k) != v}
+      say(f"note: the environment resumes with its saved settings; the "
+          f"config's differ (saved, config): {changed}")
     say(f"resumed from {checkpoints.directory} at step {start}")
   writer = MetricWriter(workdir)
   if start:
@@ -397,11 +415,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       def check(values, step=step):
         # A finite loss with a non-finite gradient would still poison the
         # parameters, so both must be finite.
+        updated = values.get("update_finite", 1.0)
         if not (np.isfinite(values["loss"])
-                and np.isfinite(values["grad_norm"])):
+                and np.isfinite(values["grad_norm"]) and updated):
           raise NonFiniteLossError(
               f"step {step}: loss is {values['loss']}, gradient norm "
-              f"{values['grad_norm']}; stopping. The last checkpoint in "
+              f"{values['grad_norm']}"
+              + ("" if updated else ", and the updated parameters' forward "
+                 "is not finite") + "; stopping. The last checkpoint in "
               f"{checkpoints.directory} is intact: step "
               f"{checkpoints.latest_step()}")
 
@@ -413,11 +434,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                       emit=f"{values['embed_rate']:.2f}",
                       s=f"{values['step_seconds']:.1f}")
       bar.update(1)
-      if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
-        save(done)
+      # Evaluate before saving: a run killed in between repeats the
+      # evaluation on resume instead of losing it.
       if (cfg.eval_every and done % cfg.eval_every == 0) or (
           done == cfg.total_steps):
         last_eval, _ = evaluate(done)
+      if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
+        save(done)
   finally:
     bar.close()
     checkpoints.close()
