@@ -193,6 +193,24 @@ def rollout_metrics(ro, sc, group_size: int) -> dict[str, float]:
 # ------------------------------------------------------------------ program
 
 
+def check_config(cfg) -> None:
+  """Refuses stage-2 settings that cannot run, naming the field."""
+  rl = cfg.rl
+  for name, low in (("queries_per_step", 1), ("group_size", 2),
+                    ("max_new_tokens", 1), ("inner_epochs", 1),
+                    ("length_bucket", 1), ("max_query_tokens", 1)):
+    if int(rl[name]) < low:
+      raise ValueError(f"rl.{name} must be >= {low}, got {rl[name]}"
+                       + (" (GRPO compares rollouts within a group)"
+                          if name == "group_size" else ""))
+  if cfg.loss.aux_weight and int(rl.aux_documents) < 2:
+    raise ValueError("rl.aux_documents must be >= 2 (the gold page and at "
+                     f"least one negative), got {rl.aux_documents}")
+  if not 0 < float(rl.top_p) <= 1 or float(rl.temperature) <= 0:
+    raise ValueError(f"rl.temperature must be > 0 and rl.top_p in (0, 1]; "
+                     f"got {rl.temperature}, {rl.top_p}")
+
+
 class Stage2:
   """The pieces of the stage-2 loop for one config, and one step of it.
 
@@ -207,6 +225,7 @@ class Stage2:
   def __init__(self, cfg):
     self.cfg = cfg
     rl = cfg.rl
+    check_config(cfg)
     self.group, self.nq = int(rl.group_size), int(rl.queries_per_step)
     self.mesh = shd.make_mesh(tuple(cfg.mesh))
     model = load_model(cfg, self.mesh)
@@ -451,4 +470,4 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   return last_eval
 
 
-__all__ = ["QueryStream", "Stage2", "train_and_evaluate", "training_queries"]
+__all__ = ["QueryStream", "Stage2", "check_config", "train_and_evaluate", "training_queries"]

@@ -337,12 +337,16 @@ def _toy_overrides(toy, **extra):
   return out
 
 
-def tiny_config(overrides):
+def _load_config(variant):
   spec = importlib.util.spec_from_file_location("rl_config",
                                                 ROOT / "configs" / "rl.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config("tiny")
+  return module.get_config(variant)
+
+
+def tiny_config(overrides):
+  cfg = _load_config("tiny")
   for key, value in overrides.items():
     *path, last = key.split(".")
     node = cfg
@@ -608,3 +612,20 @@ def test_exploding_update_stops_with_the_guard(straight, toy, tmp_path):
   assert "updated parameters' forward is not finite" in str(e.value)
   # Nothing from the exploded update was saved.
   assert _restored_params_are_finite(workdir, RESUME_STEPS)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rl.group_size", 1, "rl.group_size must be >= 2"),
+    ("rl.inner_epochs", 0, "rl.inner_epochs must be >= 1"),
+    ("rl.max_new_tokens", 0, "rl.max_new_tokens must be >= 1"),
+    ("rl.aux_documents", 1, "rl.aux_documents must be >= 2"),
+    ("rl.top_p", 0.0, "rl.top_p in"),
+])
+def test_check_config_names_the_field(field, value, message):
+  cfg = _load_config("tiny")
+  section, name = field.split(".")
+  cfg[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    rl.check_config(cfg)
+  rl.check_config(_load_config("tiny"))  # the shipped variants pass
+  rl.check_config(_load_config(""))
