@@ -85,6 +85,9 @@ QUERIES = flags.DEFINE_integer("queries_per_step", None,
                                "Queries per step (default: config).")
 MAX_NEW_TOKENS = flags.DEFINE_integer(
     "max_new_tokens", None, "Reasoning budget per rollout (default: config).")
+REFRESH_EVERY = flags.DEFINE_integer(
+    "refresh_every", 1, "Environment refresh period in steps (1: every "
+    "timed step refreshes; the training config's own period is coarser).")
 INIT_FROM = flags.DEFINE_string(
     "init_from", None, "A stage-1 workdir or checkpoint to start from "
     "(default: the base model).")
@@ -137,6 +140,7 @@ def make_config():
                     (MAX_NEW_TOKENS, "max_new_tokens")):
     if flag.value is not None:
       cfg.rl[key] = flag.value
+  cfg.env.refresh_every = REFRESH_EVERY.value
   if INIT_FROM.value:
     cfg.init_from = INIT_FROM.value
   return cfg
@@ -394,6 +398,7 @@ def main(argv):
                  "top_p": float(rl.top_p),
                  "corpus_size": len(loop.corpus),
                  "env_engine": loop.env_cfg.engine,
+                 "refresh_every": loop.env_cfg.refresh_every,
                  "inner_epochs": int(rl.inner_epochs),
                  "init": cfg.init_from or "base"},
       "warmup_steps": warmup_steps, "timed_steps": steps,
