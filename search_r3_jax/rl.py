@@ -56,9 +56,8 @@ from search_r3_jax.api import SearchR3
 from search_r3_jax.data import stage1 as data_lib
 from search_r3_jax.environment import (EnvConfig, RetrievalEnvironment,
                                        document_encoder)
-from search_r3_jax.plots import write_plots
 from search_r3_jax.runtime import (MetricWriter, NonFiniteLossError, load_model,
-                                 say)
+                                 say, write_run_plots)
 
 RANK_BINS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10))
 
@@ -464,10 +463,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     bar.close()
     checkpoints.close()
     writer.close()
-    if jax.process_index() == 0:
-      write_plots(os.path.join(workdir, "metrics.jsonl"),
-                  os.path.join(workdir, "plots"))
+    write_run_plots(workdir)
   return last_eval
 
 
-__all__ = ["QueryStream", "Stage2", "check_config", "train_and_evaluate", "training_queries"]
+__all__ = ["QueryStream", "Stage2", "check_config", "train_and_evaluate",
+           "training_queries"]

@@ -82,3 +82,12 @@ class MetricWriter:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+
+
+def write_run_plots(workdir: str) -> None:
+  """PNG plots of the workdir's metrics.jsonl into workdir/plots
+  (process 0)."""
+  if jax.process_index() == 0:
+    from search_r3_jax.plots import write_plots  # pylint: disable=g-import-not-at-top
+    write_plots(os.path.join(workdir, "metrics.jsonl"),
+                os.path.join(workdir, "plots"))

@@ -33,9 +33,8 @@ from search_r3_jax import sft
 from search_r3_jax import sharding as shd
 from search_r3_jax.api import SearchR3
 from search_r3_jax.data import stage1 as data_lib
-from search_r3_jax.plots import write_plots
 from search_r3_jax.runtime import (MetricWriter, NonFiniteLossError,
-                                   load_model, say)
+                                   load_model, say, write_run_plots)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:variant]).",
@@ -153,9 +152,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     bar.close()
     checkpoints.close()
     writer.close()
-    if jax.process_index() == 0:
-      write_plots(os.path.join(workdir, "metrics.jsonl"),
-                  os.path.join(workdir, "plots"))
+    write_run_plots(workdir)
   return last_eval
 
 def main(argv):

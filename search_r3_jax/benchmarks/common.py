@@ -32,3 +32,16 @@ def repo_config(name: str, arg: str = ""):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def left_pad(rows, pad: int):
+  """Left-padded int64 ids and attention mask ([B, T] numpy) of token-id
+  rows, as transformers `generate` takes them."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  p = max(len(r) for r in rows)
+  ids = np.full((len(rows), p), pad, np.int64)
+  mask = np.zeros((len(rows), p), np.int64)
+  for i, r in enumerate(rows):
+    ids[i, p - len(r):] = r
+    mask[i, p - len(r):] = 1
+  return ids, mask

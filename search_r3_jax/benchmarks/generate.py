@@ -19,8 +19,7 @@ import time
 
 from absl import app, flags
 
-from search_r3_jax.benchmarks.common import median_time
-import numpy as np
+from search_r3_jax.benchmarks.common import left_pad, median_time
 
 QUICK = flags.DEFINE_bool("quick", False, "16 new tokens, one timed repeat.")
 NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Tokens per prompt.")
@@ -46,16 +45,6 @@ PROMPTS = [
 SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95)
 
 
-def _left_pad(rows, pad):
-  p = max(len(r) for r in rows)
-  ids = np.full((len(rows), p), pad, np.int64)
-  mask = np.zeros((len(rows), p), np.int64)
-  for i, r in enumerate(rows):
-    ids[i, p - len(r):] = r
-    mask[i, p - len(r):] = 1
-  return ids, mask
-
-
 def bench_ours(prompts, new_tokens, repeats):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -74,7 +63,7 @@ def bench_ours(prompts, new_tokens, repeats):
 
   # Prefill: the cache-filling forward over the padded prompts plus the
   # last position's logits, as generation runs it.
-  ids, mask = _left_pad(prompts, m.tokenizer.pad_id)
+  ids, mask = left_pad(prompts, m.tokenizer.pad_id)
   graphdef, state = nnx.split(m.model)
 
   @jax.jit
@@ -102,7 +91,7 @@ def bench_torch(prompts, pad_id, new_tokens, repeats, device):
 
   torch.set_num_threads(os.cpu_count() or 1)
   model = load_torch_gguf().to(device)
-  ids, mask = _left_pad(prompts, pad_id)
+  ids, mask = left_pad(prompts, pad_id)
   ids, mask = torch.tensor(ids, device=device), torch.tensor(mask,
                                                              device=device)
   sync = torch.cuda.synchronize if device == "cuda" else lambda: None

@@ -65,7 +65,7 @@ import time
 from absl import app, flags
 import numpy as np
 
-from search_r3_jax.benchmarks.common import median_time, repo_config
+from search_r3_jax.benchmarks.common import left_pad, median_time, repo_config
 
 QUICK = flags.DEFINE_bool(
     "quick", False, "1 timed step, 1 repeat, a 300-document environment.")
@@ -101,16 +101,6 @@ PHASES = (("rollout", "time_rollout"), ("forward", "time_forward"),
           ("search_and_reward", "time_reward"), ("update", "time_update"),
           ("refresh", "time_refresh"))
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-def _left_pad(rows, pad):
-  p = max(len(r) for r in rows)
-  ids = np.full((len(rows), p), pad, np.int64)
-  mask = np.zeros((len(rows), p), np.int64)
-  for i, r in enumerate(rows):
-    ids[i, p - len(r):] = r
-    mask[i, p - len(r):] = 1
-  return ids, mask
 
 
 class CompileClock:
@@ -305,7 +295,7 @@ def bench_torch(loop, prompts, new_tokens: int, repeats: int,
                          f"{diff}: the parameter copy is wrong")
 
   model = model.to(device)
-  ids, mask = _left_pad(prompts, tok.pad_id)
+  ids, mask = left_pad(prompts, tok.pad_id)
   ids = torch.tensor(ids, device=device)
   mask = torch.tensor(mask, device=device)
   sync = torch.cuda.synchronize if device == "cuda" else lambda: None
