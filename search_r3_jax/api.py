@@ -25,7 +25,7 @@ from search_r3_jax import sharding as shd
 from search_r3_jax.config import ModelConfig
 from search_r3_jax.model import Decoder
 from search_r3_jax.prompts import PromptConfig
-from search_r3_jax.tokenizer import Tokenizer
+from search_r3_jax.tokenizer import Tokenizer, embed_suffix_ids
 from search_r3_jax.weights import convert
 from search_r3_jax.weights.presets import load_checkpoint
 
@@ -325,8 +325,7 @@ class SearchR3:
           emb[s + j] = h / max(np.linalg.norm(h), 1e-12)
         else:
           text = [x for x in new if x not in tok.eos_ids]
-          suffix = tok.encode(" " + self.prompts.embed_suffix)
-          suffix = suffix[:suffix.index(tok.embed_token_id) + 1]
+          suffix = embed_suffix_ids(tok, self.prompts, leading_space=True)
           fallback.append((s + j, batch[j] + text + suffix))
     if fallback:
       idx, fb_rows = zip(*fallback)

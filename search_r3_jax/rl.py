@@ -53,6 +53,7 @@ from search_r3_jax import rollouts as rollouts_lib
 from search_r3_jax import sharding as shd
 from search_r3_jax import train_state as ts_lib
 from search_r3_jax.api import SearchR3
+from search_r3_jax.tokenizer import embed_suffix_ids
 from search_r3_jax.data import stage1 as data_lib
 from search_r3_jax.environment import (EnvConfig, RetrievalEnvironment,
                                        document_encoder)
@@ -151,9 +152,8 @@ def _round_up(n: int, m: int) -> int:
 
 def embed_suffix(tokenizer, prompts) -> list[int]:
   """What ends a rollout that did not emit the token: " The embedding is
-  <|embed_token|>" (as `SearchR3.encode_queries` appends)."""
-  ids = tokenizer.encode(" " + prompts.embed_suffix)
-  return ids[:ids.index(tokenizer.embed_token_id) + 1]
+  <|embed_token|>", the same ids `SearchR3.encode_queries` appends."""
+  return embed_suffix_ids(tokenizer, prompts, leading_space=True)
 
 
 def aux_documents(env, emb: np.ndarray, gold: Sequence[Sequence[str]],
@@ -337,14 +337,15 @@ class Stage2:
     # exploding update leaves both finite and the parameters useless. One
     # document's forward with the new parameters catches it before they
     # reach the refresh or a checkpoint.
-    probe = self.encoder()(self.env.texts[:1])
+    encode = self.encoder()  # the updated parameters
+    probe = encode(self.env.texts[:1])
     values["update_finite"] = float(np.isfinite(probe).all())
     if check is not None:
       check(values)
     times["time_update"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    report = env.maybe_refresh(step + 1, self.encoder())
+    report = env.maybe_refresh(step + 1, encode)
     times["time_refresh"] = time.perf_counter() - t
 
     values.update(rollout_metrics(ro, sc, self.group))

@@ -130,6 +130,14 @@ class Tokenizer:
     ids = self._head_body_tail(prompts, kind, text, reasoning,
                                max_text_tokens)
     if not reasoning:
-      suffix = self.encode(prompts.embed_suffix)
-      ids += suffix[:suffix.index(self.embed_token_id) + 1]
+      ids += embed_suffix_ids(self, prompts)
     return ids
+
+
+def embed_suffix_ids(tokenizer, prompts: PromptConfig,
+                     leading_space: bool = False) -> list[int]:
+  """Ids of `prompts.embed_suffix` cut after `<|embed_token|>`: the end of
+  a no-reasoning prompt, or (with `leading_space`) what ends an analysis
+  that did not emit the token."""
+  ids = tokenizer.encode((" " if leading_space else "") + prompts.embed_suffix)
+  return ids[:ids.index(tokenizer.embed_token_id) + 1]

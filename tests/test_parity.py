@@ -156,3 +156,21 @@ def test_sharded_safetensors_load_like_one_file(tiny, tmp_path, one_device_mesh)
   split = SearchR3.from_pretrained(str(tmp_path), mesh=one_device_mesh)
   ids = _random_ids((2, 11), seed=3)
   np.testing.assert_array_equal(split.logits(ids), ours.logits(ids))
+
+
+def test_hf_tensors_give_back_the_checkpoint(tiny):
+  """`convert.hf_tensors` (what the rl_step benchmark hands transformers)
+  undoes the loader's layout: every tensor equals transformers' own, the
+  embed token's reset row aside."""
+  from search_r3_jax.weights import convert  # pylint: disable=g-import-not-at-top
+  ours, hf = tiny
+  got = convert.hf_tensors(ours.model)
+  want = {k: v.numpy() for k, v in hf.state_dict().items()
+          if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)}
+  assert sorted(got) == sorted(want)
+  embed_id = ours.tokenizer.embed_token_id
+  for name, w in want.items():
+    g = got[name]
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+      g, w = np.delete(g, embed_id, 0), np.delete(w, embed_id, 0)
+    np.testing.assert_array_equal(g, w, err_msg=name)

@@ -203,9 +203,9 @@ def torch_from_policy(loop):
   parameters: its architecture from our `ModelConfig`, every tensor copied
   from ours (the inverse of `weights.convert`'s layout change), the padded
   vocabulary rows included."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.benchmarks.torch_ref import torch_model  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.weights import convert  # pylint: disable=g-import-not-at-top
 
   model = loop.view().model
   c = model.cfg
@@ -227,50 +227,8 @@ def torch_from_policy(loop):
     config = transformers.Qwen2Config(**common)
   else:
     raise ValueError(f"no torch reference for architecture {c.arch!r}")
-
-  host = lambda p: np.asarray(jax.device_get(p[...]), np.float32)
-  d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-  sd = {"model.embed_tokens.weight": host(model.embed),
-        "model.norm.weight": host(model.final_norm)}
-  if not c.tie_word_embeddings:
-    sd["lm_head.weight"] = host(model.lm_head).T
-  blocks = {name: host(p) for name, p in model.blocks.items()}
-  to_hf = {
-      "attn_norm": ("input_layernorm.weight", lambda w: w),
-      "mlp_norm": ("post_attention_layernorm.weight", lambda w: w),
-      "wq": ("self_attn.q_proj.weight", lambda w: w.reshape(d, h * hd).T),
-      "wk": ("self_attn.k_proj.weight", lambda w: w.reshape(d, kv * hd).T),
-      "wv": ("self_attn.v_proj.weight", lambda w: w.reshape(d, kv * hd).T),
-      "wo": ("self_attn.o_proj.weight", lambda w: w.reshape(h * hd, d).T),
-      "bq": ("self_attn.q_proj.bias", lambda w: w.reshape(-1)),
-      "bk": ("self_attn.k_proj.bias", lambda w: w.reshape(-1)),
-      "bv": ("self_attn.v_proj.bias", lambda w: w.reshape(-1)),
-      "w_gate": ("mlp.gate_proj.weight", lambda w: w.T),
-      "w_up": ("mlp.up_proj.weight", lambda w: w.T),
-      "w_down": ("mlp.down_proj.weight", lambda w: w.T),
-  }
-  unknown = sorted(set(blocks) - set(to_hf))
-  if unknown:
-    raise ValueError(f"no torch name for block parameters {unknown}")
-  for name, stacked in blocks.items():
-    if stacked.shape[0] != c.num_layers:
-      raise ValueError(f"block parameter {name} of shape {stacked.shape} is "
-                       f"not stacked over {c.num_layers} layers")
-    hf, conv = to_hf[name]
-    for i in range(c.num_layers):
-      sd[f"model.layers.{i}.{hf}"] = np.ascontiguousarray(conv(stacked[i]))
-
-  torch_model = transformers.AutoModelForCausalLM.from_config(
-      config, dtype=torch.float32)
-  missing, unexpected = torch_model.load_state_dict(
-      {k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
-      strict=False)
-  tied = {"lm_head.weight"} if c.tie_word_embeddings else set()
-  if set(missing) - tied or unexpected:
-    raise RuntimeError(f"policy -> torch: missing={missing} "
-                       f"unexpected={unexpected}")
-  torch_model.tie_weights()
-  return torch_model.eval()
+  return torch_model(config, convert.hf_tensors(model),
+                     source="policy -> torch")
 
 
 def bench_torch(loop, prompts, new_tokens: int, repeats: int,

@@ -27,13 +27,26 @@ def load_torch_gguf(path: Optional[os.PathLike] = None):
     skeleton = transformers.AutoModelForCausalLM.from_config(config)
   tensors = load_gguf_checkpoint(str(path), return_tensors=True,
                                  model_to_load=skeleton)["tensors"]
+  return torch_model(config, tensors, source=str(path))
+
+
+def torch_model(config, tensors, source: str):
+  """A float32 transformers model (eval mode) of `config` holding `tensors`
+  (HF name -> torch tensor or numpy array); every parameter must be given
+  (a tied head excepted) and none left over."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
   model = transformers.AutoModelForCausalLM.from_config(
       config, dtype=torch.float32)
+  as_torch = lambda v: (torch.from_numpy(np.array(v, np.float32))
+                        if isinstance(v, np.ndarray) else v.float())
   missing, unexpected = model.load_state_dict(
-      {k: v.float() for k, v in tensors.items()}, strict=False)
+      {k: as_torch(v) for k, v in tensors.items()}, strict=False)
   tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
   if set(missing) - tied or unexpected:
-    raise RuntimeError(f"{path}: reference load mismatch: missing={missing} "
+    raise RuntimeError(f"{source}: reference load mismatch: missing={missing} "
                        f"unexpected={unexpected}")
   model.tie_weights()
   return model.eval()

@@ -47,6 +47,41 @@ _BLOCK_MAP = {
 }
 
 
+# our block parameter -> its HF tensor (the inverse of `_BLOCK_MAP`'s
+# converters; our attention weights are [in, heads, head_dim] / [heads,
+# head_dim, out], the rest [in, out]).
+_BLOCK_INVERSE = {
+    "attn_norm": lambda w: w, "mlp_norm": lambda w: w,
+    "wq": lambda w: w.reshape(w.shape[0], -1).T,
+    "wk": lambda w: w.reshape(w.shape[0], -1).T,
+    "wv": lambda w: w.reshape(w.shape[0], -1).T,
+    "wo": lambda w: w.reshape(-1, w.shape[-1]).T,
+    "bq": lambda w: w.reshape(-1), "bk": lambda w: w.reshape(-1),
+    "bv": lambda w: w.reshape(-1),
+    "w_gate": lambda w: w.T, "w_up": lambda w: w.T, "w_down": lambda w: w.T,
+}
+
+
+def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
+  """The model's parameters as float32 host arrays under HF names (what
+  `host_params` reads, in reverse), the padded vocabulary rows included."""
+  c = model.cfg
+  host = lambda p: np.asarray(jax.device_get(p[...]), np.float32)
+  out = {"model.embed_tokens.weight": host(model.embed),
+         "model.norm.weight": host(model.final_norm)}
+  if not c.tie_word_embeddings:
+    out["lm_head.weight"] = host(model.lm_head).T
+  for name, param in model.blocks.items():
+    if name not in _BLOCK_MAP:
+      raise WeightsError(f"no HF name for block parameter {name!r}")
+    stacked = host(param)
+    suffix, inverse = _BLOCK_MAP[name][0], _BLOCK_INVERSE[name]
+    for i in range(c.num_layers):
+      out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(
+          inverse(stacked[i]))
+  return out
+
+
 def abstract_model(cfg: ModelConfig):
   """(graphdef, abstract state) of a Decoder, without allocating anything."""
   return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
