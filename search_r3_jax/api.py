@@ -12,6 +12,7 @@ moves them across the host/device boundary explicitly and decodes text.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence, Union
 
 import jax
@@ -20,11 +21,12 @@ import tqdm
 from flax import nnx
 from jax.sharding import Mesh
 
-from search_r3_jax import decoding, encoding
+from search_r3_jax import decoding, encoding, kernels, quantized
 from search_r3_jax import sharding as shd
 from search_r3_jax.config import ModelConfig
 from search_r3_jax.model import Decoder
 from search_r3_jax.prompts import PromptConfig
+from search_r3_jax.quantized import QuantizedWeights
 from search_r3_jax.tokenizer import Tokenizer, embed_suffix_ids
 from search_r3_jax.weights import convert
 from search_r3_jax.weights.presets import load_checkpoint
@@ -33,6 +35,8 @@ from search_r3_jax.weights.presets import load_checkpoint
 # compiles a handful of shapes rather than one per batch.
 LENGTH_BUCKET = 32
 VOCAB_MULTIPLE = 128
+
+log = logging.getLogger(__name__)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -48,17 +52,23 @@ class SearchR3:
     cfg: the `ModelConfig`.
     mesh: the device mesh.
     prompts: the `PromptConfig` used by the encoders.
+    quantized: the GGUF's own block-quantized weights packed for the CPU
+      kernels (`quantized.py`), or None. Generation uses them while `model`
+      holds the parameters they were loaded with.
   """
 
   def __init__(self, model: Decoder, tokenizer: Tokenizer, mesh: Mesh,
                rules: shd.Rules = shd.DEFAULT_RULES,
-               prompts: Optional[PromptConfig] = None):
+               prompts: Optional[PromptConfig] = None,
+               quantized: Optional[QuantizedWeights] = None):
     self.model = model
     self.tokenizer = tokenizer
     self.cfg: ModelConfig = model.cfg
     self.mesh = mesh
     self.rules = tuple(rules)
     self.prompts = prompts or PromptConfig()
+    self.quantized = quantized
+    self._quantized_source = self._weight_arrays()
     if tokenizer.vocab_size > self.cfg.vocab_size:
       raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the "
                        f"model only {self.cfg.vocab_size} embedding rows")
@@ -74,7 +84,8 @@ class SearchR3:
                       mesh_shape: Sequence[int] = (1, -1, 1),
                       rules: shd.Rules = shd.DEFAULT_RULES,
                       prompts: Optional[PromptConfig] = None,
-                      scan_layers: bool = True) -> "SearchR3":
+                      scan_layers: bool = True,
+                      cpu_kernels: Optional[bool] = None) -> "SearchR3":
     """Loads a preset, an HF directory or a `.gguf` file.
 
     `<|embed_token|>` is added to the tokenizer when absent; its embedding row
@@ -91,9 +102,17 @@ class SearchR3:
       rules: logical-axis rules.
       prompts: prompt texts for the encoders.
       scan_layers: run blocks under `lax.scan` (False unrolls them).
+      cpu_kernels: decode with the GGUF's block-quantized weights through
+        the CPU kernels (`quantized.py`): None uses them where they apply (a
+        Q4_0/Q4_1/Q8_0 GGUF, float32, one CPU device), False never, True
+        raises where they cannot be used.
     """
     from search_r3_jax import workdir  # pylint: disable=g-import-not-at-top
     if workdir.is_workdir(name_or_path):
+      if cpu_kernels:
+        raise ValueError(f"cpu_kernels=True, but {name_or_path} is a "
+                         "training workdir: its parameters are float32, not "
+                         "GGUF blocks")
       return workdir.load_workdir(name_or_path, mesh=mesh)
     ckpt = load_checkpoint(name_or_path, model_dir=model_dir)
     cfg = ModelConfig.from_hf(ckpt.hf_config, source=ckpt.source,
@@ -107,7 +126,12 @@ class SearchR3:
       convert.set_rows(host, {tok.embed_token_id: "mean"})
     mesh = mesh or shd.make_mesh(mesh_shape)
     model = convert.model_from_host(host, cfg, mesh, rules)
-    return cls(model, tok, mesh, rules, prompts)
+    qw = None
+    if cpu_kernels is not False:
+      qw, why_not = _pack_for_kernels(ckpt, cfg, mesh, source_vocab)
+      if qw is None and cpu_kernels:
+        raise ValueError(f"cpu_kernels=True, but {why_not}")
+    return cls(model, tok, mesh, rules, prompts, quantized=qw)
 
   @classmethod
   def random(cls, base: str = "smollm2-135m", *, seed: int = 0,
@@ -134,6 +158,29 @@ class SearchR3:
 
   def _split(self):
     return nnx.split(self.model)
+
+  def _weight_arrays(self) -> tuple:
+    """The parameter arrays `quantized` stands for (compared by identity)."""
+    blocks = self.model.blocks
+    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    arrays = [blocks[n].get_value() for n in names]
+    arrays.append(self.model.embed.get_value())
+    if not self.cfg.tie_word_embeddings:
+      arrays.append(self.model.lm_head.get_value())
+    return tuple(arrays)
+
+  def _active_quantized(self) -> Optional[QuantizedWeights]:
+    """`quantized`, unless the model's parameters have been replaced since
+    (training, `nnx.update`); then it is dropped for good."""
+    if self.quantized is None:
+      return None
+    now = self._weight_arrays()
+    if len(now) != len(self._quantized_source) or any(
+        a is not b for a, b in zip(now, self._quantized_source)):
+      log.info("parameters changed since loading; generation leaves the "
+               "packed GGUF weights for the float32 path")
+      self.quantized = None
+    return self.quantized
 
   def _put(self, x: np.ndarray) -> jax.Array:
     """Host -> device, batch axis split over the mesh's batch axes."""
@@ -201,7 +248,7 @@ class SearchR3:
           sampling=sampling, stop_ids=stop,
           valid_vocab=self.tokenizer.vocab_size, pad_id=pad,
           capture_stop_hidden=capture_stop_hidden,
-          batch_axes=self._batch_axes())
+          batch_axes=self._batch_axes(), quantized=self._active_quantized())
     out = jax.device_get(out)
     return decoding.Generation(*(np.asarray(a)[:n] for a in out))
 
@@ -352,6 +399,26 @@ class SearchR3:
           graphdef, state, self._put(padded),
           self._put(np.full((b,), t, np.int32)))
     return np.array(jax.device_get(logits), np.float32)[:n]
+
+
+def _pack_for_kernels(ckpt, cfg: ModelConfig, mesh: Mesh, source_vocab: int
+                      ) -> tuple[Optional[QuantizedWeights], str]:
+  """(packed weights, "") where the CPU kernels apply, else (None, why)."""
+  if ckpt.get_blocks is None:
+    return None, f"{ckpt.source} holds no block-quantized (GGUF) tensors"
+  if cfg.compute_dtype != "float32" or cfg.param_dtype != "float32":
+    return None, "the kernels compute in float32 (compute_dtype and " \
+        "param_dtype must be float32)"
+  if mesh.devices.size != 1:
+    return None, f"the mesh has {mesh.devices.size} devices; the kernels " \
+        "run on one CPU device"
+  ok, why = kernels.status()
+  if not ok:
+    return None, f"the CPU kernels are unavailable: {why}"
+  qw = quantized.pack_checkpoint(ckpt.get_blocks, cfg, source_vocab)
+  if qw is None:
+    return None, f"{ckpt.source} has no Q4_0/Q4_1/Q8_0 projection or head"
+  return quantized.to_device(qw, mesh.devices.flat[0]), ""
 
 
 def _tokenizer_and_config(ckpt, cfg: ModelConfig

@@ -197,7 +197,7 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
              rng: jax.Array, *, max_new_tokens: int, sampling: SamplingParams,
              stop_ids: tuple[int, ...], valid_vocab: int, pad_id: int,
              capture_stop_hidden: bool = False,
-             batch_axes=None) -> Generation:
+             batch_axes=None, quantized=None) -> Generation:
   """Generates up to `max_new_tokens` tokens for a left-padded batch.
 
   Args:
@@ -214,6 +214,8 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
       hidden state (the embedding for reasoning queries).
     batch_axes: mesh axes the batch is split over (a hashable tuple, or
       None); the KV cache is pinned to that split.
+    quantized: `QuantizedWeights` packed from the same parameters, for the
+      CPU kernels (decode steps and the output head), or None.
   """
   model = nnx.merge(graphdef, state)
   cfg = model.cfg
@@ -232,8 +234,8 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
   # Logits only at the last slot: with left padding it is every row's last
   # prompt token, and the [B, P, V] logits would cost a vocab-wide matmul.
   _, hidden, cache = model(prompt, positions, key_valid, cache, 0,
-                           return_logits=False)
-  last = _mask_vocab(model.logits_from_hidden(hidden[:, -1:])[:, 0],
+                           return_logits=False, quantized=quantized)
+  last = _mask_vocab(model.logits_from_hidden(hidden[:, -1:], quantized)[:, 0],
                      valid_vocab)
   stop = jnp.asarray(stop_ids, jnp.int32)
   tok0, lp0 = sample_logits(last, jax.random.fold_in(rng, 0), sampling)
@@ -248,7 +250,8 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
 
   # The output head as one contiguous [D, V] array, made once per call rather
   # than transposed from the tied embedding at every step.
-  head = jax.lax.optimization_barrier(
+  packed_head = quantized is not None and "head" in quantized.mats
+  head = None if packed_head else jax.lax.optimization_barrier(
       model.head_weight().astype(cfg.dtype))
 
   def finished(c: _Carry):
@@ -264,9 +267,12 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
     key_valid = c.key_valid.at[:, slot].set(True)
     pos = (plen + c.i)[:, None]
     _, hidden, cache = model(c.tok[:, None], pos, key_valid, c.cache, slot,
-                             return_logits=False)
-    logits = jnp.einsum("btd,dv->btv", hidden.astype(head.dtype), head,
-                        preferred_element_type=jnp.float32)
+                             return_logits=False, quantized=quantized)
+    if packed_head:
+      logits = model.logits_from_hidden(hidden, quantized)
+    else:
+      logits = jnp.einsum("btd,dv->btv", hidden.astype(head.dtype), head,
+                          preferred_element_type=jnp.float32)
     feeding_stop = is_stop(c.tok) & ~c.captured
     if not capture_stop_hidden:
       feeding_stop = jnp.zeros_like(feeding_stop)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from search_r3_jax.config import ModelConfig
+from search_r3_jax.quantized import MAX_ROWS, QuantizedWeights
 
 # Large negative used instead of -inf so fully masked rows (left padding)
 # give a uniform softmax instead of NaN.
@@ -101,7 +102,8 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def block(cfg: ModelConfig, p: dict, x: jax.Array, angles: tuple,
-          mask: jax.Array, cache_kv: Optional[tuple], cache_index):
+          mask: jax.Array, cache_kv: Optional[tuple], cache_index,
+          qw: Optional[QuantizedWeights] = None, layer=None):
   """One decoder block. Returns (x, (k, v)) where k, v fill the cache slot.
 
   Args:
@@ -111,13 +113,25 @@ def block(cfg: ModelConfig, p: dict, x: jax.Array, angles: tuple,
     mask: [B, T, S] bool, True where the query may attend the key.
     cache_kv: (k, v) of shape [B, S, K, H], or None (then S == T).
     cache_index: slot where the T new keys are written.
+    qw: packed quantized weights; their groups replace the matching
+      float32 projections (same numbers, see `quantized.py`).
+    layer: this block's index into `qw`'s stacks.
   """
   dt = cfg.dtype
   b, t, _ = x.shape
+  packed = lambda name: qw is not None and name in qw.mats
   h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-  q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
-  k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))
-  v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))
+  if packed("qkv"):
+    nq = cfg.num_heads * cfg.head_dim
+    nk = cfg.num_kv_heads * cfg.head_dim
+    qkv = qw.matmul(h, "qkv", layer).astype(dt)
+    q = qkv[..., :nq].reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = qkv[..., nq:nq + nk].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = qkv[..., nq + nk:].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  else:
+    q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
+    k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))
   if cfg.attention_bias:
     q = q + p["bq"].astype(dt)
     k = k + p["bk"].astype(dt)
@@ -140,12 +154,22 @@ def block(cfg: ModelConfig, p: dict, x: jax.Array, angles: tuple,
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
   o = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt))
   o = o.reshape(b, t, cfg.num_heads, cfg.head_dim)
-  x = x + jnp.einsum("btnh,nhd->btd", o, p["wo"].astype(dt))
+  if packed("wo"):
+    x = x + qw.matmul(o.reshape(b, t, -1), "wo", layer).astype(dt)
+  else:
+    x = x + jnp.einsum("btnh,nhd->btd", o, p["wo"].astype(dt))
   h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-  gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
-  up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
-  x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up,
-                     p["w_down"].astype(dt))
+  if packed("gate_up"):
+    gate_up = qw.matmul(h, "gate_up", layer).astype(dt)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+  else:
+    gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
+  act = jax.nn.silu(gate) * up
+  if packed("w_down"):
+    x = x + qw.matmul(act, "w_down", layer).astype(dt)
+  else:
+    x = x + jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dt))
   return x, (k, v)
 
 
@@ -187,14 +211,27 @@ class Decoder(nnx.Module):
       return self.embed[...].T
     return self.lm_head[...]
 
-  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+  def logits_from_hidden(self, hidden: jax.Array,
+                         qw: Optional[QuantizedWeights] = None) -> jax.Array:
+    """[B, T, D] -> float32 logits [B, T, V]; `qw`'s packed head, when it
+    has one, gives the checkpoint's rows and the float32 head the rest."""
     w = self.head_weight().astype(self.cfg.dtype)
-    return jnp.einsum("btd,dv->btv", hidden.astype(self.cfg.dtype), w,
-                      preferred_element_type=jnp.float32)
+    hidden = hidden.astype(self.cfg.dtype)
+    if qw is None or "head" not in qw.mats:
+      return jnp.einsum("btd,dv->btv", hidden, w,
+                        preferred_element_type=jnp.float32)
+    rows = qw.width("head")
+    logits = qw.matmul(hidden, "head")
+    if rows < w.shape[1]:
+      extra = jnp.einsum("btd,dv->btv", hidden, w[:, rows:],
+                         preferred_element_type=jnp.float32)
+      logits = jnp.concatenate([logits, extra], -1)
+    return logits
 
   def __call__(self, tokens: jax.Array, positions: jax.Array,
                key_valid: jax.Array, cache: Optional[KVCache] = None,
-               cache_index=0, return_logits: bool = True):
+               cache_index=0, return_logits: bool = True,
+               quantized: Optional[QuantizedWeights] = None):
     """Runs the decoder.
 
     Args:
@@ -206,6 +243,8 @@ class Decoder(nnx.Module):
         [cache_index, cache_index + T).
       cache_index: scalar slot index of the first new token.
       return_logits: skip the output head when False (encoding only).
+      quantized: packed weights for the CPU kernels; used when the batch
+        holds at most `quantized.MAX_ROWS` tokens (decode steps).
 
     Returns:
       (logits [B, T, V] float32 or None, hidden [B, T, D] after the final
@@ -219,22 +258,38 @@ class Decoder(nnx.Module):
     mask = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
     params = {name: var[...] for name, var in self.blocks.items()}
     angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    qw = quantized if tokens.size <= MAX_ROWS else None
+
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
 
     def body(x, layer):
-      p, kv = layer
-      x, kv = block(cfg, p, x, angles, mask, kv, cache_index)
-      return x, kv
+      p, index = layer
+      x, _ = block(cfg, p, x, angles, mask, None, cache_index, qw, index)
+      return x, None
 
-    xs = (params, None if cache is None else (cache.k, cache.v))
+    def cached_body(carry, layer):
+      # The stacked cache rides in the carry and only the T new slots of
+      # this layer are written back, in place: no per-layer copy of the
+      # whole cache in or out of the loop.
+      x, ck, cv = carry
+      p, index = layer
+      x, (k, v) = block(cfg, p, x, angles, mask, (ck[index], cv[index]),
+                        cache_index, qw, index)
+      new = lambda a: jax.lax.dynamic_slice_in_dim(a, cache_index, t, 1)[None]
+      at = (index, 0, cache_index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(ck, new(k).astype(ck.dtype), at)
+      cv = jax.lax.dynamic_update_slice(cv, new(v).astype(cv.dtype), at)
+      return (x, ck, cv), None
+
+    fn, carry = ((body, x) if cache is None else
+                 (cached_body, (x, cache.k, cache.v)))
     if cfg.scan_layers:
-      x, new_kv = jax.lax.scan(body, x, xs)
+      carry, _ = jax.lax.scan(fn, carry, (params, layers))
     else:
-      outs = []
       for i in range(cfg.num_layers):
-        x, kv = body(x, jax.tree.map(lambda a: a[i], xs))
-        outs.append(kv)
-      new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        carry, _ = fn(carry, jax.tree.map(lambda a: a[i], (params, layers)))
+    x = carry if cache is None else carry[0]
     hidden = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-    logits = self.logits_from_hidden(hidden) if return_logits else None
-    new_cache = None if cache is None else KVCache(*new_kv)
+    logits = self.logits_from_hidden(hidden, qw) if return_logits else None
+    new_cache = None if cache is None else KVCache(*carry[1:])
     return logits, hidden, new_cache

@@ -30,16 +30,20 @@ def say(message: str) -> None:
 def load_model(cfg, mesh) -> SearchR3:
   """The starting model: `init_from`, a random model, or the preset."""
   kw = dict(mesh=mesh, model_dir=cfg.model_dir)
+  # Training replaces the parameters, so the packed GGUF weights that
+  # speed up inference would only be dropped again.
   if cfg.init_from:
     return SearchR3.from_pretrained(cfg.init_from, compute_dtype=cfg.compute_dtype,
-                                    param_dtype=cfg.param_dtype, **kw)
+                                    param_dtype=cfg.param_dtype,
+                                    cpu_kernels=False, **kw)
   if cfg.random_init:
     return SearchR3.random(cfg.model, seed=cfg.seed,
                            compute_dtype=cfg.compute_dtype,
                            param_dtype=cfg.param_dtype, **kw,
                            **dict(cfg.random_init))
   return SearchR3.from_pretrained(cfg.model, compute_dtype=cfg.compute_dtype,
-                                  param_dtype=cfg.param_dtype, **kw)
+                                  param_dtype=cfg.param_dtype,
+                                  cpu_kernels=False, **kw)
 
 
 class MetricWriter:

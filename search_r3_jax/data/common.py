@@ -28,11 +28,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from search_r3_jax.paths import DATA_DIR_ENV, cache_root  # pylint: disable=unused-import
+
 CORPUS_FIELDS = ("doc_id", "title", "text")
 QUERY_FIELDS = ("query_id", "query", "doc_ids", "scores")
 TRIPLE_FIELDS = ("query", "positive", "negatives")
 
-DATA_DIR_ENV = "SEARCH_R3_DATA_DIR"
 
 # Field name -> TFDS feature. Lists are variable-length sequences.
 _FEATURES = {
@@ -58,14 +59,6 @@ _LIST_FIELDS = frozenset(
 
 class DataError(ValueError):
   """Bad input data. The message starts with `path:line:` where one exists."""
-
-
-def cache_root() -> pathlib.Path:
-  """Where downloads and prepared datasets live: $SEARCH_R3_DATA_DIR or
-  ~/.cache/search_r3_jax."""
-  env = os.environ.get(DATA_DIR_ENV)
-  return pathlib.Path(env) if env else (
-      pathlib.Path.home() / ".cache" / "search_r3_jax")
 
 
 def default_data_dir() -> str:

@@ -33,6 +33,9 @@ class Checkpoint:
     tokenizer: a `tokenizers.Tokenizer` (without the embed token).
     chat_template: Jinja chat template, or None.
     bos_token, eos_token, pad_token: token strings, or None.
+    get_blocks: for block-quantized files, HF name -> (type name, raw
+      uint8 [rows, bytes per row]) in HF row order, or None where the tensor
+      is not block-quantized; None for formats without blocks.
   """
 
   source: str
@@ -45,3 +48,4 @@ class Checkpoint:
   eos_token: Optional[str] = None
   pad_token: Optional[str] = None
   extra: Mapping[str, object] = dataclasses.field(default_factory=dict)
+  get_blocks: Optional[Callable[[str], Optional[tuple[str, np.ndarray]]]] = None

@@ -139,6 +139,11 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
       raise KeyError(f"No tensor {name!r} in {path}")
     return _dequantize(tensors[name], name, config, path)
 
+  def get_blocks(name: str) -> Optional[tuple[str, np.ndarray]]:
+    if name not in tensors:
+      raise KeyError(f"No tensor {name!r} in {path}")
+    return _raw_blocks(tensors[name], name, config)
+
   return Checkpoint(
       source=str(path),
       hf_config=config,
@@ -151,6 +156,7 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
       pad_token=meta.token("padding_token_id"),
       extra={k: meta.get(k) for k in ("general.name", "general.file_type",
                                       "tokenizer.ggml.pre")},
+      get_blocks=get_blocks,
   )
 
 
@@ -327,6 +333,28 @@ def _dequantize(tensor: gguf.ReaderTensor, name: str, config: dict,
     elif ".k_proj." in name:
       data = _unpermute_rows(data, config["num_key_value_heads"])
   return np.array(data, dtype=np.float32, order="C")  # Own copy, not the mmap.
+
+
+_UNBLOCKED = frozenset(("F32", "F16", "BF16", "F64", "I8", "I16", "I32",
+                        "I64"))
+
+
+def _raw_blocks(tensor: gguf.ReaderTensor, name: str,
+                config: dict) -> Optional[tuple[str, np.ndarray]]:
+  """A block-quantized tensor's raw blocks, [rows, bytes per row] uint8 in
+  HF row order (a copy, not the mmap); None for unquantized tensors."""
+  kind = tensor.tensor_type.name
+  if kind in _UNBLOCKED:
+    return None
+  raw = np.asarray(tensor.data, dtype=np.uint8)
+  rows = int(np.prod([int(n) for n in tensor.shape[1:]]))
+  raw = raw.reshape(rows, -1)
+  if config["model_type"] == "llama":
+    if ".q_proj." in name:
+      raw = _unpermute_rows(raw, config["num_attention_heads"])
+    elif ".k_proj." in name:
+      raw = _unpermute_rows(raw, config["num_key_value_heads"])
+  return kind, np.array(raw, order="C")
 
 
 def _unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
