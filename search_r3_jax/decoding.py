@@ -53,8 +53,8 @@ def _bisect_threshold(x: jax.Array, enough, iters: int = 40) -> jax.Array:
   """Largest t (per row) such that `enough(x >= t)` holds, by bisection.
 
   `enough` must be monotone (true for t = min(x), shrinking as t grows).
-  Used for top-k and top-p: a few dozen compare-and-sum passes over the
-  vocabulary are much cheaper on CPU than sorting it or `lax.top_k`, and
+  Used for top-p without top-k: a few dozen compare-and-sum passes over the
+  vocabulary are much cheaper on CPU than sorting it, and
   40 halvings of the value range pin the threshold to the exact token value
   (the kept set is exact unless two logits differ by less than range/2^40).
   Masked entries (<= _NEG / 2) are outside the range and never kept.
@@ -116,6 +116,30 @@ def categorical(rng: jax.Array, logits: jax.Array, block: int = 128) -> jax.Arra
   return (blk * block + pick(inner, u[:, 1:])).astype(jnp.int32)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+  """Index of each row's first maximum ([B, V] -> [B] int32).
+
+  The same as `jnp.argmax` for finite rows (NaN rows give the last index),
+  as two plain reductions, which XLA on CPU runs several times faster than
+  argmax's paired value-index reduction.
+  """
+  v = x.shape[-1]
+  col = jnp.arange(v, dtype=jnp.int32)
+  top = jnp.max(x, -1, keepdims=True)
+  return jnp.minimum(jnp.min(jnp.where(x == top, col, v), -1), v - 1)
+
+
+def _nucleus(values: jax.Array, top_p: float) -> jax.Array:
+  """Keep-mask of the top-p nucleus over values sorted in descending order:
+  the shortest prefix holding at least `top_p` of the mass, plus any value
+  tied with its last member."""
+  probs = jax.nn.softmax(values, -1)
+  before = jnp.cumsum(probs, -1) - probs  # mass strictly ahead of each entry
+  in_prefix = before < top_p
+  cut = jnp.min(jnp.where(in_prefix, values, jnp.inf), -1, keepdims=True)
+  return values >= cut
+
+
 def sample_logits(logits: jax.Array, rng: jax.Array,
                   sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
   """Picks one token per row and its log-probability.
@@ -124,31 +148,40 @@ def sample_logits(logits: jax.Array, rng: jax.Array,
   from before top-k/top-p truncation: softmax(logits / temperature), or the
   plain softmax for greedy decoding.
 
+  With top-k, the k best tokens are taken with `lax.top_k` and top-p and the
+  draw run over those k only (a token tied with the k-th is left out, as
+  `lax.top_k` breaks ties by index). Top-p alone finds its threshold by
+  bisection over the whole vocabulary.
+
   Args:
     logits: [B, V] float32, padding columns already masked.
   Returns:
     (tokens [B] int32, logprobs [B] float32).
   """
   if sp.temperature == 0.0:
-    tok = jnp.argmax(logits, -1)
+    tok = first_argmax(logits)
     scaled = logits
   else:
     scaled = logits / sp.temperature
-    masked = scaled
     if sp.top_k:
-      kth = _bisect_threshold(
-          scaled, lambda keep: jnp.sum(keep, -1) >= sp.top_k)
-      masked = jnp.where(scaled >= kth, masked, _NEG)
-    if sp.top_p < 1.0:
-      probs = jax.nn.softmax(masked, -1)
-      cut = _bisect_threshold(
-          masked, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), -1)
-          >= sp.top_p)
-      masked = jnp.where(masked >= cut, masked, _NEG)
-    tok = categorical(rng, masked)
-  logp = jax.nn.log_softmax(scaled, -1)
-  lp = jnp.take_along_axis(logp, tok[:, None], -1)[:, 0]
-  return tok.astype(jnp.int32), lp
+      k = min(sp.top_k, scaled.shape[-1])
+      values, index = jax.lax.top_k(scaled, k)
+      if sp.top_p < 1.0:
+        values = jnp.where(_nucleus(values, sp.top_p), values, _NEG)
+      pick = categorical(rng, values)
+      tok = jnp.take_along_axis(index, pick[:, None], -1)[:, 0]
+    else:
+      masked = scaled
+      if sp.top_p < 1.0:
+        probs = jax.nn.softmax(masked, -1)
+        cut = _bisect_threshold(
+            masked, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), -1)
+            >= sp.top_p)
+        masked = jnp.where(masked >= cut, masked, _NEG)
+      tok = categorical(rng, masked)
+  tok = tok.astype(jnp.int32)
+  picked = jnp.take_along_axis(scaled, tok[:, None], -1)[:, 0]
+  return tok, picked - jax.nn.logsumexp(scaled, -1)
 
 
 class Generation(NamedTuple):

@@ -293,12 +293,25 @@ def test_sample_logits_row_does_not_depend_on_batch_size():
   """A row's draw must not change when padding rows are appended."""
   logits = np.random.default_rng(0).standard_normal((4, 131)).astype(
       np.float32)
-  sp = decoding.SamplingParams(temperature=0.9)
-  for seed in range(3):
-    key = jax.random.key(seed)
-    three = np.asarray(decoding.sample_logits(logits[:3], key, sp)[0])
-    four = np.asarray(decoding.sample_logits(logits, key, sp)[0])
-    np.testing.assert_array_equal(three, four[:3])
+  for sp in (decoding.SamplingParams(temperature=0.9),
+             decoding.SamplingParams(temperature=0.9, top_k=20, top_p=0.8)):
+    for seed in range(3):
+      key = jax.random.key(seed)
+      three = np.asarray(decoding.sample_logits(logits[:3], key, sp)[0])
+      four = np.asarray(decoding.sample_logits(logits, key, sp)[0])
+      np.testing.assert_array_equal(three, four[:3])
+
+
+def test_first_argmax_picks_the_first_of_tied_maxima():
+  x = np.array([[0.5, 2.0, 2.0, -1.0],
+                [3.0, 1.0, 3.0, 3.0],
+                [-np.inf, -5.0, -np.inf, -5.0],
+                [1.0, 1.0, 1.0, 1.0]], np.float32)
+  np.testing.assert_array_equal(decoding.first_argmax(jax.numpy.asarray(x)),
+                                [1, 0, 1, 0])
+  y = np.random.default_rng(1).standard_normal((5, 1000)).astype(np.float32)
+  np.testing.assert_array_equal(decoding.first_argmax(jax.numpy.asarray(y)),
+                                y.argmax(-1))
 
 
 def test_eight_devices_stop_hidden_equals_one_device(tiny, tiny8):

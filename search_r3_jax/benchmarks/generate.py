@@ -3,11 +3,17 @@
     python -m search_r3_jax.benchmarks.generate           # 8 prompts x 64 tokens
     python -m search_r3_jax.benchmarks.generate --quick   # 8 prompts x 16 tokens
 
-Both sides load the same SmolLM2 weights (transformers dequantizes the same
-GGUF), get the same token ids (left-padded), sample with the same settings
-and must produce exactly `new_tokens` tokens per row (no early stop). Times
-exclude compilation and warm-up, which are reported separately. The last
-line printed is one JSON object.
+Both sides load the same SmolLM2 weights from the same GGUF, get the same
+token ids (left-padded), sample with the same settings and must produce
+exactly `new_tokens` tokens per row (no early stop). Times exclude
+compilation and warm-up, which are reported separately. The last line
+printed is one JSON object.
+
+Weights: transformers dequantizes the GGUF to float32. This project, on one
+CPU device, decodes with the file's own Q4_1/Q8_0 blocks through its CPU
+kernels (`--cpu_kernels=auto`, the library's default; the numbers are the
+same, read in 5-8.5 bits instead of 32), or with the float32 parameters
+(`--cpu_kernels=off`). Both sides compute in float32.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ TORCH_DEVICE = flags.DEFINE_enum(
     "Where the reference runs; auto = cuda when JAX runs on a GPU.")
 SKIP_TORCH = flags.DEFINE_bool("skip_torch", False,
                                "Measure this project only.")
+CPU_KERNELS = flags.DEFINE_enum(
+    "cpu_kernels", "auto", ["auto", "on", "off"],
+    "Decode with the GGUF's blocks on the CPU kernels (auto: where they "
+    "apply) or with float32 weights (off).")
 
 PROMPTS = [
     "Explain why the sky is blue.",
@@ -51,7 +61,9 @@ def bench_ours(prompts, new_tokens, repeats):
   from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
   from search_r3_jax import model as model_lib  # pylint: disable=g-import-not-at-top
 
-  m = SearchR3.from_pretrained("smollm2-135m", compute_dtype=DTYPE.value)
+  m = SearchR3.from_pretrained(
+      "smollm2-135m", compute_dtype=DTYPE.value,
+      cpu_kernels={"auto": None, "on": True, "off": False}[CPU_KERNELS.value])
   run = lambda seed: m.generate_ids(prompts, max_new_tokens=new_tokens,
                                     stop_ids=(), seed=seed, **SAMPLING)
   t = time.perf_counter()
@@ -82,7 +94,10 @@ def bench_ours(prompts, new_tokens, repeats):
                       repeats)[0]
   return dict(gen_s=gen_s, compile_s=compile_s, prefill_s=pre_s,
               prefill_tokens=int(ids.size),
-              sample=m.tokenizer.decode(gen.tokens[0][:24]))
+              sample=m.tokenizer.decode(gen.tokens[0][:24]),
+              weights=("GGUF Q4_1/Q8_0 blocks, CPU kernels"
+                       if m.quantized is not None else
+                       f"dequantized to {m.cfg.param_dtype}"))
 
 
 def bench_torch(prompts, pad_id, new_tokens, repeats, device):
@@ -136,12 +151,13 @@ def main(argv):
   ours = bench_ours(prompts, new_tokens, repeats)
   print(f"ours : {n_new / ours['gen_s']:.1f} gen tok/s, "
         f"{ours['prefill_tokens'] / ours['prefill_s']:.0f} prefill tok/s "
-        f"(compile {ours['compile_s']:.1f}s); sample: {ours['sample']!r}")
+        f"(compile {ours['compile_s']:.1f}s; weights: {ours['weights']}); "
+        f"sample: {ours['sample']!r}")
   result = {
       "benchmark": "generate", "quick": QUICK.value,
       "machine": f"{platform.machine()} {os.cpu_count()} cpu",
-      "model": "smollm2-135m (GGUF Q4_1, dequantized to fp32)",
-      "dtype": DTYPE.value, "prompts": len(prompts), "new_tokens": new_tokens,
+      "model": "smollm2-135m (GGUF: Q4_1 blocks, Q8_0 embedding)",
+      "ours_weights": ours["weights"], "dtype": DTYPE.value, "prompts": len(prompts), "new_tokens": new_tokens,
       "sampling": SAMPLING,
       "ours_gen_tok_s": round(n_new / ours["gen_s"], 2),
       "ours_prefill_tok_s": round(ours["prefill_tokens"] / ours["prefill_s"], 1),
@@ -156,6 +172,7 @@ def main(argv):
       device = ("cuda" if jax.default_backend() == "gpu"
                 and torch.cuda.is_available() else "cpu")
     result["torch_device"] = device
+    result["torch_weights"] = "dequantized to float32 by transformers"
     ref = bench_torch(prompts, tok.pad_id, new_tokens, repeats, device)
     print(f"torch: {n_new / ref['gen_s']:.1f} gen tok/s, "
           f"{ref['prefill_tokens'] / ref['prefill_s']:.0f} prefill tok/s")
