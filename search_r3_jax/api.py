@@ -68,7 +68,7 @@ class SearchR3:
     self.rules = tuple(rules)
     self.prompts = prompts or PromptConfig()
     self.quantized = quantized
-    self._quantized_source = self._weight_arrays()
+    self._quantized_source = () if quantized is None else self._weight_arrays()
     if tokenizer.vocab_size > self.cfg.vocab_size:
       raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the "
                        f"model only {self.cfg.vocab_size} embedding rows")
@@ -128,7 +128,11 @@ class SearchR3:
     model = convert.model_from_host(host, cfg, mesh, rules)
     qw = None
     if cpu_kernels is not False:
-      qw, why_not = _pack_for_kernels(ckpt, cfg, mesh, source_vocab)
+      # A row re-initialised inside the file's vocabulary is not the file's
+      # any more: the packed head stops before it.
+      head_rows = source_vocab if had_embed else min(source_vocab,
+                                                     tok.embed_token_id)
+      qw, why_not = _pack_for_kernels(ckpt, cfg, mesh, head_rows)
       if qw is None and cpu_kernels:
         raise ValueError(f"cpu_kernels=True, but {why_not}")
     return cls(model, tok, mesh, rules, prompts, quantized=qw)
@@ -179,7 +183,7 @@ class SearchR3:
         a is not b for a, b in zip(now, self._quantized_source)):
       log.info("parameters changed since loading; generation leaves the "
                "packed GGUF weights for the float32 path")
-      self.quantized = None
+      self.quantized, self._quantized_source = None, ()
     return self.quantized
 
   def _put(self, x: np.ndarray) -> jax.Array:
@@ -401,7 +405,7 @@ class SearchR3:
     return np.array(jax.device_get(logits), np.float32)[:n]
 
 
-def _pack_for_kernels(ckpt, cfg: ModelConfig, mesh: Mesh, source_vocab: int
+def _pack_for_kernels(ckpt, cfg: ModelConfig, mesh: Mesh, head_rows: int
                       ) -> tuple[Optional[QuantizedWeights], str]:
   """(packed weights, "") where the CPU kernels apply, else (None, why)."""
   if ckpt.get_blocks is None:
@@ -415,7 +419,7 @@ def _pack_for_kernels(ckpt, cfg: ModelConfig, mesh: Mesh, source_vocab: int
   ok, why = kernels.status()
   if not ok:
     return None, f"the CPU kernels are unavailable: {why}"
-  qw = quantized.pack_checkpoint(ckpt.get_blocks, cfg, source_vocab)
+  qw = quantized.pack_checkpoint(ckpt.get_blocks, cfg, head_rows)
   if qw is None:
     return None, f"{ckpt.source} has no Q4_0/Q4_1/Q8_0 projection or head"
   return quantized.to_device(qw, mesh.devices.flat[0]), ""

@@ -176,7 +176,7 @@ def _layout(kind: str) -> str:
 
 
 def pack_checkpoint(get_blocks: Callable[[str], Optional[tuple]],
-                    cfg: ModelConfig, source_vocab: int
+                    cfg: ModelConfig, head_rows: int
                     ) -> Optional[QuantizedWeights]:
   """Packs every group whose tensors are all of a supported GGUF type.
 
@@ -185,7 +185,9 @@ def pack_checkpoint(get_blocks: Callable[[str], Optional[tuple]],
       in HF row order, or None for a tensor that is not block-quantized
       (`Checkpoint.get_blocks`).
     cfg: the model's config.
-    source_vocab: the checkpoint's vocabulary rows (the head's outputs).
+    head_rows: how many leading rows of the checkpoint's head to pack: its
+      vocabulary, or fewer where the loader re-initialised a row inside it
+      (the float32 head supplies every row from there on).
   Returns:
     The packed groups, or None when no group qualifies.
   """
@@ -198,7 +200,7 @@ def pack_checkpoint(get_blocks: Callable[[str], Optional[tuple]],
     return found[0], unpack_gguf_rows(found[0], found[1], cols)
 
   for group, suffixes in GROUPS.items():
-    layers = []
+    layers, layout = [], None
     for i in range(cfg.num_layers):
       parts = []
       for suffix in suffixes:
@@ -210,8 +212,11 @@ def pack_checkpoint(get_blocks: Callable[[str], Optional[tuple]],
       if any(p is None for p in parts):
         break
       kinds = {_layout(k) for k, _ in parts}
-      if len(kinds) != 1:
+      # One layout for the whole stack: every layer's tensors, not only
+      # those of one layer (llama.cpp mixes types across layers).
+      if len(kinds) != 1 or kinds != {layout or next(iter(kinds))}:
         break
+      layout = next(iter(kinds))
       cat = lambda j: (None if parts[0][1][j] is None else
                        np.concatenate([c[j] for _, c in parts]))
       layers.append(pack_rows(cat(0), cat(1), cat(2)))
@@ -222,11 +227,11 @@ def pack_checkpoint(get_blocks: Callable[[str], Optional[tuple]],
   head_name = ("model.embed_tokens.weight" if cfg.tie_word_embeddings
                else "lm_head.weight")
   head = codes(head_name, cfg.hidden_size)
-  if head is not None:
+  if head is not None and 0 < head_rows <= head[1][0].shape[0]:
     _, (q, d, m) = head
-    if q.shape[0] == source_vocab:
-      mats["head"] = _stack([pack_rows(q, d, m)])
-      outputs.append(("head", source_vocab))
+    mats["head"] = _stack([pack_rows(
+        q[:head_rows], d[:head_rows], None if m is None else m[:head_rows])])
+    outputs.append(("head", head_rows))
   if not mats:
     return None
   return QuantizedWeights(mats, tuple(outputs))

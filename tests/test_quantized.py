@@ -8,6 +8,7 @@ the float32 model generates.
 from __future__ import annotations
 
 import pathlib
+import platform
 
 import gguf
 import jax
@@ -99,8 +100,27 @@ def test_kernel_equals_float32_product(kind, rows):
 def test_kernel_rejects_a_layer_out_of_range():
   pm, _ = _packed("Q8_0", 16, 32, layers=2)
   x = jnp.ones((1, 32), jnp.float32)
-  with pytest.raises(Exception, match="layer index out of range"):
+  with pytest.raises(Exception,
+                     match=r"layer index out of range: 2 not in \[0, 2\)"):
     jax.block_until_ready(kernels.qmatmul(x, pm.qs, pm.d, None, 2))
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="x86 instruction-set flags")
+@pytest.mark.parametrize("flags", [("-mno-avx512f",),
+                                   ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx2", "portable"])
+def test_narrower_builds_compute_the_same(tmp_path, flags):
+  """The AVX2 and the portable code paths, built on this machine by turning
+  the wider instructions off, give the AVX-512 path's products."""
+  targets = kernels.register(kernels.build(tmp_path, flags),
+                             suffix="_" + "_".join(f.strip("-") for f in flags))
+  x = np.random.default_rng(3).standard_normal((5, 96)).astype(np.float32)
+  for kind in ("Q4_1", "Q8_0"):
+    pm, w = _packed(kind, 48, 96, layers=2)
+    got = kernels.qmatmul(x, pm.qs, pm.d, pm.m, 1, targets=targets)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w[1], rtol=1e-5,
+                               atol=1e-4, err_msg=kind)
 
 
 def test_failed_build_names_the_compiler_output(tmp_path, monkeypatch):
@@ -168,7 +188,7 @@ _D, _HEADS, _KV, _HD, _FFN, _LAYERS = 64, 2, 1, 32, 96, 2
 
 def _write_quantized(path: pathlib.Path, arch: str, types: dict) -> None:
   """A two-layer model whose matrices are block-quantized by `types`
-  (tensor kind -> GGUF type name; F16 is not packable)."""
+  (tensor kind -> GGUF type name, or one per layer; F16 is not packable)."""
   rng = np.random.default_rng(5)
   tokens = ["<|endoftext|>"] + _byte_tokens()
   w = gguf.GGUFWriter(str(path), arch)
@@ -187,11 +207,12 @@ def _write_quantized(path: pathlib.Path, arch: str, types: dict) -> None:
   w.add_token_merges(["Ġ t"])
   w.add_eos_token_id(0)
 
-  def add(name, kind, shape, permute_heads=0):
+  def add(name, kind, shape, permute_heads=0, layer=0):
     x = (0.3 * rng.standard_normal(shape)).astype(np.float32)
     if permute_heads and arch == "llama":
       x = _llama_cpp_permute(x, permute_heads)
-    qt = gguf.GGMLQuantizationType[types.get(kind, "F32")]
+    t = types.get(kind, "F32")
+    qt = gguf.GGMLQuantizationType[t if isinstance(t, str) else t[layer]]
     if qt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
       w.add_tensor(name, x.astype(np.float16 if qt.name == "F16"
                                   else np.float32))
@@ -209,13 +230,13 @@ def _write_quantized(path: pathlib.Path, arch: str, types: dict) -> None:
                  1 + 0.1 * rng.standard_normal(_D).astype(np.float32))
     w.add_tensor(b + "ffn_norm.weight",
                  1 + 0.1 * rng.standard_normal(_D).astype(np.float32))
-    add(b + "attn_q.weight", "q", (_HEADS * _HD, _D), _HEADS)
-    add(b + "attn_k.weight", "k", (_KV * _HD, _D), _KV)
-    add(b + "attn_v.weight", "v", (_KV * _HD, _D))
-    add(b + "attn_output.weight", "o", (_D, _HEADS * _HD))
-    add(b + "ffn_gate.weight", "gate", (_FFN, _D))
-    add(b + "ffn_up.weight", "up", (_FFN, _D))
-    add(b + "ffn_down.weight", "down", (_D, _FFN))
+    add(b + "attn_q.weight", "q", (_HEADS * _HD, _D), _HEADS, layer=i)
+    add(b + "attn_k.weight", "k", (_KV * _HD, _D), _KV, layer=i)
+    add(b + "attn_v.weight", "v", (_KV * _HD, _D), layer=i)
+    add(b + "attn_output.weight", "o", (_D, _HEADS * _HD), layer=i)
+    add(b + "ffn_gate.weight", "gate", (_FFN, _D), layer=i)
+    add(b + "ffn_up.weight", "up", (_FFN, _D), layer=i)
+    add(b + "ffn_down.weight", "down", (_D, _FFN), layer=i)
     if arch == "qwen2":
       for n, rows in (("q", _HEADS * _HD), ("k", _KV * _HD), ("v", _KV * _HD)):
         w.add_tensor(b + f"attn_{n}.bias",
@@ -236,6 +257,13 @@ _CASES = {
     "qwen2": ({"q": "Q4_1", "k": "Q4_1", "v": "Q4_1", "o": "Q4_1",
                "gate": "Q8_0", "up": "Q8_0", "down": "Q4_1",
                "head": "Q4_1"}, {"qkv", "wo", "gate_up", "w_down", "head"}),
+    # Types that change between layers (as llama.cpp's mixes do): Q4_0 and
+    # Q4_1 share a layout and stack; Q8_0 over Q4_1 cannot, so that group
+    # stays on the float32 path.
+    "qwen2-mixed-layers": (
+        {"q": ("Q4_0", "Q4_1"), "k": "Q4_1", "v": ("Q4_1", "Q4_0"),
+         "o": "Q8_0", "gate": ("Q8_0", "Q4_1"), "up": ("Q8_0", "Q4_1"),
+         "down": ("Q4_1", "Q8_0"), "head": "Q8_0"}, {"qkv", "wo", "head"}),
 }
 
 
@@ -243,7 +271,7 @@ _CASES = {
 def test_quantized_gguf_decodes_like_float32(tmp_path, arch, one_device_mesh):
   types, groups = _CASES[arch]
   f = tmp_path / f"{arch}.gguf"
-  _write_quantized(f, arch, types)
+  _write_quantized(f, arch.split("-")[0], types)
   fast = SearchR3.from_pretrained(str(f), mesh=one_device_mesh,
                                   cpu_kernels=True)
   slow = SearchR3.from_pretrained(str(f), mesh=one_device_mesh,
@@ -253,6 +281,14 @@ def test_quantized_gguf_decodes_like_float32(tmp_path, arch, one_device_mesh):
   # The packed head covers the file's 258 rows; the embed token's new row
   # and the padding come from the float32 head.
   assert fast.quantized.width("head") == 258 < fast.cfg.vocab_size
+  # Fewer head rows when the loader re-initialised one inside the file's
+  # vocabulary: the packed rows stop there.
+  from search_r3_jax.weights.gguf import read_gguf  # pylint: disable=g-import-not-at-top
+  short = quantized.pack_checkpoint(read_gguf(f).get_blocks, fast.cfg, 100)
+  assert short.width("head") == 100
+  np.testing.assert_array_equal(
+      quantized.dequantize(short.mats["head"])[:, :100],
+      quantized.dequantize(fast.quantized.mats["head"])[:, :100])
 
   # One decoder forward over few rows: the kernels against float32.
   g, state = nnx.split(fast.model)

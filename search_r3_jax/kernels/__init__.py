@@ -26,10 +26,12 @@ import pathlib
 import platform
 import shutil
 import subprocess
-from typing import Optional
+import threading
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import jaxlib.version
 
 from search_r3_jax.paths import cache_root
 
@@ -73,9 +75,14 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(cache_dir: Optional[pathlib.Path] = None) -> pathlib.Path:
-  """Compiles `qmatmul.cc` (once per source, compiler, jaxlib and CPU).
+def build(cache_dir: Optional[pathlib.Path] = None,
+          extra_flags: Sequence[str] = ()) -> pathlib.Path:
+  """Compiles `qmatmul.cc` (once per source, compiler, flags, jaxlib, CPU).
 
+  Args:
+    cache_dir: where the library goes (default `<cache root>/kernels`).
+    extra_flags: more compiler flags, e.g. `-mno-avx512f` to build the
+      AVX2 path on an AVX-512 machine.
   Returns:
     The shared library's path.
   Raises:
@@ -87,9 +94,10 @@ def build(cache_dir: Optional[pathlib.Path] = None) -> pathlib.Path:
     raise KernelBuildError("no C++ compiler found ($CXX, g++, c++, clang++)")
   include = jax.ffi.include_dir()
   flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", *_arch_flags(),
-           f"-I{include}"]
+           *extra_flags, f"-I{include}"]
   key = hashlib.sha256("\0".join([
-      _SOURCE.read_text(), cxx, *flags, jax.__version__, _cpu_signature()
+      _SOURCE.read_text(), cxx, *flags, jaxlib.version.__version__,
+      _cpu_signature()
   ]).encode()).hexdigest()[:16]
   out_dir = pathlib.Path(cache_dir or cache_root() / "kernels")
   out = out_dir / f"qmatmul-{key}.so"
@@ -98,14 +106,16 @@ def build(cache_dir: Optional[pathlib.Path] = None) -> pathlib.Path:
   out_dir.mkdir(parents=True, exist_ok=True)
   # Compile beside the target and rename: a concurrent or interrupted build
   # never leaves a half-written library under the final name.
-  tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+  tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
   cmd = [cxx, *flags, str(_SOURCE), "-o", str(tmp)]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
     tmp.unlink(missing_ok=True)
+    err = proc.stderr + proc.stdout
+    if len(err) > 6000:  # the first error and the last lines
+      err = err[:4000] + "\n[...]\n" + err[-2000:]
     raise KernelBuildError(
-        f"compiling {_SOURCE} failed ({' '.join(cmd)}):\n"
-        f"{proc.stderr[-4000:]}")
+        f"compiling {_SOURCE} failed ({' '.join(cmd)}):\n{err}")
   os.replace(tmp, out)
   return out
 
@@ -118,14 +128,26 @@ def status() -> tuple[bool, str]:
   if jax.default_backend() != "cpu":
     return False, f"the default JAX backend is {jax.default_backend()}"
   try:
-    lib = ctypes.cdll.LoadLibrary(str(build()))
-    for symbol, target in _TARGETS.items():
-      jax.ffi.register_ffi_target(
-          target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-  except (KernelBuildError, OSError, AttributeError) as e:
+    register(build())
+  except Exception as e:  # pylint: disable=broad-except
+    # Whatever stops the kernels (compiler, loader, an XLA without FFI
+    # thread pools), the float32 path still runs.
     log.warning("CPU kernels unavailable, using XLA matmuls: %s", e)
-    return False, str(e)
+    return False, f"{type(e).__name__}: {e}"
   return True, ""
+
+
+def register(library: pathlib.Path, suffix: str = "") -> dict[str, str]:
+  """Loads a built library and registers its handlers as custom-call
+  targets named `<default target><suffix>`; returns symbol -> target."""
+  lib = ctypes.cdll.LoadLibrary(str(library))
+  targets = {}
+  for symbol, target in _TARGETS.items():
+    jax.ffi.register_ffi_target(
+        target + suffix, jax.ffi.pycapsule(getattr(lib, symbol)),
+        platform="cpu")
+    targets[symbol] = target + suffix
+  return targets
 
 
 def available() -> bool:
@@ -133,7 +155,8 @@ def available() -> bool:
 
 
 def qmatmul(x: jax.Array, qs: jax.Array, d: jax.Array,
-            m: Optional[jax.Array], layer) -> jax.Array:
+            m: Optional[jax.Array], layer,
+            targets: Optional[dict[str, str]] = None) -> jax.Array:
   """x [M, K] float32 times layer `layer` of a packed matrix -> [M, N].
 
   Args:
@@ -141,12 +164,16 @@ def qmatmul(x: jax.Array, qs: jax.Array, d: jax.Array,
     d: f32 [L, N/16, K/32, 16] scales; m: the same for Q4_1's minimums, None
       for Q8_0.
     layer: int32 scalar (traced or not) picking one of the L matrices.
+    targets: the custom calls to use (from `register`); default the
+      library `status()` built.
   """
-  if not available():
-    raise RuntimeError(f"CPU kernels unavailable: {status()[1]}")
+  if targets is None:
+    if not available():
+      raise RuntimeError(f"CPU kernels unavailable: {status()[1]}")
+    targets = _TARGETS
   n = qs.shape[1] * LANES
   out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
   layer = jnp.asarray(layer, jnp.int32)
   if m is None:
-    return jax.ffi.ffi_call(_TARGETS["QMatmulQ80"], out)(x, qs, d, layer)
-  return jax.ffi.ffi_call(_TARGETS["QMatmulQ41"], out)(x, qs, d, m, layer)
+    return jax.ffi.ffi_call(targets["QMatmulQ80"], out)(x, qs, d, layer)
+  return jax.ffi.ffi_call(targets["QMatmulQ41"], out)(x, qs, d, m, layer)

@@ -25,6 +25,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
+#include <thread>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -256,6 +258,7 @@ void Work(Shared& s) {
 
 void Run(ffi::ThreadPool& pool, const Problem& problem, bool q41) {
   const int64_t tiles = problem.n / kLanes;
+  if (tiles == 0 || problem.rows == 0) return;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // A few chunks per thread balance uneven progress; each chunk still
   // streams tens of kilobytes of weights.
@@ -270,26 +273,57 @@ void Run(ffi::ThreadPool& pool, const Problem& problem, bool q41) {
     pool.Schedule([s] { Work(*s); });
   }
   Work(*s);
-  while (s->done.load(std::memory_order_acquire) < s->chunks) {
+  // Only chunks a helper has started remain: a short spin covers them, and
+  // a helper descheduled mid-chunk gets the core back through yield.
+  for (int spins = 0;
+       s->done.load(std::memory_order_acquire) < s->chunks; ++spins) {
+    if (spins < 4096) {
 #if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
+      __builtin_ia32_pause();
 #endif
+    } else {
+      std::this_thread::yield();
+    }
   }
 }
 
+std::string Dims(ffi::Span<const int64_t> d) {
+  std::string out = "[";
+  for (size_t i = 0; i < d.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(d[i]);
+  }
+  return out + "]";
+}
+
+bool Same(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// Validates x [M, K], qs [L, N/16, K/32, per_block], d (and m) [L, N/16,
+// K/32, 16], y [M, N] and the layer index; fills the sizes.
 ffi::Error Check(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> qd,
-                 ffi::Span<const int64_t> dd, int64_t per_block,
-                 int64_t* layers, int64_t* rows, int64_t* k, int64_t* n) {
-  if (xd.size() != 2 || qd.size() != 4 || dd.size() != 4) {
-    return ffi::Error::InvalidArgument("qmatmul: operand ranks");
+                 ffi::Span<const int64_t> dd, const ffi::Span<const int64_t>* md,
+                 ffi::Span<const int64_t> yd, int64_t per_block,
+                 int64_t layer, int64_t* rows, int64_t* k, int64_t* n) {
+  const std::string shapes = "x " + Dims(xd) + ", qs " + Dims(qd) + ", d " +
+                             Dims(dd) + (md ? ", m " + Dims(*md) : "") +
+                             ", y " + Dims(yd);
+  if (xd.size() != 2 || qd.size() != 4 || dd.size() != 4 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument("qmatmul: operand ranks: " + shapes);
   }
   *rows = xd[0];
   *k = xd[1];
-  *layers = qd[0];
   *n = qd[1] * kLanes;
   if (qd[2] * kBlock != *k || qd[3] != per_block || dd[0] != qd[0] ||
-      dd[1] != qd[1] || dd[2] != qd[2] || dd[3] != kLanes) {
-    return ffi::Error::InvalidArgument("qmatmul: operand shapes disagree");
+      dd[1] != qd[1] || dd[2] != qd[2] || dd[3] != kLanes ||
+      (md && !Same(*md, dd)) || yd[0] != *rows || yd[1] != *n) {
+    return ffi::Error::InvalidArgument("qmatmul: operand shapes disagree: " +
+                                       shapes);
+  }
+  if (layer < 0 || layer >= qd[0]) {
+    return ffi::Error::InvalidArgument(
+        "qmatmul: layer index out of range: " + std::to_string(layer) +
+        " not in [0, " + std::to_string(qd[0]) + ")");
   }
   return ffi::Error::Success();
 }
@@ -298,13 +332,13 @@ ffi::Error Q41Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                    ffi::Buffer<ffi::U8> qs, ffi::Buffer<ffi::F32> d,
                    ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::S32> layer,
                    ffi::ResultBuffer<ffi::F32> y) {
-  int64_t layers, rows, k, n;
-  if (auto e = Check(x.dimensions(), qs.dimensions(), d.dimensions(), 256, &layers, &rows, &k, &n); e.failure()) {
-    return e;
-  }
+  int64_t rows, k, n;
   const int64_t l = layer.typed_data()[0];
-  if (l < 0 || l >= layers) {
-    return ffi::Error::InvalidArgument("qmatmul: layer index out of range");
+  const auto md = m.dimensions();
+  if (auto e = Check(x.dimensions(), qs.dimensions(), d.dimensions(), &md,
+                     y->dimensions(), 256, l, &rows, &k, &n);
+      e.failure()) {
+    return e;
   }
   const int64_t per_layer = (n / kLanes) * (k / kBlock);
   Problem p{x.typed_data(), qs.typed_data() + l * per_layer * 256,
@@ -319,13 +353,12 @@ ffi::Error Q80Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                    ffi::Buffer<ffi::S8> qs, ffi::Buffer<ffi::F32> d,
                    ffi::Buffer<ffi::S32> layer,
                    ffi::ResultBuffer<ffi::F32> y) {
-  int64_t layers, rows, k, n;
-  if (auto e = Check(x.dimensions(), qs.dimensions(), d.dimensions(), 512, &layers, &rows, &k, &n); e.failure()) {
-    return e;
-  }
+  int64_t rows, k, n;
   const int64_t l = layer.typed_data()[0];
-  if (l < 0 || l >= layers) {
-    return ffi::Error::InvalidArgument("qmatmul: layer index out of range");
+  if (auto e = Check(x.dimensions(), qs.dimensions(), d.dimensions(), nullptr,
+                     y->dimensions(), 512, l, &rows, &k, &n);
+      e.failure()) {
+    return e;
   }
   const int64_t per_layer = (n / kLanes) * (k / kBlock);
   Problem p{x.typed_data(), qs.typed_data() + l * per_layer * 512,
