@@ -12,10 +12,15 @@ DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                           "Compute dtype.")
 MESH = flags.DEFINE_list("mesh", ["1", "-1", "1"],
                          "('data', 'fsdp', 'tensor') mesh sizes; -1 = the rest.")
+CPU_KERNELS = flags.DEFINE_enum(
+    "cpu_kernels", "auto", ["auto", "on", "off"],
+    "Decode with a GGUF's own quantized blocks on the CPU kernels: auto "
+    "where they apply, on (fail where they cannot), off (float32).")
 
 
 def load_model():
   from search_r3_jax.api import SearchR3  # pylint: disable=g-import-not-at-top
   return SearchR3.from_pretrained(
       MODEL.value, model_dir=MODEL_DIR.value, compute_dtype=DTYPE.value,
-      mesh_shape=[int(x) for x in MESH.value])
+      mesh_shape=[int(x) for x in MESH.value],
+      cpu_kernels={"auto": None, "on": True, "off": False}[CPU_KERNELS.value])

@@ -35,6 +35,9 @@ def main(argv):
   print(f"loaded {cli.MODEL.value}: {model.cfg.num_params() / 1e6:.0f}M "
         f"params, d={model.cfg.hidden_size}, embed token id "
         f"{model.tokenizer.embed_token_id} ({time.perf_counter() - t0:.1f}s)")
+  print("decoding with " + (
+      "the GGUF's quantized blocks on the CPU kernels"
+      if model.quantized is not None else "float32 weights"))
   print("\n== generate (greedy, raw continuation)")
   text = "The capital of France is"
   print(text + model.generate([text], max_new_tokens=12, chat=False)[0])
