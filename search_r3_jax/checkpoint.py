@@ -61,6 +61,32 @@ class Checkpointer:
         data=ocp.args.JsonRestore()))
     return out["state"], dict(out["data"])
 
+  def restore_params(self, params_like: Any, step: Optional[int] = None
+                     ) -> Any:
+    """Restores only the state's `params` (no optimizer state, no reference
+    copy), into arrays shaped and sharded like `params_like`: what loading a
+    trained model for inference needs, at a quarter of the memory."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        params_like)
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args},
+            partial_restore=True)))
+    got = jax.tree.leaves(out["state"]["params"])
+    want = jax.tree.leaves(target)
+    if len(got) != len(want) or any(
+        g.shape != w.shape for g, w in zip(got, want)):
+      raise ValueError(
+          f"{self.directory} step {step}: the checkpoint's parameters do not "
+          "match the model its config describes")
+    return jax.tree.unflatten(jax.tree.structure(target), got)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

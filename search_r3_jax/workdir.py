@@ -20,14 +20,6 @@ def is_workdir(path: os.PathLike | str) -> bool:
   return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
 
 
-def _has_reference(cfg) -> bool:
-  """Whether the run's train state holds reference parameters: stage 2's
-  KL weight is `loss.beta`, stage 1's `loss.weights.kl`."""
-  if cfg.get("stage", 1) == 2:
-    return bool(cfg.loss.get("beta"))
-  return bool(cfg.loss.weights.get("kl"))
-
-
 def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
                  step: Optional[int] = None):
   """The model of a training workdir at its latest (or given) checkpoint.
@@ -36,7 +28,6 @@ def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
     FileNotFoundError: the workdir has no finished checkpoint.
   """
   from search_r3_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import train_state as ts  # pylint: disable=g-import-not-at-top
   from search_r3_jax.runtime import load_model  # pylint: disable=g-import-not-at-top
 
   p = pathlib.Path(path)
@@ -49,12 +40,8 @@ def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
       raise FileNotFoundError(f"{p} is a training workdir without a finished "
                               "checkpoint")
     model = load_model(cfg, mesh)
-    tx, _ = ts.make_optimizer(cfg.optimizer)
-    _, state, _ = ts.create_train_state(
-        model.model, tx, mesh,
-        with_reference=_has_reference(cfg))
-    state, _ = ck.restore(state, step)
+    params = ck.restore_params(nnx.state(model.model, nnx.Param), step)
   finally:
     ck.close()
-  nnx.update(model.model, state.params)
+  nnx.update(model.model, params)
   return model
