@@ -10,8 +10,9 @@ Writes into the workdir: config.json, metrics.jsonl (one line per logged
 step and per evaluation), TensorBoard events (tb/), PNG plots of the curves
 (plots/), and orbax checkpoints (checkpoints/) that also hold the data
 position. Running again on the same workdir resumes at the saved step and
-data position, also after `kill -9`. A non-finite loss stops the run with a
-message; the last checkpoint (all of whose steps had finite losses) stays.
+data position, also after `kill -9`. A non-finite loss or gradient, or
+updated parameters whose forward is not finite, stops the run with a
+message; the last checkpoint (all of whose steps were finite) stays.
 """
 
 from __future__ import annotations
@@ -115,6 +116,22 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
           f"{checkpoints.latest_step()}")
     return step, values, tokens
 
+  def check_update(step: int, params) -> None:
+    # The loss and gradient were computed before the update; an exploding
+    # update leaves both finite and the parameters useless. One short
+    # document's forward with the new parameters catches it before they are
+    # saved.
+    current = SearchR3(nnx.merge(graphdef, params), model.tokenizer, mesh,
+                       prompts=model.prompts)
+    probe = current.encode_documents(["a short probe document"],
+                                     progress=False)
+    if not np.isfinite(probe).all():
+      raise NonFiniteLossError(
+          f"step {step}: the updated parameters' forward is not finite "
+          "although the loss and gradient were; stopping. The last "
+          f"checkpoint in {checkpoints.directory} is intact: step "
+          f"{checkpoints.latest_step()}")
+
   try:
     for step in range(start, cfg.total_steps):
       examples = loader.next_batch()
@@ -140,6 +157,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       done = step + 1
       if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
         check(pending)  # never save a state whose loss is not finite
+        check_update(done, state.params)
         checkpoints.save(done, state, position)
       if done % cfg.eval_every == 0 or done == cfg.total_steps:
         check(pending)

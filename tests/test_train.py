@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -90,18 +91,36 @@ def test_resume_after_kill_9_continues_exactly(straight, tmp_path):
 
 
 def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path):
-  out = _run(tmp_path, "--config.optimizer.learning_rate=1e12",
-             "--config.optimizer.clip_norm=1e30", "--config.checkpoint_every=1",
+  """An InfoNCE temperature of 0 makes the loss itself non-finite."""
+  out = _run(tmp_path, "--config.loss.tau=0.0", "--config.checkpoint_every=1",
              check=False)
   assert out.returncode != 0
   assert "loss is nan" in out.stderr.lower() or "loss is inf" in (
       out.stderr.lower())
-  assert "is intact" in out.stderr
-  # The newest checkpoint restores and holds finite parameters.
+  assert "is intact: step None" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def test_exploding_update_stops_before_it_is_saved(straight, tmp_path):
+  """Learning rate 1e12 without clipping, resumed from a healthy run: the
+  update's loss and gradient were finite, so only the forward with the
+  updated parameters can stop it, before they are saved."""
+  workdir = tmp_path / "run"
+  shutil.copytree(straight, workdir)
+  out = _run(workdir, "--config.total_steps=10", "--config.checkpoint_every=1",
+             "--config.optimizer.learning_rate=1e12",
+             "--config.optimizer.clip_norm=1e30", check=False)
+  assert out.returncode != 0
+  assert "updated parameters' forward is not finite" in out.stderr, (
+      out.stderr[-2000:])
+  assert "is intact: step 8" in out.stderr
+  # Nothing of the exploded update was saved: the newest checkpoint is
+  # still step 8, and it restores finite.
   from search_r3_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  ck = checkpoint.Checkpointer(tmp_path)
+  ck = checkpoint.Checkpointer(workdir)
   latest = ck.latest_step()
-  assert latest is not None
+  assert latest == 8
   restored = ck.manager.restore(latest)
   leaves = jax.tree.leaves(restored["state"])
   assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
