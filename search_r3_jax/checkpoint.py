@@ -50,12 +50,8 @@ class Checkpointer:
     Returns:
       (state, data position).
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        state_like)
+    step = self._step(step)
+    target = _abstract(state_like)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
         data=ocp.args.JsonRestore()))
@@ -66,12 +62,8 @@ class Checkpointer:
     """Restores only the state's `params` (no optimizer state, no reference
     copy), into arrays shaped and sharded like `params_like`: what loading a
     trained model for inference needs, at a quarter of the memory."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        params_like)
+    step = self._step(step)
+    target = _abstract(params_like)
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
     out = self.manager.restore(step, args=ocp.args.Composite(
@@ -87,9 +79,22 @@ class Checkpointer:
           "match the model its config describes")
     return jax.tree.unflatten(jax.tree.structure(target), got)
 
+  def _step(self, step: Optional[int]) -> int:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return step
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _abstract(tree: Any) -> Any:
+  """Shapes, dtypes and shardings of `tree`'s arrays: a restore target."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      tree)

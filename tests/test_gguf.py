@@ -248,6 +248,32 @@ def _byte_tokens() -> list[str]:
   return sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()) + ["Ġt"]
 
 
+def byte_level_writer(path: pathlib.Path, arch: str, *, layers: int,
+                      hidden: int, ffn: int, heads: int, kv_heads: int,
+                      rope_base: float | None = None) -> gguf.GGUFWriter:
+  """A GGUFWriter with the model's shape and a byte-level tokenizer of
+  `["<|endoftext|>"] + _byte_tokens()` in its metadata; the caller adds the
+  tensors and writes the file."""
+  tokens = ["<|endoftext|>"] + _byte_tokens()
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(layers)
+  w.add_context_length(128)
+  w.add_embedding_length(hidden)
+  w.add_feed_forward_length(ffn)
+  w.add_head_count(heads)
+  w.add_head_count_kv(kv_heads)
+  w.add_layer_norm_rms_eps(1e-6)
+  if rope_base is not None:
+    w.add_rope_freq_base(rope_base)
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_types([3] + [1] * (len(tokens) - 1))
+  w.add_token_merges(["Ġ t"])
+  w.add_eos_token_id(0)
+  return w
+
+
 @pytest.mark.parametrize("arch,pre", [("llama", "smollm"),
                                       ("llama", "llama-bpe"),
                                       ("llama", "default"),
@@ -359,20 +385,8 @@ def test_every_quantization_type_dequantizes(tmp_path, qtype):
       "blk.0.ffn_down.weight": (d, d),
   }
   f = tmp_path / f"{qtype}.gguf"
-  w = gguf.GGUFWriter(str(f), "llama")
-  w.add_block_count(1)
-  w.add_context_length(64)
-  w.add_embedding_length(d)
-  w.add_feed_forward_length(d)
-  w.add_head_count(heads)
-  w.add_head_count_kv(kv_heads)
-  w.add_layer_norm_rms_eps(1e-6)
-  w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre("default")
-  w.add_token_list(tokens)
-  w.add_token_types([3] + [1] * (len(tokens) - 1))
-  w.add_token_merges(["Ġ t"])
-  w.add_eos_token_id(0)
+  w = byte_level_writer(f, "llama", layers=1, hidden=d, ffn=d, heads=heads,
+                        kv_heads=kv_heads)
   expected = {}
   for name, shape in shapes.items():
     x = rng.standard_normal(shape).astype(np.float32)

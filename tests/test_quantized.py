@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from search_r3_jax import SearchR3, kernels, quantized
-from test_gguf import _byte_tokens, _llama_cpp_permute
+from test_gguf import _byte_tokens, _llama_cpp_permute, byte_level_writer
 
 
 
@@ -191,21 +191,8 @@ def _write_quantized(path: pathlib.Path, arch: str, types: dict) -> None:
   (tensor kind -> GGUF type name, or one per layer; F16 is not packable)."""
   rng = np.random.default_rng(5)
   tokens = ["<|endoftext|>"] + _byte_tokens()
-  w = gguf.GGUFWriter(str(path), arch)
-  w.add_block_count(_LAYERS)
-  w.add_context_length(128)
-  w.add_embedding_length(_D)
-  w.add_feed_forward_length(_FFN)
-  w.add_head_count(_HEADS)
-  w.add_head_count_kv(_KV)
-  w.add_layer_norm_rms_eps(1e-6)
-  w.add_rope_freq_base(1e4)
-  w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre("default")
-  w.add_token_list(tokens)
-  w.add_token_types([3] + [1] * (len(tokens) - 1))
-  w.add_token_merges(["Ġ t"])
-  w.add_eos_token_id(0)
+  w = byte_level_writer(path, arch, layers=_LAYERS, hidden=_D, ffn=_FFN,
+                        heads=_HEADS, kv_heads=_KV, rope_base=1e4)
 
   def add(name, kind, shape, permute_heads=0, layer=0):
     x = (0.3 * rng.standard_normal(shape)).astype(np.float32)

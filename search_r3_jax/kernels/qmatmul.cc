@@ -145,26 +145,44 @@ struct Problem {
   int64_t rows, k, n;
 };
 
-// R rows of x times one 16-output tile of a Q4_1 matrix.
-template <int R>
-void TileQ41(const Problem& p, int64_t row0, int64_t tile) {
+// The two block layouts, as pairs of consecutive inputs: pair j of a
+// 32-input block gives the 16 lanes' weights of inputs 2j and 2j + 1.
+struct Q41Blocks {
+  static constexpr int kBytes = 256;  // per block of one tile
+  static void Pair(const uint8_t* q, int j, Vec d, Vec m, Vec* w0, Vec* w1) {
+    Q4(q + j * kLanes, d, m, w0, w1);
+  }
+};
+
+struct Q80Blocks {
+  static constexpr int kBytes = 512;
+  static void Pair(const uint8_t* q, int j, Vec d, Vec, Vec* w0, Vec* w1) {
+    const int8_t* s = reinterpret_cast<const int8_t*>(q) + 2 * j * kLanes;
+    *w0 = Q8(s, d);
+    *w1 = Q8(s + kLanes, d);
+  }
+};
+
+// R rows of x times one 16-output tile.
+template <class Blocks, int R>
+void Tile(const Problem& p, int64_t row0, int64_t tile) {
   const int64_t kb_count = p.k / kBlock;
   const uint8_t* qs =
-      static_cast<const uint8_t*>(p.qs) + tile * kb_count * 256;
+      static_cast<const uint8_t*>(p.qs) + tile * kb_count * Blocks::kBytes;
   const float* d = p.d + tile * kb_count * kLanes;
-  const float* m = p.m + tile * kb_count * kLanes;
+  const float* m = p.m ? p.m + tile * kb_count * kLanes : nullptr;
   const float* x = p.x + row0 * p.k;
   Vec acc[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r] = Zero();
   for (int64_t kb = 0; kb < kb_count; ++kb) {
     const Vec dv = Load(d + kb * kLanes);
-    const Vec mv = Load(m + kb * kLanes);
-    const uint8_t* q = qs + kb * 256;
+    const Vec mv = m ? Load(m + kb * kLanes) : Zero();
+    const uint8_t* q = qs + kb * Blocks::kBytes;
     const float* xk = x + kb * kBlock;
     for (int j = 0; j < kBlock / 2; ++j) {
       Vec w0, w1;
-      Q4(q + j * kLanes, dv, mv, &w0, &w1);
+      Blocks::Pair(q, j, dv, mv, &w0, &w1);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         acc[r] = Fma(xk[r * p.k + 2 * j], w0, acc[r]);
@@ -178,56 +196,20 @@ void TileQ41(const Problem& p, int64_t row0, int64_t tile) {
   }
 }
 
-// R rows of x times one 16-output tile of a Q8_0 matrix.
-template <int R>
-void TileQ80(const Problem& p, int64_t row0, int64_t tile) {
-  const int64_t kb_count = p.k / kBlock;
-  const int8_t* qs =
-      static_cast<const int8_t*>(p.qs) + tile * kb_count * 512;
-  const float* d = p.d + tile * kb_count * kLanes;
-  const float* x = p.x + row0 * p.k;
-  Vec acc[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = Zero();
-  for (int64_t kb = 0; kb < kb_count; ++kb) {
-    const Vec dv = Load(d + kb * kLanes);
-    const int8_t* q = qs + kb * 512;
-    const float* xk = x + kb * kBlock;
-    for (int j = 0; j < kBlock; ++j) {
-      const Vec w = Q8(q + j * kLanes, dv);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r] = Fma(xk[r * p.k + j], w, acc[r]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    Store(p.y + (row0 + r) * p.n + tile * kLanes, acc[r]);
-  }
-}
-
-template <bool kQ41, int R>
-inline void RunTile(const Problem& p, int64_t row0, int64_t tile) {
-  if constexpr (kQ41) {
-    TileQ41<R>(p, row0, tile);
-  } else {
-    TileQ80<R>(p, row0, tile);
-  }
-}
-
-template <bool kQ41>
+template <class Blocks>
 void RunTiles(const Problem& p, int64_t tile0, int64_t tile1) {
   for (int64_t row0 = 0; row0 < p.rows; row0 += kMaxRows) {
     const int64_t r = std::min<int64_t>(kMaxRows, p.rows - row0);
     for (int64_t t = tile0; t < tile1; ++t) {
       switch (r) {
-        case 8: RunTile<kQ41, 8>(p, row0, t); break;
-        case 7: RunTile<kQ41, 7>(p, row0, t); break;
-        case 6: RunTile<kQ41, 6>(p, row0, t); break;
-        case 5: RunTile<kQ41, 5>(p, row0, t); break;
-        case 4: RunTile<kQ41, 4>(p, row0, t); break;
-        case 3: RunTile<kQ41, 3>(p, row0, t); break;
-        case 2: RunTile<kQ41, 2>(p, row0, t); break;
-        default: RunTile<kQ41, 1>(p, row0, t); break;
+        case 8: Tile<Blocks, 8>(p, row0, t); break;
+        case 7: Tile<Blocks, 7>(p, row0, t); break;
+        case 6: Tile<Blocks, 6>(p, row0, t); break;
+        case 5: Tile<Blocks, 5>(p, row0, t); break;
+        case 4: Tile<Blocks, 4>(p, row0, t); break;
+        case 3: Tile<Blocks, 3>(p, row0, t); break;
+        case 2: Tile<Blocks, 2>(p, row0, t); break;
+        default: Tile<Blocks, 1>(p, row0, t); break;
       }
     }
   }
@@ -248,9 +230,9 @@ void Work(Shared& s) {
     const int64_t t0 = c * s.chunk_tiles;
     const int64_t t1 = std::min(t0 + s.chunk_tiles, s.problem.n / kLanes);
     if (s.q41) {
-      RunTiles<true>(s.problem, t0, t1);
+      RunTiles<Q41Blocks>(s.problem, t0, t1);
     } else {
-      RunTiles<false>(s.problem, t0, t1);
+      RunTiles<Q80Blocks>(s.problem, t0, t1);
     }
     s.done.fetch_add(1, std::memory_order_release);
   }
