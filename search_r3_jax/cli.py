@@ -2,6 +2,8 @@
 
 from absl import flags
 
+from search_r3_jax import kernels
+
 MODEL = flags.DEFINE_string(
     "model", "smollm2-135m",
     "Preset name, HF directory or .gguf file to load.")
@@ -13,7 +15,7 @@ DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 MESH = flags.DEFINE_list("mesh", ["1", "-1", "1"],
                          "('data', 'fsdp', 'tensor') mesh sizes; -1 = the rest.")
 CPU_KERNELS = flags.DEFINE_enum(
-    "cpu_kernels", "auto", ["auto", "on", "off"],
+    "cpu_kernels", "auto", list(kernels.FLAG_VALUES),
     "Decode with a GGUF's own quantized blocks on the CPU kernels: auto "
     "where they apply, on (fail where they cannot), off (float32).")
 
@@ -23,4 +25,4 @@ def load_model():
   return SearchR3.from_pretrained(
       MODEL.value, model_dir=MODEL_DIR.value, compute_dtype=DTYPE.value,
       mesh_shape=[int(x) for x in MESH.value],
-      cpu_kernels={"auto": None, "on": True, "off": False}[CPU_KERNELS.value])
+      cpu_kernels=kernels.FLAG_VALUES[CPU_KERNELS.value])

@@ -58,7 +58,7 @@ from search_r3_jax.data import stage1 as data_lib
 from search_r3_jax.environment import (EnvConfig, RetrievalEnvironment,
                                        document_encoder)
 from search_r3_jax.runtime import (MetricWriter, NonFiniteLossError, load_model,
-                                 say, write_run_plots)
+                                 close_run, say)
 
 RANK_BINS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10))
 
@@ -461,10 +461,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
         save(done)
   finally:
-    bar.close()
-    checkpoints.close()
-    writer.close()
-    write_run_plots(workdir)
+    close_run(workdir, bar, checkpoints, writer)
   return last_eval
 
 

@@ -95,3 +95,13 @@ def write_run_plots(workdir: str) -> None:
     from search_r3_jax.plots import write_plots  # pylint: disable=g-import-not-at-top
     write_plots(os.path.join(workdir, "metrics.jsonl"),
                 os.path.join(workdir, "plots"))
+
+
+def close_run(workdir: str, bar, checkpoints, writer) -> None:
+  """What both training programs do on the way out, finished or not: close
+  the progress bar, wait for the last checkpoint, flush the metrics and draw
+  the plots."""
+  bar.close()
+  checkpoints.close()
+  writer.close()
+  write_run_plots(workdir)

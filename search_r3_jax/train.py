@@ -35,7 +35,7 @@ from search_r3_jax import sharding as shd
 from search_r3_jax.api import SearchR3
 from search_r3_jax.data import stage1 as data_lib
 from search_r3_jax.runtime import (MetricWriter, NonFiniteLossError,
-                                   load_model, say, write_run_plots)
+                                   close_run, load_model, say)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:variant]).",
@@ -167,10 +167,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       writer.write(pending[0], values)
       bar.update(1)
   finally:
-    bar.close()
-    checkpoints.close()
-    writer.close()
-    write_run_plots(workdir)
+    close_run(workdir, bar, checkpoints, writer)
   return last_eval
 
 def main(argv):

@@ -6,6 +6,11 @@ import statistics
 import time
 from typing import Callable
 
+from absl import flags
+
+# Flags defined here belong to the benchmark that asks for them.
+flags.disclaim_key_flags()
+
 
 def median_time(fn: Callable[[], object], repeats: int
                 ) -> tuple[float, list[float]]:
@@ -45,3 +50,25 @@ def left_pad(rows, pad: int):
     ids[i, p - len(r):] = r
     mask[i, p - len(r):] = 1
   return ids, mask
+
+
+def torch_flags():
+  """Defines the reference's flags, `--torch_device` and `--skip_torch`, as
+  flags of the calling benchmark (this module disclaims its definitions, so
+  the benchmark's --help lists them); returns their holders."""
+  device = flags.DEFINE_enum(
+      "torch_device", "auto", ["auto", "cpu", "cuda"],
+      "Where the reference runs; auto = cuda when JAX runs on a GPU.")
+  skip = flags.DEFINE_bool("skip_torch", False, "Measure this project only.")
+  return device, skip
+
+
+def torch_device(choice: str) -> str:
+  """`--torch_device`'s value with "auto" resolved: cuda when JAX runs on a
+  GPU and torch sees one, else cpu."""
+  if choice != "auto":
+    return choice
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  return ("cuda" if jax.default_backend() == "gpu"
+          and torch.cuda.is_available() else "cpu")

@@ -25,20 +25,18 @@ import time
 
 from absl import app, flags
 
-from search_r3_jax.benchmarks.common import left_pad, median_time
+from search_r3_jax import kernels
+from search_r3_jax.benchmarks.common import (left_pad, median_time,
+                                             torch_device, torch_flags)
 
 QUICK = flags.DEFINE_bool("quick", False, "16 new tokens, one timed repeat.")
 NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Tokens per prompt.")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                           "Compute dtype of this project's model.")
-TORCH_DEVICE = flags.DEFINE_enum(
-    "torch_device", "auto", ["auto", "cpu", "cuda"],
-    "Where the reference runs; auto = cuda when JAX runs on a GPU.")
-SKIP_TORCH = flags.DEFINE_bool("skip_torch", False,
-                               "Measure this project only.")
+TORCH_DEVICE, SKIP_TORCH = torch_flags()
 CPU_KERNELS = flags.DEFINE_enum(
-    "cpu_kernels", "auto", ["auto", "on", "off"],
+    "cpu_kernels", "auto", list(kernels.FLAG_VALUES),
     "Decode with the GGUF's blocks on the CPU kernels (auto: where they "
     "apply) or with float32 weights (off).")
 
@@ -63,7 +61,7 @@ def bench_ours(prompts, new_tokens, repeats):
 
   m = SearchR3.from_pretrained(
       "smollm2-135m", compute_dtype=DTYPE.value,
-      cpu_kernels={"auto": None, "on": True, "off": False}[CPU_KERNELS.value])
+      cpu_kernels=kernels.FLAG_VALUES[CPU_KERNELS.value])
   run = lambda seed: m.generate_ids(prompts, max_new_tokens=new_tokens,
                                     stop_ids=(), seed=seed, **SAMPLING)
   t = time.perf_counter()
@@ -166,11 +164,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   result["jax_device"] = str(jax.devices()[0].device_kind)
   if not SKIP_TORCH.value:
-    device = TORCH_DEVICE.value
-    if device == "auto":
-      import torch  # pylint: disable=g-import-not-at-top
-      device = ("cuda" if jax.default_backend() == "gpu"
-                and torch.cuda.is_available() else "cpu")
+    device = torch_device(TORCH_DEVICE.value)
     result["torch_device"] = device
     result["torch_weights"] = "dequantized to float32 by transformers"
     ref = bench_torch(prompts, tok.pad_id, new_tokens, repeats, device)

@@ -65,7 +65,8 @@ import time
 from absl import app, flags
 import numpy as np
 
-from search_r3_jax.benchmarks.common import left_pad, median_time, repo_config
+from search_r3_jax.benchmarks.common import (left_pad, median_time, repo_config,
+                                             torch_device, torch_flags)
 
 QUICK = flags.DEFINE_bool(
     "quick", False, "1 timed step, 1 repeat, a 300-document environment.")
@@ -91,11 +92,7 @@ REFRESH_EVERY = flags.DEFINE_integer(
 INIT_FROM = flags.DEFINE_string(
     "init_from", None, "A stage-1 workdir or checkpoint to start from "
     "(default: the base model).")
-TORCH_DEVICE = flags.DEFINE_enum(
-    "torch_device", "auto", ["auto", "cpu", "cuda"],
-    "Where the reference runs; auto = cuda when JAX runs on a GPU.")
-SKIP_TORCH = flags.DEFINE_bool("skip_torch", False,
-                               "Measure this project only.")
+TORCH_DEVICE, SKIP_TORCH = torch_flags()
 
 PHASES = (("rollout", "time_rollout"), ("forward", "time_forward"),
           ("search_and_reward", "time_reward"), ("update", "time_update"),
@@ -373,11 +370,7 @@ def main(argv):
       "refresh_reencoded": int(last.get("refresh_reencoded", 0)),
   }
   if not SKIP_TORCH.value:
-    device = TORCH_DEVICE.value
-    if device == "auto":
-      import torch  # pylint: disable=g-import-not-at-top
-      device = ("cuda" if backend == "gpu" and torch.cuda.is_available()
-                else "cpu")
+    device = torch_device(TORCH_DEVICE.value)
     ref = bench_torch(loop, prompts, new_tokens, repeats, device)
     torch_tok_s = work / ref["gen_s"]
     print(f"torch: {torch_tok_s:.1f} tok/s ({ref['gen_s']:.2f} s; warm-up "

@@ -44,7 +44,7 @@ import time
 
 from absl import app, flags
 
-from search_r3_jax.benchmarks.common import median_time
+from search_r3_jax.benchmarks.common import median_time, torch_device, torch_flags
 import numpy as np
 
 QUICK = flags.DEFINE_bool("quick", False,
@@ -55,11 +55,7 @@ NUM_NEGATIVES = flags.DEFINE_integer("num_negatives", 1,
 QUERY_LEN = flags.DEFINE_integer("query_len", 48, "Query sequence length.")
 DOC_LEN = flags.DEFINE_integer("doc_len", 104, "Document sequence length.")
 STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per side (median).")
-TORCH_DEVICE = flags.DEFINE_enum(
-    "torch_device", "auto", ["auto", "cpu", "cuda"],
-    "Where the reference runs; auto = cuda when JAX runs on a GPU.")
-SKIP_TORCH = flags.DEFINE_bool("skip_torch", False,
-                               "Measure this project only.")
+TORCH_DEVICE, SKIP_TORCH = torch_flags()
 
 LOSS_CFG = {"weights": {"sft": 1.0, "kl": 1.0, "infonce": 1.0,
                         "triplet": 1.0},
@@ -372,11 +368,7 @@ def main(argv):
       "losses_ours": [round(x, 5) for x in ours["losses"]],
   }
   if not SKIP_TORCH.value:
-    device = TORCH_DEVICE.value
-    if device == "auto":
-      import torch  # pylint: disable=g-import-not-at-top
-      device = ("cuda" if jax.default_backend() == "gpu"
-                and torch.cuda.is_available() else "cpu")
+    device = torch_device(TORCH_DEVICE.value)
     lrs = [float(ours["schedule"](i)) for i in range(steps + 1)]
     ref = bench_torch(host_batch, m.cfg.vocab_size, lrs, steps, device)
     torch_peak = torch_matmul_gflops(repeats=3) if device == "cpu" else None

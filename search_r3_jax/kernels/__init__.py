@@ -42,6 +42,9 @@ _SOURCE = pathlib.Path(__file__).with_name("qmatmul.cc")
 # FFI symbol -> custom-call target name.
 _TARGETS = {"QMatmulQ41": "search_r3_jax_qmatmul_q4_1",
             "QMatmulQ80": "search_r3_jax_qmatmul_q8_0"}
+# The programs' and the generate benchmark's `--cpu_kernels` values ->
+# `SearchR3.from_pretrained(cpu_kernels=...)`.
+FLAG_VALUES = {"auto": None, "on": True, "off": False}
 LANES = 16   # outputs per tile
 BLOCK = 32   # inputs per quantization block
 
