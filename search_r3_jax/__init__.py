@@ -2,8 +2,8 @@
 and emits its own retrieval embedding at `<|embed_token|>`."""
 
 from search_r3_jax.api import SearchR3
-from search_r3_jax.config import ModelConfig
-from search_r3_jax.prompts import EMBED_TOKEN, PromptConfig
+from search_r3_jax.core.config import ModelConfig
+from search_r3_jax.core.prompts import EMBED_TOKEN, PromptConfig
 
 __all__ = ["SearchR3", "ModelConfig", "PromptConfig", "EMBED_TOKEN"]
 __version__ = "0.1.0"

@@ -21,15 +21,15 @@ import tqdm
 from flax import nnx
 from jax.sharding import Mesh
 
-from search_r3_jax import decoding, encoding, kernels, quantized
-from search_r3_jax import sharding as shd
-from search_r3_jax.config import ModelConfig
-from search_r3_jax.model import Decoder
-from search_r3_jax.prompts import PromptConfig
-from search_r3_jax.quantized import QuantizedWeights
-from search_r3_jax.tokenizer import Tokenizer, embed_suffix_ids
-from search_r3_jax.weights import convert
-from search_r3_jax.weights.presets import load_checkpoint
+from search_r3_jax.core import decoding, encoding, kernels, quantized
+from search_r3_jax.core import sharding as shd
+from search_r3_jax.core.config import ModelConfig
+from search_r3_jax.core.model import Decoder
+from search_r3_jax.core.prompts import PromptConfig
+from search_r3_jax.core.quantized import QuantizedWeights
+from search_r3_jax.core.tokenizer import Tokenizer, embed_suffix_ids
+from search_r3_jax.core.weights import convert
+from search_r3_jax.core.weights.presets import load_checkpoint
 
 # Padded lengths are rounded up to multiples of this, so a stream of batches
 # compiles a handful of shapes rather than one per batch.
@@ -107,7 +107,7 @@ class SearchR3:
         Q4_0/Q4_1/Q8_0 GGUF, float32, one CPU device), False never, True
         raises where they cannot be used.
     """
-    from search_r3_jax import workdir  # pylint: disable=g-import-not-at-top
+    from search_r3_jax.training import workdir  # pylint: disable=g-import-not-at-top
     if workdir.is_workdir(name_or_path):
       if cpu_kernels:
         raise ValueError(f"cpu_kernels=True, but {name_or_path} is a "

@@ -2,7 +2,7 @@
 
 from absl import flags
 
-from search_r3_jax import kernels
+from search_r3_jax.core import kernels
 
 MODEL = flags.DEFINE_string(
     "model", "smollm2-135m",

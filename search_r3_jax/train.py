@@ -28,13 +28,13 @@ import tqdm
 from flax import nnx
 from ml_collections import config_flags
 
-from search_r3_jax import checkpoint as ckpt_lib
-from search_r3_jax import evaluation
-from search_r3_jax import sft
-from search_r3_jax import sharding as shd
+from search_r3_jax.training import checkpoint as ckpt_lib
+from search_r3_jax.retrieval import evaluation
+from search_r3_jax.training import stage1 as sft
+from search_r3_jax.core import sharding as shd
 from search_r3_jax.api import SearchR3
-from search_r3_jax.data import stage1 as data_lib
-from search_r3_jax.runtime import (MetricWriter, NonFiniteLossError,
+from search_r3_jax.data import sources as data_lib
+from search_r3_jax.training.runtime import (MetricWriter, NonFiniteLossError,
                                    close_run, load_model, say)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -180,7 +180,7 @@ def main(argv):
     if not workdir:
       raise SystemExit("error: give --workdir (the config names no workdir)")
     if cfg.get("stage", 1) == 2:
-      from search_r3_jax import rl  # pylint: disable=g-import-not-at-top
+      from search_r3_jax.training import stage2 as rl  # pylint: disable=g-import-not-at-top
       rl.train_and_evaluate(cfg, workdir)
     else:
       train_and_evaluate(cfg, workdir)

@@ -13,7 +13,7 @@ import jax
 import pytest
 import tokenizers
 
-from search_r3_jax import sharding as shd
+from search_r3_jax.core import sharding as shd
 
 # Prime sizes wherever the architecture allows, so no dimension can be
 # confused with another and sharding falls back where nothing divides.

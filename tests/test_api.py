@@ -13,11 +13,12 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from search_r3_jax import SearchR3, encoding
-from search_r3_jax.config import ConfigError
-from search_r3_jax.prompts import EMBED_TOKEN
-from search_r3_jax.weights.common import WeightsError
-from search_r3_jax.weights.gguf import find_smollm2_gguf
+from search_r3_jax import SearchR3
+from search_r3_jax.core import encoding
+from search_r3_jax.core.config import ConfigError
+from search_r3_jax.core.prompts import EMBED_TOKEN
+from search_r3_jax.core.weights.common import WeightsError
+from search_r3_jax.core.weights.gguf import find_smollm2_gguf
 
 TINY_QUERIES = ["who is the capital of france", "rome",
                 "where is the river in berlin city", "what query a an"]

@@ -4,10 +4,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from search_r3_jax import checkpoint
-from search_r3_jax import train_state as ts
-from search_r3_jax.config import ModelConfig
-from search_r3_jax.weights import convert
+from search_r3_jax.training import checkpoint
+from search_r3_jax.training import train_state as ts
+from search_r3_jax.core.config import ModelConfig
+from search_r3_jax.core.weights import convert
 
 CFG = ModelConfig(vocab_size=131, hidden_size=44, intermediate_size=68,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=10)

@@ -394,7 +394,7 @@ def test_stage1_eval_data_keeps_every_sub_question(fanout):
   """FanOutQA repeats sub-question ids across top-level questions: all 558
   occurrences are evaluated, none collapsed into another."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.data import stage1  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.data import sources as stage1  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(dict(
       name="wiki_fanout", path=None, num_negatives=3,
       data_dir=str(fanout.data_dir).split("/wiki_fanout/")[0]))

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from search_r3_jax.environment import (EnvConfig, RetrievalEnvironment,
+from search_r3_jax.retrieval.environment import (EnvConfig, RetrievalEnvironment,
                                        kmeans)
 
 N, D = 400, 32
@@ -631,7 +631,7 @@ def test_save_replaces_an_existing_environment(tmp_path):
 
 def test_refresh_with_a_model_encoder_on_a_mesh(eight_device_mesh):
   from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.environment import document_encoder  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.retrieval.environment import document_encoder  # pylint: disable=g-import-not-at-top
   shape = dict(hidden_size=64, intermediate_size=128, num_layers=2,
                num_heads=2, num_kv_heads=1, head_dim=32)
   a = SearchR3.random(seed=0, mesh=eight_device_mesh, **shape)

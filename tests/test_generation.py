@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from search_r3_jax import SearchR3, decoding, encoding
+from search_r3_jax import SearchR3
+from search_r3_jax.core import decoding, encoding
 
 
 @pytest.fixture(scope="module")

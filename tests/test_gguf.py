@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tokenizers
 
-from search_r3_jax.weights.common import WeightsError
-from search_r3_jax.weights.gguf import find_smollm2_gguf, read_gguf
+from search_r3_jax.core.weights.common import WeightsError
+from search_r3_jax.core.weights.gguf import find_smollm2_gguf, read_gguf
 
 # Strings for the tokenizer comparison: prose, digits, code, unicode, emoji,
 # runs of spaces and newlines, contractions, chat markup.

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_hf_dir
-from search_r3_jax import SearchR3, grpo
-from search_r3_jax import train_state as ts
+from search_r3_jax import SearchR3
+from search_r3_jax.training import grpo
+from search_r3_jax.training import train_state as ts
 
 N, T, K = 8, 23, 3
 CFG = {"clip_eps": 0.2, "beta": 0.01, "aux_weight": 0.1, "tau": 0.05}

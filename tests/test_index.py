@@ -11,8 +11,8 @@ import re
 import numpy as np
 import pytest
 
-from search_r3_jax import index as vindex
-from search_r3_jax.index import (IndexInputError, SearchResult, VectorIndex,
+from search_r3_jax.retrieval import index as vindex
+from search_r3_jax.retrieval.index import (IndexInputError, SearchResult, VectorIndex,
                                  scann_params)
 
 ENGINES = ("scann", "exact")

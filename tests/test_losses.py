@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from search_r3_jax import losses
+from search_r3_jax.training import advantages, losses
 
 RNG = np.random.default_rng(0)
 
@@ -122,11 +122,38 @@ def test_group_advantages_by_hand():
   rewards = np.array([[1.0, 0.0, 0.0, 1.0],    # mean 0.5, std 0.5
                       [2.0, 2.0, 2.0, 2.0],    # no spread: no signal
                       [3.0, 0.0, 0.0, 0.0]])   # mean 0.75, std sqrt(27)/4
-  got = np.asarray(losses.group_advantages(jnp.asarray(rewards), eps=1e-9))
+  got = np.asarray(advantages.get("grpo")(jnp.asarray(rewards), eps=1e-9))
   s = math.sqrt(27) / 4
   want = [[1, -1, -1, 1], [0, 0, 0, 0],
           [2.25 / s, -0.75 / s, -0.75 / s, -0.75 / s]]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dr_grpo_advantages_by_hand_and_numpy_equals_jax():
+  rewards = np.array([[1.0, 0.0, 0.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+  got = advantages.get("dr_grpo")(rewards)
+  np.testing.assert_allclose(got, [[0.5, -0.5, -0.5, 0.5],
+                                   [2.25, -0.75, -0.75, -0.75]])
+  for name in advantages.ADVANTAGES:
+    np.testing.assert_allclose(
+        np.asarray(advantages.get(name)(jnp.asarray(rewards))),
+        advantages.get(name)(rewards), rtol=1e-6, atol=1e-6)
+  with pytest.raises(KeyError, match="unknown advantage estimator 'ppo'.*"
+                     "dr_grpo.*grpo"):
+    advantages.get("ppo")
+
+
+def test_grpo_sequence_mean_by_hand():
+  # Row 0 has two response tokens, row 1 one: the sequence mean weighs the
+  # rows equally, the token mean weighs row 0 twice.
+  logp = jnp.zeros((2, 3))
+  mask = jnp.array([[1, 1, 0], [1, 0, 0]], jnp.float32)
+  adv = jnp.array([1.0, -2.0])
+  # At logp == old == ref the per-token term is -A (ratio 1, KL 0).
+  seq = float(losses.get("grpo_seq")(logp, logp, logp, mask, adv))
+  tok = float(losses.get("grpo")(logp, logp, logp, mask, adv))
+  assert seq == pytest.approx((-1.0 + 2.0) / 2)
+  assert tok == pytest.approx((-1.0 - 1.0 + 2.0) / 3)
 
 
 def test_grpo_by_hand():

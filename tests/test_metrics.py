@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from search_r3_jax import metrics
+from search_r3_jax.core.ops import exact_top_k
+from search_r3_jax.retrieval import metrics
 
 
 def test_ndcg_and_recall_by_hand():
@@ -40,7 +41,7 @@ def test_exact_top_k_matches_numpy():
   rng = np.random.default_rng(0)
   q = rng.standard_normal((5, 7)).astype(np.float32)
   d = rng.standard_normal((40, 7)).astype(np.float32)
-  scores, idx = metrics.exact_top_k(q, d, 6, chunk=2)
+  scores, idx = exact_top_k(q, d, 6, chunk=2)
   want = np.argsort(-(q @ d.T), -1)[:, :6]
   np.testing.assert_array_equal(idx, want)
   np.testing.assert_allclose(scores, np.take_along_axis(q @ d.T, want, -1),

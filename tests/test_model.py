@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from search_r3_jax import sharding as shd
-from search_r3_jax.config import ConfigError, ModelConfig
-from search_r3_jax.model import Decoder
-from search_r3_jax.weights import convert
+from search_r3_jax.core import sharding as shd
+from search_r3_jax.core.config import ConfigError, ModelConfig
+from search_r3_jax.core.model import Decoder
+from search_r3_jax.core.weights import convert
 
 CFG = ModelConfig(arch="qwen2", vocab_size=131, hidden_size=44,
                   intermediate_size=67, num_layers=3, num_heads=4,

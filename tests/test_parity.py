@@ -15,7 +15,8 @@ import transformers
 from flax import nnx
 
 from conftest import make_tiny_hf_dir
-from search_r3_jax import SearchR3, encoding
+from search_r3_jax import SearchR3
+from search_r3_jax.core import encoding
 
 # The tiny tokenizer knows ids < 113; `<|embed_token|>` becomes id 113, a
 # spare row of the 131-row embedding that the loader resets to the mean row.
@@ -162,7 +163,7 @@ def test_hf_tensors_give_back_the_checkpoint(tiny):
   """`convert.hf_tensors` (what the rl_step benchmark hands transformers)
   undoes the loader's layout: every tensor equals transformers' own, the
   embed token's reset row aside."""
-  from search_r3_jax.weights import convert  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.weights import convert  # pylint: disable=g-import-not-at-top
   ours, hf = tiny
   got = convert.hf_tensors(ours.model)
   want = {k: v.numpy() for k, v in hf.state_dict().items()

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from search_r3_jax import SearchR3, kernels, quantized
+from search_r3_jax import SearchR3
+from search_r3_jax.core import kernels, quantized
 from test_gguf import _byte_tokens, _llama_cpp_permute, byte_level_writer
 
 
@@ -270,7 +271,7 @@ def test_quantized_gguf_decodes_like_float32(tmp_path, arch, one_device_mesh):
   assert fast.quantized.width("head") == 258 < fast.cfg.vocab_size
   # Fewer head rows when the loader re-initialised one inside the file's
   # vocabulary: the packed rows stop there.
-  from search_r3_jax.weights.gguf import read_gguf  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.weights.gguf import read_gguf  # pylint: disable=g-import-not-at-top
   short = quantized.pack_checkpoint(read_gguf(f).get_blocks, fast.cfg, 100)
   assert short.width("head") == 100
   np.testing.assert_array_equal(

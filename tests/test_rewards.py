@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from search_r3_jax import rewards
-from search_r3_jax.rewards import RewardInputs
+from search_r3_jax.training import rewards
+from search_r3_jax.training.rewards import RewardInputs
 
 
 def _inputs(retrieved, gold, query_emb=None, gold_emb=None, has_embed=None):

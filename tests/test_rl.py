@@ -19,9 +19,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from search_r3_jax import rl
-from search_r3_jax import rollouts
-from search_r3_jax.environment import EnvConfig, RetrievalEnvironment
+from search_r3_jax.training import stage2 as rl
+from search_r3_jax.training import rollouts
+from search_r3_jax.retrieval.environment import EnvConfig, RetrievalEnvironment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def test_grpo_batch_appends_a_multi_token_suffix_outside_the_loss():
 
 
 def test_embed_suffix_is_cut_after_the_token():
-  from search_r3_jax.prompts import PromptConfig  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.prompts import PromptConfig  # pylint: disable=g-import-not-at-top
 
   class FakeTokenizer:
     embed_token_id = 99
@@ -568,7 +568,7 @@ def _copy_run(src, dst):
 
 
 def _restored_params_are_finite(workdir, step):
-  from search_r3_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   ck = checkpoint.Checkpointer(workdir)
   try:
     assert ck.latest_step() == step
@@ -600,7 +600,7 @@ def test_non_finite_loss_stops_with_last_checkpoint_intact(straight, toy,
 
 def test_exploding_update_stops_with_the_guard(straight, toy, tmp_path):
   """The test_train.py scenario: learning rate 1e12 without clipping."""
-  from search_r3_jax.runtime import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training.runtime import NonFiniteLossError  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(straight, tmp_path / "run")
   overrides = _resume_overrides(toy)
   overrides.update({"total_steps": RESUME_STEPS + 2, "checkpoint_every": 1,

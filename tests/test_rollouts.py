@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from search_r3_jax import rollouts as rl
+from search_r3_jax.training import rollouts as rl
 
 
 def test_sample_groups_and_embeddings(tiny):
@@ -49,7 +49,7 @@ def test_grpo_batch_layout_appends_the_missing_embed_token():
 
 
 def test_score_searches_rewards_and_normalises_by_group():
-  from search_r3_jax.environment import EnvConfig, RetrievalEnvironment  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.retrieval.environment import EnvConfig, RetrievalEnvironment  # pylint: disable=g-import-not-at-top
   d = 8
   docs = np.eye(d, dtype=np.float32)                   # doc i = axis i
   corpus = {f"doc{i}": f"text {i}" for i in range(d)}

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import make_tiny_hf_dir
 from search_r3_jax import SearchR3
-from search_r3_jax import sft
-from search_r3_jax import train_state as ts
+from search_r3_jax.training import stage1 as sft
+from search_r3_jax.training import train_state as ts
 
 EXAMPLES = [
     {"query": "capital of france", "positive": "paris is the capital city",

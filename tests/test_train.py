@@ -117,7 +117,7 @@ def test_exploding_update_stops_before_it_is_saved(straight, tmp_path):
   assert "is intact: step 8" in out.stderr
   # Nothing of the exploded update was saved: the newest checkpoint is
   # still step 8, and it restores finite.
-  from search_r3_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   ck = checkpoint.Checkpointer(workdir)
   latest = ck.latest_step()
   assert latest == 8
@@ -130,8 +130,9 @@ def test_exploding_update_stops_before_it_is_saved(straight, tmp_path):
 def test_workdir_loads_as_a_model(straight):
   """from_pretrained(workdir) gives the trained parameters of the latest
   checkpoint, ready to encode."""
-  from search_r3_jax import SearchR3, checkpoint  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core import sharding as shd  # pylint: disable=g-import-not-at-top
   mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   m = SearchR3.from_pretrained(str(straight), mesh=mesh)
   ck = checkpoint.Checkpointer(straight)

@@ -25,7 +25,7 @@ import time
 
 from absl import app, flags
 
-from search_r3_jax import kernels
+from search_r3_jax.core import kernels
 from search_r3_jax.benchmarks.common import (left_pad, median_time,
                                              torch_device, torch_flags)
 
@@ -57,7 +57,7 @@ def bench_ours(prompts, new_tokens, repeats):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core import model as model_lib  # pylint: disable=g-import-not-at-top
 
   m = SearchR3.from_pretrained(
       "smollm2-135m", compute_dtype=DTYPE.value,
@@ -137,8 +137,8 @@ def main(argv):
   del argv
   new_tokens = 16 if QUICK.value else NEW_TOKENS.value
   repeats = 1 if QUICK.value else REPEATS.value
-  from search_r3_jax.weights.gguf import read_gguf, find_smollm2_gguf  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.weights.gguf import read_gguf, find_smollm2_gguf  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   ckpt = read_gguf(find_smollm2_gguf())
   tok = Tokenizer(ckpt.tokenizer, ckpt.chat_template, ckpt.eos_token,
                   ckpt.bos_token, ckpt.pad_token)

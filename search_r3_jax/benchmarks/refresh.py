@@ -105,12 +105,14 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
                      init_from: str | None, fidelity_every: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import SearchR3, evaluation, sft  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import sharding as shd  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.data import stage1 as data_lib  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.environment import (  # pylint: disable=g-import-not-at-top
+  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.retrieval import evaluation  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training import stage1 as sft  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core import sharding as shd  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.data import sources as data_lib  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.retrieval.environment import (  # pylint: disable=g-import-not-at-top
       EnvConfig, RetrievalEnvironment, document_encoder)
-  from search_r3_jax.index import VectorIndex  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.retrieval.index import VectorIndex  # pylint: disable=g-import-not-at-top
   from search_r3_jax.benchmarks.common import repo_config  # pylint: disable=g-import-not-at-top
 
   cfg = repo_config("sft")
@@ -245,7 +247,7 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
 
 
 def index_part(n: int, dim: int, seed: int = 0) -> dict:
-  from search_r3_jax.index import VectorIndex  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.retrieval.index import VectorIndex  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   centres = rng.normal(size=(1000, dim)).astype(np.float32)
 

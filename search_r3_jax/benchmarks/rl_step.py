@@ -140,7 +140,7 @@ def _steps() -> int:
 def bench_loop(cfg, warmup_steps: int, steps: int) -> dict:
   """Builds the loop and its environment, runs untimed then timed steps."""
   import jax  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.rl import Stage2  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training.stage2 import Stage2  # pylint: disable=g-import-not-at-top
 
   t = time.perf_counter()
   loop = Stage2(cfg)
@@ -202,7 +202,7 @@ def torch_from_policy(loop):
   vocabulary rows included."""
   import transformers  # pylint: disable=g-import-not-at-top
   from search_r3_jax.benchmarks.torch_ref import torch_model  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.weights import convert  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.weights import convert  # pylint: disable=g-import-not-at-top
 
   model = loop.view().model
   c = model.cfg

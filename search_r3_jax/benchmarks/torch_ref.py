@@ -18,7 +18,7 @@ def load_torch_gguf(path: Optional[os.PathLike] = None):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.weights.gguf import find_smollm2_gguf  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.weights.gguf import find_smollm2_gguf  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(path) if path else find_smollm2_gguf()
   config = transformers.AutoConfig.from_pretrained(str(path.parent),

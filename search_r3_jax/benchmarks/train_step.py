@@ -163,8 +163,8 @@ def bench_ours(m, host_batch, steps):
   """Compiles and runs our step; returns timings and the per-step losses."""
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import sft  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import train_state as ts  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training import stage1 as sft  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training import train_state as ts  # pylint: disable=g-import-not-at-top
 
   tx, schedule = ts.make_optimizer(ml_collections.ConfigDict(OPT_CFG))
   graphdef, state, shardings = ts.create_train_state(m.model, tx, m.mesh)
@@ -315,7 +315,7 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import sft  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training import stage1 as sft  # pylint: disable=g-import-not-at-top
 
   examples = 4 if QUICK.value else EXAMPLES.value
   steps = 2 if QUICK.value else STEPS.value

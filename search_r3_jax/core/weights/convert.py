@@ -15,10 +15,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from search_r3_jax import sharding as shd
-from search_r3_jax.config import ModelConfig
-from search_r3_jax.model import Decoder
-from search_r3_jax.weights.common import Checkpoint, WeightsError
+from search_r3_jax.core import sharding as shd
+from search_r3_jax.core.config import ModelConfig
+from search_r3_jax.core.model import Decoder
+from search_r3_jax.core.weights.common import Checkpoint, WeightsError
 
 # Tensors that carry no parameters of ours (recomputed buffers).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from search_r3_jax.core.ops import exact_top_k
+
 ENGINES = ("scann", "exact")
 # Below this many vectors ScaNN scores by brute force: on the 10,033
 # stage-1 SmolLM2 embeddings of the embedded corpus (576 dims), a tree of 100
@@ -105,18 +107,6 @@ def _build_scann(vectors: np.ndarray, ids: list[str], params: dict):
                        "anisotropic_quantization_threshold"])
     b = b.reorder(params["reorder"])
   return b.build(docids=list(ids))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _top_k(scores, k):
-  return jax.lax.top_k(scores, k)
-
-
-@jax.jit
-def _masked_top_k_scores(q, d, alive):
-  # HIGHEST: the ground truth must not run in TF32 or bf16 on accelerators.
-  s = jnp.matmul(q, d.T, precision=jax.lax.Precision.HIGHEST)
-  return jnp.where(alive[None, :], s, -jnp.inf)
 
 
 class VectorIndex:
@@ -298,21 +288,11 @@ class VectorIndex:
     ids = [[self.ids[j] for j in row if j >= 0] for row in rows]
     return SearchResult(scores, rows, ids)
 
-  def _exact(self, queries: np.ndarray, k: int, chunk: int = 2048):
+  def _exact(self, queries: np.ndarray, k: int):
     if self._device_store is None:
       self._device_store = (jnp.asarray(self.vectors), jnp.asarray(self.alive))
     d, alive = self._device_store
-    out_s, out_r = [], []
-    for s in range(0, queries.shape[0], chunk):
-      part = queries[s:s + chunk]
-      # Power-of-two row buckets bound the number of compiled shapes.
-      rows = min(chunk, 1 << (len(part) - 1).bit_length())
-      padded = np.zeros((rows, self.dim), np.float32)
-      padded[:len(part)] = part
-      v, i = _top_k(_masked_top_k_scores(jnp.asarray(padded), d, alive), k)
-      out_s.append(np.asarray(v)[:len(part)])
-      out_r.append(np.asarray(i, np.int64)[:len(part)])
-    return np.concatenate(out_s), np.concatenate(out_r)
+    return exact_top_k(queries, d, k, alive=alive)
 
   def _scann_search(self, queries: np.ndarray, k: int):
     if queries.shape[0] >= 64:

@@ -92,7 +92,7 @@ def write_run_plots(workdir: str) -> None:
   """PNG plots of the workdir's metrics.jsonl into workdir/plots
   (process 0)."""
   if jax.process_index() == 0:
-    from search_r3_jax.plots import write_plots  # pylint: disable=g-import-not-at-top
+    from search_r3_jax.training.plots import write_plots  # pylint: disable=g-import-not-at-top
     write_plots(os.path.join(workdir, "metrics.jsonl"),
                 os.path.join(workdir, "plots"))
 

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from search_r3_jax.core.ops import l2_normalize
+
 
 def right_padded_forward(model, tokens: jax.Array, lengths: jax.Array,
                          return_logits: bool = True):
@@ -41,7 +43,7 @@ def embed_last(graphdef, state, tokens: jax.Array,
   _, hidden, _ = right_padded_forward(model, tokens, lengths,
                                       return_logits=False)
   h = hidden_at(hidden, jnp.maximum(lengths - 1, 0))
-  return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
+  return l2_normalize(h)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -52,3 +54,15 @@ def forward_logits(graphdef, state, tokens: jax.Array,
   model = nnx.merge(graphdef, state)
   logits, hidden, _ = right_padded_forward(model, tokens, lengths)
   return logits, hidden
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array,
+                   temperature: float = 1.0) -> jax.Array:
+  """log p(tokens[:, t] | prefix) from `logits[:, t-1]`: [B, T-1] float32,
+  under softmax(logits / temperature) (the distribution a sampler at that
+  temperature draws from)."""
+  scaled = logits[:, :-1].astype(jnp.float32)
+  if temperature != 1.0:
+    scaled = scaled / temperature
+  logp = jax.nn.log_softmax(scaled, -1)
+  return jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]

@@ -46,18 +46,18 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from search_r3_jax import checkpoint as ckpt_lib
-from search_r3_jax import evaluation
-from search_r3_jax import grpo
-from search_r3_jax import rollouts as rollouts_lib
-from search_r3_jax import sharding as shd
-from search_r3_jax import train_state as ts_lib
+from search_r3_jax.training import checkpoint as ckpt_lib
+from search_r3_jax.retrieval import evaluation
+from search_r3_jax.training import grpo
+from search_r3_jax.training import rollouts as rollouts_lib
+from search_r3_jax.core import sharding as shd
+from search_r3_jax.training import train_state as ts_lib
 from search_r3_jax.api import SearchR3
-from search_r3_jax.tokenizer import embed_suffix_ids
-from search_r3_jax.data import stage1 as data_lib
-from search_r3_jax.environment import (EnvConfig, RetrievalEnvironment,
+from search_r3_jax.core.tokenizer import embed_suffix_ids
+from search_r3_jax.data import sources as data_lib
+from search_r3_jax.retrieval.environment import (EnvConfig, RetrievalEnvironment,
                                        document_encoder)
-from search_r3_jax.runtime import (MetricWriter, NonFiniteLossError, load_model,
+from search_r3_jax.training.runtime import (MetricWriter, NonFiniteLossError, load_model,
                                  close_run, say)
 
 RANK_BINS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10))

@@ -80,38 +80,9 @@ def evaluate(qrels: Qrels, run: Run,
   return out
 
 
-def exact_top_k(queries: np.ndarray, docs: np.ndarray, k: int,
-                chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-  """Exact maximum inner product search (cosine for unit vectors), jitted.
-
-  Args:
-    queries: [Q, D]; docs: [N, D].
-    k: results per query (at most N).
-  Returns:
-    (scores [Q, k] float32, indices [Q, k] int) in descending score order.
-  """
-  k = min(k, docs.shape[0])
-  d = jnp.asarray(docs, jnp.float32)
-  outs_s, outs_i = [], []
-  for s in range(0, queries.shape[0], chunk):
-    q = jnp.asarray(queries[s:s + chunk], jnp.float32)
-    sc, ix = _top_k(q, d, k)
-    outs_s.append(np.asarray(sc))
-    outs_i.append(np.asarray(ix))
-  return np.concatenate(outs_s), np.concatenate(outs_i)
-
-
-@jax.jit
-def _scores(q, d):
-  return q @ d.T
-
-
-def _top_k(q, d, k):
-  return jax.lax.top_k(_scores(q, d), k)
-
-
 def run_from_topk(query_ids: Sequence[str], doc_ids: Sequence[str],
                   scores: np.ndarray, indices: np.ndarray) -> dict:
-  """A trec-style run dict from `exact_top_k`'s output."""
+  """A trec-style run dict from top-k scores and document indices
+  (`core.ops.exact_top_k`'s output)."""
   return {q: {doc_ids[int(j)]: float(s) for s, j in zip(srow, irow)}
           for q, srow, irow in zip(query_ids, scores, indices)}

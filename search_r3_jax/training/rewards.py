@@ -31,35 +31,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
-REWARDS: dict[str, Callable[..., np.ndarray]] = {}
+from search_r3_jax.core.ops import l2_normalize
+from search_r3_jax.training.registry import Registry
+
+REWARDS = Registry("reward")
+register = REWARDS.register
+get = REWARDS.get
 
 DEFAULT_WEIGHTS: dict[str, float] = {"dcg_rank": 1.0, "cosine": 0.1,
                                      "format": 1.0}
-
-
-def register(name: str):
-  """Adds a reward to `REWARDS` under `name`."""
-
-  def wrap(fn):
-    if name in REWARDS:
-      raise ValueError(f"reward {name!r} is registered twice")
-    REWARDS[name] = fn
-    return fn
-
-  return wrap
-
-
-def get(name: str) -> Callable[..., np.ndarray]:
-  """The reward registered as `name`; KeyError listing the known ones."""
-  try:
-    return REWARDS[name]
-  except KeyError:
-    raise KeyError(f"unknown reward {name!r}; registered: "
-                   f"{sorted(REWARDS)}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,12 +205,6 @@ def dcg_rank(inputs: RewardInputs, *, k: int = 10) -> np.ndarray:
   return out.astype(np.float32)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-  """Rows scaled to unit length; zero rows stay zero (cosine 0)."""
-  norm = np.linalg.norm(x, axis=-1, keepdims=True)
-  return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
 @register("cosine")
 def cosine(inputs: RewardInputs, *, k: int = 10) -> np.ndarray:
   """cos(query_emb, gold_emb), the maximum over a row's gold documents.
@@ -249,8 +227,8 @@ def cosine(inputs: RewardInputs, *, k: int = 10) -> np.ndarray:
   for i in range(inputs.batch_size):
     if not has_embed[i]:
       continue
-    q = _unit(query[i])
-    docs = _unit(_gold_rows(inputs.gold_emb[i], i))
+    q = l2_normalize(query[i])
+    docs = l2_normalize(_gold_rows(inputs.gold_emb[i], i))
     out[i] = np.max(docs @ q)
   return out.astype(np.float32)
 
@@ -290,7 +268,7 @@ def combined(inputs: RewardInputs, weights: Mapping[str, float] | None = None,
   unknown = sorted(set(weights) - set(REWARDS))
   if unknown:
     raise KeyError(f"unknown reward(s) {unknown} in weights; registered: "
-                   f"{sorted(REWARDS)}")
+                   f"{REWARDS.names()}")
   for name, w in weights.items():
     if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) \
         or not math.isfinite(w):

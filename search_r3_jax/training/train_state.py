@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from search_r3_jax.model import Decoder
+from search_r3_jax.core.model import Decoder
 
 
 @flax.struct.dataclass

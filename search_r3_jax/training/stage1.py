@@ -20,13 +20,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from search_r3_jax import losses as losses_lib
-from search_r3_jax.encoding import hidden_at, right_padded_forward
-from search_r3_jax import sharding as shd
-from search_r3_jax import train_state
-from search_r3_jax.prompts import PromptConfig
-from search_r3_jax.tokenizer import Tokenizer
-from search_r3_jax.train_state import TrainState, gradient_step
+from search_r3_jax.training import losses as losses_lib
+from search_r3_jax.core.encoding import hidden_at, right_padded_forward
+from search_r3_jax.core import sharding as shd
+from search_r3_jax.training import train_state
+from search_r3_jax.core.prompts import PromptConfig
+from search_r3_jax.core.tokenizer import Tokenizer
+from search_r3_jax.training.train_state import TrainState, gradient_step
 
 BATCH_KEYS = ("q_tokens", "q_lengths", "q_mask", "q_embed_pos", "d_tokens",
               "d_lengths", "d_groups")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from search_r3_jax.model import KVCache
+from search_r3_jax.core.model import KVCache
 
 _NEG = -1e30
 

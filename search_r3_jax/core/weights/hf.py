@@ -11,7 +11,7 @@ import numpy as np
 import tokenizers
 from safetensors import safe_open
 
-from search_r3_jax.weights.common import Checkpoint, WeightsError
+from search_r3_jax.core.weights.common import Checkpoint, WeightsError
 
 
 def _read_json(path: pathlib.Path) -> dict:

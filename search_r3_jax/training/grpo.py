@@ -32,10 +32,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from search_r3_jax import losses as losses_lib
-from search_r3_jax.encoding import hidden_at, right_padded_forward
-from search_r3_jax import sharding as shd
-from search_r3_jax.train_state import TrainState, gradient_step
+from search_r3_jax.training import losses as losses_lib
+from search_r3_jax.core.ops import l2_normalize
+from search_r3_jax.core.encoding import hidden_at, right_padded_forward
+from search_r3_jax.core import sharding as shd
+from search_r3_jax.training.train_state import TrainState, gradient_step
 
 BATCH_KEYS = ("tokens", "lengths", "mask", "old_logp", "advantages",
               "embed_pos", "docs")
@@ -63,7 +64,7 @@ def policy_outputs(graphdef, params, tokens: jax.Array, lengths: jax.Array,
   `embed_pos` (what the rollouts are searched and rewarded with)."""
   logits, hidden, _ = _forward(graphdef, params, tokens, lengths)
   emb = hidden_at(hidden, embed_pos).astype(jnp.float32)
-  emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+  emb = l2_normalize(emb)
   return losses_lib.token_logprobs(logits, tokens), emb
 
 

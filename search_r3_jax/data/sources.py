@@ -11,6 +11,7 @@ training examples and the evaluation corpus with its query splits.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from search_r3_jax.data.beir import beir_builder
@@ -19,6 +20,13 @@ from search_r3_jax.data.triples import triples_builder
 from search_r3_jax.data.wiki_fanout import wiki_fanout_builder
 
 TRAIN_FIELDS = ("query", "positive", "negatives")
+
+
+@dataclasses.dataclass
+class EvalSplit:
+  """One evaluation split: its queries and their relevance judgements."""
+  queries: dict[str, str]           # query id -> text
+  qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 
 
 def builder_for(data_cfg):
@@ -81,7 +89,6 @@ def _document_text(record: dict) -> str:
 def eval_data(data_cfg, splits: tuple[str, ...],
               data_dir: Optional[str] = None):
   """The corpus {doc id: text} and {split: EvalSplit} for evaluation."""
-  from search_r3_jax.evaluation import EvalSplit  # pylint: disable=g-import-not-at-top
   if data_cfg.name == "triples":
     raise ValueError("a triples file has no evaluation queries; evaluate on "
                      "wiki_fanout or a BEIR folder")

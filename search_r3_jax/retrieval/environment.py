@@ -61,7 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from search_r3_jax.index import (IndexInputError, SearchResult, VectorIndex,
+from search_r3_jax.core.ops import l2_normalize
+from search_r3_jax.retrieval.index import (IndexInputError, SearchResult, VectorIndex,
                                  read_meta, replace_dir)
 
 EncodeFn = Callable[[Sequence[str]], np.ndarray]
@@ -153,8 +154,7 @@ def _spherical_kmeans(x, centroids, iters: int):
     sums = jax.ops.segment_sum(x, assign, k)
     counts = jax.ops.segment_sum(jnp.ones_like(assign, x.dtype), assign, k)
     new = jnp.where(counts[:, None] > 0, sums, c)
-    return new / jnp.maximum(jnp.linalg.norm(new, axis=1, keepdims=True),
-                             1e-12)
+    return l2_normalize(new)
 
   c = jax.lax.fori_loop(0, iters, body, centroids)
   return c, jnp.argmax(x @ c.T, axis=1)
@@ -421,9 +421,7 @@ class RetrievalEnvironment:
               else np.zeros((0,), np.int64))
     fresh_probes = self._encode(encode, probes)
     stored = self.index.vectors[probes]
-    cos = np.sum(stored * fresh_probes, axis=1) / np.maximum(
-        np.linalg.norm(stored, axis=1) * np.linalg.norm(fresh_probes, axis=1),
-        1e-12)
+    cos = np.sum(l2_normalize(stored) * l2_normalize(fresh_probes), axis=1)
     # Clamped at 0: rounding can put cos a hair above 1.
     drift_each = np.maximum(1.0 - cos, 0.0)
     region_drift = np.full(nreg, np.nan)

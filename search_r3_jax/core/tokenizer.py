@@ -8,7 +8,7 @@ import jinja2
 import jinja2.sandbox
 import tokenizers
 
-from search_r3_jax.prompts import EMBED_TOKEN, PromptConfig
+from search_r3_jax.core.prompts import EMBED_TOKEN, PromptConfig
 
 # Fallback for checkpoints without a template: the ChatML layout that both
 # SmolLM2 and Qwen2.5 use.

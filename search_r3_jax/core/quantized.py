@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from search_r3_jax import kernels
-from search_r3_jax.config import ModelConfig
-from search_r3_jax.kernels import BLOCK, LANES
+from search_r3_jax.core import kernels
+from search_r3_jax.core.config import ModelConfig
+from search_r3_jax.core.kernels import BLOCK, LANES
 
 # Block layouts of the supported GGUF types: bytes per block of 32 weights.
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}

@@ -12,7 +12,7 @@ import os
 import pathlib
 from typing import Callable, Optional
 
-from search_r3_jax.weights.common import Checkpoint, WeightsError
+from search_r3_jax.core.weights.common import Checkpoint, WeightsError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Preset:
 def _smollm2(model_dir: Optional[str]) -> pathlib.Path:
   if model_dir is not None:
     return pathlib.Path(model_dir)
-  from search_r3_jax.weights.gguf import find_smollm2_gguf  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.weights.gguf import find_smollm2_gguf  # pylint: disable=g-import-not-at-top
   return find_smollm2_gguf()
 
 
@@ -71,9 +71,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
   if not p.exists():
     raise FileNotFoundError(f"model path does not exist: {p}")
   if p.is_dir():
-    from search_r3_jax.weights.hf import read_hf_dir  # pylint: disable=g-import-not-at-top
+    from search_r3_jax.core.weights.hf import read_hf_dir  # pylint: disable=g-import-not-at-top
     return read_hf_dir(p)
-  from search_r3_jax.weights.gguf import read_gguf  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.weights.gguf import read_gguf  # pylint: disable=g-import-not-at-top
   return read_gguf(p)
 
 

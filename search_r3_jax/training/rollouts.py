@@ -23,6 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
+from search_r3_jax.core.ops import l2_normalize
+from search_r3_jax.training import advantages as advantages_lib
+from search_r3_jax.training import rewards as rewards_lib
+
 
 @dataclasses.dataclass
 class Rollouts:
@@ -75,8 +79,7 @@ def sample(model, queries: Sequence[str], *, group_size: int,
     has_embed.append(bool(stopped) and resp[-1] == tok.embed_token_id)
   has_embed = np.asarray(has_embed, bool)
   h = np.asarray(gen.stop_hidden, np.float32)
-  norms = np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
-  emb = np.where(has_embed[:, None], h / norms, 0.0).astype(np.float32)
+  emb = np.where(has_embed[:, None], l2_normalize(h), 0.0).astype(np.float32)
   texts = [tok.decode([x for x in r if x != tok.embed_token_id])
            for r in responses]
   return Rollouts(np.repeat(np.arange(len(queries)), group_size), prompts,
@@ -121,7 +124,8 @@ def grpo_batch(rollouts: Rollouts, *, embed_token_id: int, pad_id: int,
 
 def score(env, rollouts: Rollouts, gold: Sequence[Sequence[str]], *,
           group_size: int, weights=None, k: int = 10, eps: float = 1e-6,
-          embeddings: np.ndarray | None = None) -> dict:
+          embeddings: np.ndarray | None = None,
+          advantage: str = "grpo") -> dict:
   """Searches each rollout's embedding in `env` and rewards it.
 
   Args:
@@ -130,18 +134,18 @@ def score(env, rollouts: Rollouts, gold: Sequence[Sequence[str]], *,
     gold: per query (not per rollout), its gold document ids.
     group_size: G; rollouts are grouped as `sample` lays them out.
     weights: reward weights (`rewards.DEFAULT_WEIGHTS` when None).
+    advantage: the registered advantage estimator (`advantages.py`).
     embeddings: [N, D] unit embeddings of every rollout, those without the
       token included (taken at the suffix `grpo_batch` appends). Given, every
       rollout is searched and earns the rank and cosine rewards, and the
       format penalty still marks the ones that did not emit the token; None
       (the paper's rule) leaves those rollouts the format penalty alone.
   Returns:
-    {"reward": [N], "terms": {name: [N]}, "advantages": [N] (group-normalised
-    rewards), "retrieved": N id lists (empty without an embed token),
+    {"reward": [N], "terms": {name: [N]}, "advantages": [N] (the estimator's,
+    per group), "retrieved": N id lists (empty without an embed token),
     "best_rank": [N] 1-based rank of the best gold document within the top
     k, 0 when none is there or no embed token was emitted}.
   """
-  from search_r3_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
   n = rollouts.size
   if n % group_size:
     raise ValueError(f"{n} rollouts do not split into groups of {group_size}")
@@ -178,9 +182,8 @@ def score(env, rollouts: Rollouts, gold: Sequence[Sequence[str]], *,
   for i, (ids, g) in enumerate(zip(retrieved, row_gold)):
     ranks = [j + 1 for j, d in enumerate(ids[:k]) if d in set(g)]
     best_rank[i] = ranks[0] if ranks else 0
-  groups = total.reshape(-1, group_size).astype(np.float64)
-  adv = (groups - groups.mean(1, keepdims=True)) / (
-      groups.std(1, keepdims=True) + eps)
+  adv = advantages_lib.get(advantage)(
+      total.reshape(-1, group_size).astype(np.float64), eps=eps)
   return {"reward": total, "terms": terms,
           "advantages": adv.reshape(-1).astype(np.float32),
           "retrieved": retrieved, "best_rank": best_rank}

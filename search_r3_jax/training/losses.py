@@ -3,7 +3,9 @@
 Stage 1 (PAPER.md) sums four of them: next-token cross-entropy on the
 response, token-level KL to the frozen initial model, InfoNCE over cosine / τ,
 and a triplet margin on cosine distance. Configs pick them by name with a
-weight each; `LOSSES[name]` finds the function.
+weight each; `get(name)` finds the function. A loss says what it needs
+through its argument names (`logits`, `queries`, `tau`, ...), so the
+stage-1 step can run any registered loss the config names.
 
 Every function takes arrays and returns a scalar float32 mean (plus nothing
 else), so each can be checked against a hand computation.
@@ -11,32 +13,16 @@ else), so each can be checked against a hand computation.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-LOSSES: dict[str, Callable[..., jax.Array]] = {}
+from search_r3_jax.core.encoding import token_logprobs  # re-exported
+from search_r3_jax.core.ops import l2_normalize
+from search_r3_jax.training.registry import Registry
 
-
-def register(name: str):
-  """Adds a loss to `LOSSES` under `name`."""
-
-  def wrap(fn):
-    if name in LOSSES:
-      raise ValueError(f"loss {name!r} is registered twice")
-    LOSSES[name] = fn
-    return fn
-
-  return wrap
-
-
-def get(name: str) -> Callable[..., jax.Array]:
-  try:
-    return LOSSES[name]
-  except KeyError:
-    raise KeyError(f"unknown loss {name!r}; registered: "
-                   f"{sorted(LOSSES)}") from None
+LOSSES = Registry("loss")
+register = LOSSES.register
+get = LOSSES.get
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -78,8 +64,7 @@ def token_kl(logits: jax.Array, ref_logits: jax.Array,
 
 
 def _unit(x: jax.Array) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return l2_normalize(x.astype(jnp.float32))
 
 
 @register("infonce")
@@ -134,25 +119,6 @@ def triplet_margin(queries: jax.Array, docs: jax.Array,
 # -- stage 2 (GRPO) -----------------------------------------------------------
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """log p(tokens[:, t] | prefix) from `logits[:, t-1]`: [B, T-1] float32."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
-
-
-def group_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """GRPO advantages: each reward minus its group's mean, over the group's
-  standard deviation (population, + eps; a group of equal rewards gets 0).
-
-  Args:
-    rewards: [Q, G], G samples of each of Q queries.
-  """
-  r = rewards.astype(jnp.float32)
-  mean = jnp.mean(r, axis=1, keepdims=True)
-  std = jnp.std(r, axis=1, keepdims=True)
-  return (r - mean) / (std + eps)
-
-
 def grpo_terms(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
                mask: jax.Array, advantages: jax.Array, clip_eps: float = 0.2,
                beta: float = 1e-3) -> dict[str, jax.Array]:
@@ -176,14 +142,8 @@ def grpo_terms(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
     {"loss", "policy", "kl", "clip_fraction", "ratio_mean"}: scalars.
   """
   mask = mask.astype(jnp.float32)
-  ratio = jnp.exp(logp - old_logp)
-  adv = advantages.astype(jnp.float32)[:, None]
-  unclipped = ratio * adv
-  clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
-  policy = -jnp.minimum(unclipped, clipped)
-  d = ref_logp - logp
-  kl = jnp.exp(d) - d - 1.0
-  was_clipped = (clipped < unclipped).astype(jnp.float32)
+  policy, kl, ratio, was_clipped = _grpo_per_token(
+      logp, old_logp, ref_logp, advantages, clip_eps)
   return {
       "loss": _masked_mean(policy + beta * kl, mask),
       "policy": _masked_mean(policy, mask),
@@ -193,11 +153,41 @@ def grpo_terms(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
   }
 
 
+def _grpo_per_token(logp, old_logp, ref_logp, advantages, clip_eps):
+  """[N, T] clipped policy term, k3 KL, ratio and clip indicator."""
+  ratio = jnp.exp(logp - old_logp)
+  adv = advantages.astype(jnp.float32)[:, None]
+  unclipped = ratio * adv
+  clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+  policy = -jnp.minimum(unclipped, clipped)
+  d = ref_logp - logp
+  kl = jnp.exp(d) - d - 1.0
+  return policy, kl, ratio, (clipped < unclipped).astype(jnp.float32)
+
+
 @register("grpo")
 def grpo(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
          mask: jax.Array, advantages: jax.Array, clip_eps: float = 0.2,
          beta: float = 1e-3) -> jax.Array:
   """The GRPO loss (see `grpo_terms`): clipped policy term + β k3 KL,
-  a token-level mean over response tokens."""
+  a token-level mean over all response tokens of the batch, so a long
+  rollout weighs more than a short one (as in DAPO and Dr. GRPO)."""
   return grpo_terms(logp, old_logp, ref_logp, mask, advantages, clip_eps,
                     beta)["loss"]
+
+
+@register("grpo_seq")
+def grpo_sequence_mean(logp: jax.Array, old_logp: jax.Array,
+                       ref_logp: jax.Array, mask: jax.Array,
+                       advantages: jax.Array, clip_eps: float = 0.2,
+                       beta: float = 1e-3) -> jax.Array:
+  """The same per-token terms as `grpo`, averaged over each rollout's own
+  response tokens first and then over the rollouts (DeepSeekMath's GRPO:
+  every rollout weighs the same, whatever its length). A rollout without
+  response tokens counts as 0."""
+  mask = mask.astype(jnp.float32)
+  policy, kl, _, _ = _grpo_per_token(logp, old_logp, ref_logp, advantages,
+                                     clip_eps)
+  per_row = jnp.sum((policy + beta * kl) * mask, 1) / jnp.maximum(
+      jnp.sum(mask, 1), 1.0)
+  return jnp.mean(per_row)

@@ -12,7 +12,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from search_r3_jax import sharding as shd
+from search_r3_jax.core import sharding as shd
 
 
 def is_workdir(path: os.PathLike | str) -> bool:
@@ -27,8 +27,8 @@ def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
   Raises:
     FileNotFoundError: the workdir has no finished checkpoint.
   """
-  from search_r3_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.runtime import load_model  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training.runtime import load_model  # pylint: disable=g-import-not-at-top
 
   p = pathlib.Path(path)
   with open(p / "config.json", encoding="utf-8") as f:

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from search_r3_jax.config import ModelConfig
-from search_r3_jax.quantized import MAX_ROWS, QuantizedWeights
+from search_r3_jax.core.config import ModelConfig
+from search_r3_jax.core.quantized import MAX_ROWS, QuantizedWeights
 
 # Large negative used instead of -inf so fully masked rows (left padding)
 # give a uniform softmax instead of NaN.

@@ -26,7 +26,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from search_r3_jax.weights.common import Checkpoint, WeightsError
+from search_r3_jax.core.weights.common import Checkpoint, WeightsError
 
 # GGUF `general.architecture` -> HF `model_type`.
 _ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib.version
 
-from search_r3_jax.paths import cache_root
+from search_r3_jax.core.paths import cache_root
 
 log = logging.getLogger(__name__)
 

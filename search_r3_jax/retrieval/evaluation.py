@@ -14,15 +14,12 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from search_r3_jax import metrics as metrics_lib
+from search_r3_jax.data import sources as data_sources
+from search_r3_jax.data.sources import EvalSplit
+from search_r3_jax.core.ops import exact_top_k
+from search_r3_jax.retrieval import metrics as metrics_lib
 
 METRICS = ("ndcg@10", "recall@10", "recall@100")
-
-
-@dataclasses.dataclass
-class EvalSplit:
-  queries: dict[str, str]           # query id -> text
-  qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 
 
 def subset(corpus: Mapping[str, str], splits: Mapping[str, EvalSplit],
@@ -66,8 +63,7 @@ class Evaluator:
 
   @classmethod
   def from_config(cls, data_cfg, eval_cfg) -> "Evaluator":
-    from search_r3_jax.data import stage1 as data_lib  # pylint: disable=g-import-not-at-top
-    corpus, splits = data_lib.eval_data(data_cfg, tuple(eval_cfg.splits))
+    corpus, splits = data_sources.eval_data(data_cfg, tuple(eval_cfg.splits))
     corpus, splits = subset(corpus, splits, eval_cfg.corpus_size,
                             eval_cfg.max_queries)
     return cls(corpus, splits, doc_len=eval_cfg.doc_len,
@@ -108,7 +104,7 @@ class Evaluator:
     return out
 
   def _score(self, qids, q, docs, qrels) -> dict[str, float]:
-    scores, idx = metrics_lib.exact_top_k(q, docs, 100)
+    scores, idx = exact_top_k(q, docs, 100)
     run = metrics_lib.run_from_topk(qids, self.doc_ids, scores, idx)
     return metrics_lib.evaluate(qrels, run, METRICS)
 
