@@ -35,66 +35,43 @@ SmolLM2's tokenizer on a small environment.
 
 import ml_collections
 
+from search_r3_jax import config_blocks as blocks
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.stage = 2
-  c.workdir = "runs/rl"  # --workdir overrides
-  c.seed = 0
-
-  # Model: the base preset with the embed token, or a stage-1 run.
-  c.model = "smollm2-135m"
-  c.model_dir = ml_collections.FieldReference(None, field_type=str)
-  c.init_from = ml_collections.FieldReference(None, field_type=str)
-  c.random_init = ml_collections.FieldReference(None, field_type=dict)
-  c.compute_dtype = "float32"
-  c.param_dtype = "float32"
-  c.mesh = (1, -1, 1)  # ('data', 'fsdp', 'tensor'); -1 is "the rest"
+  c = blocks.base(stage=2, workdir="runs/rl")
+  c.keep_checkpoints = 2
 
   # Data: training queries with a gold page (positive_id) in the corpus.
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "wiki_fanout"
-  c.data.path = ml_collections.FieldReference(None, field_type=str)
-  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-  c.data.split = "train"
-  c.data.num_negatives = 1
-  c.data.query_kinds = ("title", "first_sentence")
+  c.data = blocks.data(query_kinds=("title", "first_sentence"))
 
-  # Rollouts and the GRPO step.
+  # Rollouts and the GRPO step. `loss.policy` and `rl.advantage` name
+  # registered functions (training/losses.py, training/advantages.py).
   c.rl = ml_collections.ConfigDict(dict(
       queries_per_step=2, group_size=8, max_new_tokens=48, temperature=1.0,
       top_p=1.0, max_query_tokens=48, length_bucket=64, inner_epochs=1,
-      fallback_reward=True, aux_documents=8))
+      fallback_reward=True, aux_documents=8, advantage="grpo"))
   c.loss = ml_collections.ConfigDict(dict(
-      clip_eps=0.2, beta=1e-3, aux_weight=0.1, tau=0.05))
-  c.rewards = dict(dcg_rank=1.0, cosine=0.1, format=1.0)
+      policy="grpo", clip_eps=0.2, beta=1e-3, aux_weight=0.1, tau=0.05))
+  c.rewards = blocks.rewards()
 
-  # The retrieval environment (environment.EnvConfig).
-  c.env = ml_collections.ConfigDict(dict(
-      engine="scann", k=10, num_regions=0, kmeans_iters=10, graph_k=8,
-      probes_per_region=2, drift_threshold=0.05, drift_scale="neighbourhood",
-      refresh_every=5, rebuild_fraction=0.5, full_refresh_every=0,
-      touch_neighbors="gold", seed=0))
+  # The retrieval environment (EnvConfig's defaults), refreshed every 5th
+  # step on the CPU.
+  c.env = blocks.env(refresh_every=5)
 
   # Optimisation.
   c.total_steps = 50
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-5, warmup_steps=4, total_steps=c.get_ref("total_steps"),
-      end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.99, clip_norm=1.0,
-      grad_accum_steps=1))
+  c.optimizer = blocks.optimizer(c, learning_rate=1e-5, warmup_steps=4,
+                                 weight_decay=0.0, b2=0.99)
 
-  # Logging, evaluation, checkpoints.
-  c.log_every = 1
+  # Evaluation and checkpoints.
   c.eval_every = 25
   c.checkpoint_every = 10
-  c.keep_checkpoints = 2
-  c.eval = ml_collections.ConfigDict(dict(
-      splits=("dev_sub",), corpus_size=500, doc_len=64, batch_size=32,
-      max_queries=150, at_start=True))
+  c.eval = blocks.evaluation(splits=("dev_sub",), corpus_size=500, doc_len=64,
+                             max_queries=150)
 
   if arg == "tiny":
-    c.random_init = dict(hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=2, num_kv_heads=1, head_dim=32)
+    c.random_init = dict(blocks.TINY_MODEL)
     c.rl.update(queries_per_step=2, group_size=4, max_new_tokens=8,
                 max_query_tokens=16, length_bucket=32, aux_documents=4)
     c.env.update(engine="exact", graph_k=4, refresh_every=1)

@@ -275,3 +275,39 @@ def test_qwen_preset_rejects_another_model(tiny_dir, monkeypatch):
   with pytest.raises(WeightsError, match=re.escape(str(tiny_dir)) +
                      ".*is not qwen2.5-1.5b-instruct.*hidden_size"):
     SearchR3.from_pretrained("qwen2.5-1.5b-instruct")
+
+
+def test_facade_and_policy_are_one_code_path(tiny):
+  """`SearchR3` answers through a `Policy` of its model; a policy made from
+  other parameters (as training makes one) gives the same as a facade over
+  it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.policy import Policy  # pylint: disable=g-import-not-at-top
+  assert SearchR3.encode_queries.__doc__ == Policy.encode_queries.__doc__
+  policy = tiny.policy
+  texts = ["paris is a city", "the river in rome"]
+  np.testing.assert_array_equal(policy.encode_documents(texts),
+                                tiny.encode_documents(texts))
+  scaled = policy.with_params(jax.tree.map(lambda x: x * 1.5, policy.params))
+  assert scaled.quantized is None
+  other = SearchR3.from_policy(scaled)
+  np.testing.assert_allclose(other.encode_documents(texts),
+                             scaled.encode_documents(texts), atol=1e-6)
+  assert not np.allclose(scaled.encode_documents(texts),
+                         policy.encode_documents(texts), atol=1e-3)
+
+
+def test_policy_logprobs_follow_the_sampling_temperature(tiny):
+  """log-probabilities under softmax(logits / T), checked against the
+  logits themselves, for T = 1 and T = 0.7."""
+  ids = np.array([[5, 9, 17, 3, 22], [7, 7, 30, 2, 11]], np.int32)
+  logits = tiny.logits(ids).astype(np.float64)
+  for temperature in (1.0, 0.7):
+    z = logits[:, :-1] / temperature
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    want = np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+    got = tiny.logprobs(ids, np.full((2,), 5, np.int32),
+                        temperature=temperature)
+    np.testing.assert_allclose(got, want, atol=2e-5)

@@ -21,6 +21,7 @@ import pytest
 
 from search_r3_jax.training import stage2 as rl
 from search_r3_jax.training import rollouts
+from search_r3_jax.training import trainer
 from search_r3_jax.retrieval.environment import EnvConfig, RetrievalEnvironment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -407,8 +408,8 @@ def _learn_overrides(toy, **extra):
 def learned(toy, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("learn")
   assert len(jax.devices()) == 8, "conftest's XLA_FLAGS must give 8 devices"
-  last_eval = rl.train_and_evaluate(tiny_config(_learn_overrides(toy)),
-                                    str(workdir))
+  last_eval = trainer.train(tiny_config(_learn_overrides(toy)),
+                              str(workdir), rl.Stage2)
   return workdir, last_eval
 
 
@@ -518,7 +519,7 @@ def _run(workdir, overrides, check=True):
 def straight(toy, tmp_path_factory):
   """An uninterrupted run: the reference for the resumed one."""
   workdir = tmp_path_factory.mktemp("straight")
-  rl.train_and_evaluate(tiny_config(_resume_overrides(toy)), str(workdir))
+  trainer.train(tiny_config(_resume_overrides(toy)), str(workdir), rl.Stage2)
   return workdir
 
 
@@ -607,7 +608,7 @@ def test_exploding_update_stops_with_the_guard(straight, toy, tmp_path):
                     "optimizer.learning_rate": 1e12,
                     "optimizer.clip_norm": 1e30})
   with pytest.raises(NonFiniteLossError) as e:
-    rl.train_and_evaluate(tiny_config(overrides), str(workdir))
+    trainer.train(tiny_config(overrides), str(workdir), rl.Stage2)
   assert f"is intact: step {RESUME_STEPS}" in str(e.value)
   assert "updated parameters' forward is not finite" in str(e.value)
   # Nothing from the exploded update was saved.

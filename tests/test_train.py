@@ -115,6 +115,10 @@ def test_exploding_update_stops_before_it_is_saved(straight, tmp_path):
   assert "updated parameters' forward is not finite" in out.stderr, (
       out.stderr[-2000:])
   assert "is intact: step 8" in out.stderr
+  # The changed settings were applied, and said so.
+  assert "applied from here on" in out.stdout + out.stderr
+  assert "optimizer.learning_rate 0.001 -> 1000000000000.0" in (
+      out.stdout + out.stderr)
   # Nothing of the exploded update was saved: the newest checkpoint is
   # still step 8, and it restores finite.
   from search_r3_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
@@ -125,6 +129,22 @@ def test_exploding_update_stops_before_it_is_saved(straight, tmp_path):
   leaves = jax.tree.leaves(restored["state"])
   assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
   ck.close()
+
+
+def test_resume_refuses_a_changed_seed_and_keeps_the_run(straight, tmp_path):
+  """A resumed run may not change what its checkpoints were made from: it
+  stops before loading anything, naming the field, and leaves the workdir
+  as it was."""
+  workdir = tmp_path / "run"
+  shutil.copytree(straight, workdir)
+  before = (workdir / "config.json").read_text()
+  out = _run(workdir, "--config.seed=7", check=False)
+  assert out.returncode != 0
+  assert "seed: saved 0, now 7" in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert (workdir / "config.json").read_text() == before
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["4", "6", "8"]
 
 
 def test_workdir_loads_as_a_model(straight):

@@ -104,7 +104,6 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
                      env_overrides: dict, lr: float | None,
                      init_from: str | None, fidelity_every: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
   from search_r3_jax.retrieval import evaluation  # pylint: disable=g-import-not-at-top
   from search_r3_jax.training import stage1 as sft  # pylint: disable=g-import-not-at-top
@@ -133,8 +132,7 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
   env_cfg = EnvConfig(**env_overrides)
 
   def current_model(params):
-    return SearchR3(nnx.merge(graphdef, params), model.tokenizer, mesh,
-                    prompts=model.prompts)
+    return model.policy.with_params(params)
 
   def encoder(m):
     return document_encoder(m, max_length=doc_len,

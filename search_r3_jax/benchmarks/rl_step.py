@@ -164,24 +164,25 @@ def bench_loop(cfg, warmup_steps: int, steps: int) -> dict:
 
   clock = CompileClock()
   jax.monitoring.register_event_duration_secs_listener(clock)
-  rows = []
+  rows, last = [], None
   try:
     clock.active = True
     for step in range(warmup_steps, warmup_steps + steps):
-      rows.append(loop.step(step, check))
+      last = loop.run_step(step, check)
+      rows.append(last.values)
       print(f"timed step {step}: {rows[-1]['step_seconds']:.1f} s, "
             f"{rows[-1]['rollout_tokens']:.0f} rollout tokens")
   finally:
     clock.active = False
     jax.monitoring.unregister_event_duration_listener(clock)
-  return dict(loop=loop, rows=rows, load_s=load_s, env_s=env_s,
+  return dict(loop=loop, rows=rows, last=last, load_s=load_s, env_s=env_s,
               warmup_s=warmup_s, compile_s=clock.seconds,
               compiles=clock.count)
 
 
 def bench_ours_generate(loop, prompts, new_tokens: int, repeats: int) -> dict:
   """Full-length sampling of `prompts` by this project's sampler."""
-  rl, m = loop.cfg.rl, loop.view()
+  rl, m = loop.cfg.rl, loop.policy()
   run = lambda seed: m.generate_ids(
       prompts, max_new_tokens=new_tokens, temperature=rl.temperature,
       top_p=rl.top_p, seed=seed, stop_ids=())
@@ -204,7 +205,7 @@ def torch_from_policy(loop):
   from search_r3_jax.benchmarks.torch_ref import torch_model  # pylint: disable=g-import-not-at-top
   from search_r3_jax.core.weights import convert  # pylint: disable=g-import-not-at-top
 
-  model = loop.view().model
+  model = loop.policy().model()
   c = model.cfg
   common = dict(
       vocab_size=c.vocab_size, hidden_size=c.hidden_size,
@@ -240,7 +241,7 @@ def bench_torch(loop, prompts, new_tokens: int, repeats: int,
 
   # The copy must compute what ours does: logits of the first prompt.
   probe = np.asarray([prompts[0]], np.int64)
-  want = loop.view().logits(probe)
+  want = loop.policy().logits(probe)
   with torch.no_grad():
     got = model(torch.from_numpy(probe)).logits.float().numpy()
   diff = float(np.abs(got - want).max())
@@ -318,7 +319,7 @@ def main(argv):
         f"{totals['rollout']:.2f} s = {loop_tok_s:.1f} tok/s (rows stop at "
         "eos / the embed token)")
 
-  prompts = [list(p) for p in loop.last_rollouts.prompts]
+  prompts = [list(p) for p in res["last"].rollouts.prompts]
   work = len(prompts) * new_tokens
   ours = bench_ours_generate(loop, prompts, new_tokens, repeats)
   ours_tok_s = work / ours["gen_s"]

@@ -66,3 +66,13 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array,
     scaled = scaled / temperature
   logp = jax.nn.log_softmax(scaled, -1)
   return jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
+def logprobs(graphdef, state, tokens: jax.Array, lengths: jax.Array,
+             temperature: float = 1.0) -> jax.Array:
+  """[B, T-1] log-probabilities of `tokens[:, 1:]` of a right-padded batch
+  under softmax(logits / temperature)."""
+  model = nnx.merge(graphdef, state)
+  logits, _, _ = right_padded_forward(model, tokens, lengths)
+  return token_logprobs(logits, tokens, temperature)

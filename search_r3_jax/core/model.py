@@ -13,14 +13,25 @@ F MLP width, V vocabulary, L layers.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from search_r3_jax.core.config import ModelConfig
-from search_r3_jax.core.quantized import MAX_ROWS, QuantizedWeights
+
+
+class QuantizedWeights(Protocol):
+  """What the decoder needs of packed weights (`quantized.QuantizedWeights`,
+  which also builds the CPU kernels: the model itself never imports them)."""
+
+  mats: dict
+  max_rows: int
+
+  def width(self, name: str) -> int: ...
+
+  def matmul(self, x: jax.Array, name: str, layer=0) -> jax.Array: ...
 
 # Large negative used instead of -inf so fully masked rows (left padding)
 # give a uniform softmax instead of NaN.
@@ -244,7 +255,7 @@ class Decoder(nnx.Module):
       cache_index: scalar slot index of the first new token.
       return_logits: skip the output head when False (encoding only).
       quantized: packed weights for the CPU kernels; used when the batch
-        holds at most `quantized.MAX_ROWS` tokens (decode steps).
+        holds at most `quantized.max_rows` tokens (decode steps).
 
     Returns:
       (logits [B, T, V] float32 or None, hidden [B, T, D] after the final
@@ -258,7 +269,8 @@ class Decoder(nnx.Module):
     mask = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
     params = {name: var[...] for name, var in self.blocks.items()}
     angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-    qw = quantized if tokens.size <= MAX_ROWS else None
+    qw = (quantized if quantized is not None
+          and tokens.size <= quantized.max_rows else None)
 
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
 

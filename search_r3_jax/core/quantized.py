@@ -80,6 +80,11 @@ class QuantizedWeights:
   mats: dict
   outputs: tuple
 
+  # The decoder uses these weights only for batches of at most this many
+  # tokens (decode steps); larger ones are compute-bound, where XLA's float32
+  # matmuls are faster.
+  max_rows = MAX_ROWS
+
   def width(self, name: str) -> int:
     return dict(self.outputs)[name]
 

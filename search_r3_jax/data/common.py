@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
-from search_r3_jax.core.paths import DATA_DIR_ENV, cache_root  # pylint: disable=unused-import
+from search_r3_jax.core.paths import DATA_DIR_ENV, cache_root  # noqa: F401  pylint: disable=unused-import
 
 CORPUS_FIELDS = ("doc_id", "title", "text")
 QUERY_FIELDS = ("query_id", "query", "doc_ids", "scores")

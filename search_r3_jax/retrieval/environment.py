@@ -231,25 +231,12 @@ class RetrievalEnvironment:
   def __init__(self, corpus: Mapping[str, str],
                encode: Optional[EncodeFn] = None,
                cfg: Optional[EnvConfig] = None, step: int = 0, *,
-               vectors: Optional[np.ndarray] = None,
-               _skip_build: bool = False):
+               vectors: Optional[np.ndarray] = None):
     """Encodes `corpus` ({id: text}) with `encode` and builds the index,
     regions and graph; or starts from `vectors` ([N, D], one per document
     in corpus order, e.g. the embeddings stage 1 computed), stale or not:
     refreshing them is the environment's job."""
-    self.cfg = cfg or EnvConfig()
-    self.cfg.check()
-    if not corpus:
-      raise ValueError("the environment needs a non-empty corpus")
-    self.doc_ids = list(corpus)
-    self.texts = [corpus[d] for d in self.doc_ids]
-    self.touched = np.zeros(len(self.doc_ids), bool)
-    self.refreshed_since = np.zeros(len(self.doc_ids), bool)
-    self.step = int(step)
-    self.last_full = int(step)
-    self.reports: list[dict] = []
-    if _skip_build:
-      return
+    self._init_state(corpus, cfg or EnvConfig(), step)
     if (encode is None) == (vectors is None):
       raise ValueError("give the environment either encode or vectors")
     t = time.perf_counter()
@@ -267,6 +254,65 @@ class RetrievalEnvironment:
                  len(self.doc_ids), len(self.centroids), t_encode,
                  timings["index"], timings["graph"])
 
+  def _init_state(self, corpus: Mapping[str, str], cfg: EnvConfig, step: int,
+                  *, last_full: Optional[int] = None,
+                  index: Optional[VectorIndex] = None,
+                  regions: Optional[np.ndarray] = None,
+                  centroids: Optional[np.ndarray] = None,
+                  graph: Optional[np.ndarray] = None,
+                  touched: Optional[np.ndarray] = None,
+                  refreshed_since: Optional[np.ndarray] = None) -> None:
+    """Checks `cfg` and `corpus` and creates every attribute of the object.
+
+    This is the one place state is created, shared by the two ways to make
+    an environment: `__init__` passes only the corpus and then builds the
+    index, regions and graph (`_rebuild`); `_from_state` (for `load`) passes
+    the saved pieces. A piece not given starts empty (no marks, no index).
+    """
+    cfg.check()
+    if not corpus:
+      raise ValueError("the environment needs a non-empty corpus")
+    self.cfg = cfg
+    # The corpus in store order: row r of every [N] array below and of the
+    # index is document doc_ids[r], whose text `refresh` encodes.
+    self.doc_ids = list(corpus)
+    self.texts = [corpus[d] for d in self.doc_ids]
+    n = len(self.doc_ids)
+    # What is stored: the index, the regions (k-means over the stored
+    # vectors) and the kNN graph. None/empty until `_rebuild` fills them.
+    self.index: Optional[VectorIndex] = index
+    self.centroids = (np.zeros((0, 0), np.float32) if centroids is None
+                      else centroids)
+    self.regions = np.zeros((0,), np.int64) if regions is None else regions
+    self.graph = (np.full((0, cfg.graph_k), -1, np.int64) if graph is None
+                  else graph)
+    # Refresh bookkeeping: documents marked by `observe` since the last
+    # refresh, and documents re-encoded since the last full rebuild (what
+    # `rebuild_fraction` is measured against).
+    self.touched = np.zeros(n, bool) if touched is None else touched
+    self.refreshed_since = (np.zeros(n, bool) if refreshed_since is None
+                            else refreshed_since)
+    self.step = int(step)
+    self.last_full = int(step) if last_full is None else last_full
+    self.reports: list[dict] = []
+
+  @classmethod
+  def _from_state(cls, corpus: Mapping[str, str], cfg: EnvConfig, step: int,
+                  last_full: int, index: VectorIndex, regions: np.ndarray,
+                  centroids: np.ndarray, graph: np.ndarray,
+                  touched: np.ndarray, refreshed_since: np.ndarray
+                  ) -> "RetrievalEnvironment":
+    """An environment over already-built pieces, encoding nothing.
+
+    `corpus` must be in the index's store order. Goes around `__init__`,
+    which would encode the corpus and rebuild everything.
+    """
+    env = cls.__new__(cls)
+    env._init_state(corpus, cfg, step, last_full=int(last_full), index=index,
+                    regions=regions, centroids=centroids, graph=graph,
+                    touched=touched, refreshed_since=refreshed_since)
+    return env
+
   @property
   def size(self) -> int:
     return len(self.doc_ids)
@@ -274,16 +320,19 @@ class RetrievalEnvironment:
   # -- encoding and (re)building ----------------------------------------------
 
   def _encode(self, encode: EncodeFn, rows: np.ndarray) -> np.ndarray:
+    """Fresh vectors of `rows`, checked before anything uses them."""
     if rows.size == 0:
-      return np.zeros((0, self.index.dim if hasattr(self, "index") else 0),
+      return np.zeros((0, self.index.dim if self.index is not None else 0),
                       np.float32)
     out = np.asarray(encode([self.texts[r] for r in rows]))
     if out.ndim != 2 or out.shape[0] != rows.size:
       raise ValueError(f"encode returned shape {out.shape} for {rows.size} "
                        "documents")
-    if hasattr(self, "index") and out.shape[1] != self.index.dim:
+    # No index yet (the first build): any dimension will do.
+    if self.index is not None and out.shape[1] != self.index.dim:
       raise ValueError(f"encode returned dimension {out.shape[1]}, the index "
                        f"holds {self.index.dim}")
+    # Raised here, before any write, so a bad encode leaves the index as is.
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
       d = self.doc_ids[int(rows[np.flatnonzero(bad)[0]])]
@@ -299,6 +348,8 @@ class RetrievalEnvironment:
                               engine=self.cfg.engine, k=self.cfg.k)
     t1 = time.perf_counter()
     r = self.cfg.num_regions or int(round(math.sqrt(len(self.doc_ids))))
+    # Seeded by the step too: a resumed run rebuilds the same regions, and
+    # rebuilds at different steps do not all start from one initialisation.
     centroids, regions = kmeans(vectors, r, self.cfg.kmeans_iters,
                                 self.cfg.seed + step)
     t2 = time.perf_counter()
@@ -312,6 +363,8 @@ class RetrievalEnvironment:
 
   def _region_members(self) -> list[np.ndarray]:
     """The document rows of each region, in region order."""
+    # Stable: members stay in row order, so seeded probe draws are
+    # reproducible.
     order = np.argsort(self.regions, kind="stable")
     bounds = np.searchsorted(self.regions[order],
                              np.arange(len(self.centroids) + 1))
@@ -321,6 +374,8 @@ class RetrievalEnvironment:
     """[R] median 1 - cos between a region's documents and their
     `graph_k`-th (else farthest linked) neighbour, from the stored vectors."""
     has = self.graph >= 0
+    # Links are nearest first, so the last one is the farthest; a document
+    # with no link gets NaN and is left out of its region's median.
     last = np.where(has.any(1), has.sum(1) - 1, 0)
     nb = self.graph[np.arange(self.size), last]
     ok = nb >= 0
@@ -339,8 +394,10 @@ class RetrievalEnvironment:
   def _relink(self, rows: np.ndarray, chunk: int = 4096) -> None:
     """Searches the kNN links of `rows` anew (self excluded)."""
     k = self.cfg.graph_k
+    # Chunked to bound the search's memory on a large corpus.
     for s in range(0, rows.size, chunk):
       part = rows[s:s + chunk]
+      # k + 1: a document is normally its own nearest hit and is dropped.
       res = self.index.search(self.index.vectors[part], k + 1)
       for i, r in enumerate(part):
         links = [j for j in res.rows[i] if j >= 0 and j != r][:k]
@@ -372,6 +429,7 @@ class RetrievalEnvironment:
     Returns:
       How many documents are marked now.
     """
+    # All ids are resolved (KeyError on an unknown one) before any mark.
     gold_rows = self.index.rows(_flatten(gold))
     retrieved_rows = self.index.rows(_flatten(retrieved))
     mode = self.cfg.touch_neighbors
@@ -399,27 +457,71 @@ class RetrievalEnvironment:
       `probed`, `touched`, `drifted_regions`, `region_drift` (mean probe
       1 - cos), `region_radius`, `region_score` (what the threshold sees;
       `score_max` its largest) (lists, one per
-      region), `drift_mean`, `drift_max`, `since_rebuild_fraction` and the
+      region), `drift_mean`, `drift_max`, `since_rebuild_fraction`,
+      `stale_mean` (mean steps since each stored vector was written) and the
       seconds of each phase (`time_probe`, `time_encode`, `time_upsert`,
       `time_graph`, `time_rebuild`, `time_total`).
     """
     step = _check_step(step)
     t_start = time.perf_counter()
-    n = self.size
+    # 1. Measure: how far the policy moved each region.
+    probes = self._sample_probes(step)
+    fresh_probes = self._encode(encode, probes)
+    region_drift, radius, region_score = self._measure_drift(probes,
+                                                             fresh_probes)
+    t_probe = time.perf_counter() - t_start
+    # 2. Select the rows to re-encode. The measurement half of the report is
+    # taken now, while the regions are still those the drift was measured in.
+    drifted, selected = self._select(region_score)
+    report = self._report(step, probes, drifted, region_drift, radius,
+                          region_score, t_probe)
+    # 3. Re-encode and write: everything, or only the selected rows.
+    if full or self._wants_full(step, selected):
+      report.update(self._full_refresh(step, encode, probes, fresh_probes))
+    else:
+      report.update(self._selective_refresh(step, encode, probes,
+                                            fresh_probes, selected))
+    # Only now, once the write succeeded: a failed refresh keeps its marks.
+    self.touched[:] = False
+    self.step = int(step)
+    self._finish_report(report, t_start)
+    self.reports.append(report)
+    self._log_refresh(report)
+    return report
+
+  # -- refresh phases (in the order `refresh` runs them) ---------------------
+
+  def _sample_probes(self, step: int) -> np.ndarray:
+    """Sorted rows of up to `probes_per_region` random documents per region.
+
+    They are re-encoded to measure each region's drift: a few per region
+    are enough to tell which regions moved, at a small fraction of the cost
+    of re-encoding the corpus.
+    """
     cfg = self.cfg
-    nreg = len(self.centroids)
-    # 1. Probes: a few documents per region, re-encoded to measure drift.
     probes = []
-    # Seeded by (seed, step): a resumed run draws the same probes.
+    # Seeded by (seed, step): a resumed run draws the same probes. Regions
+    # are drawn in region order, each from its members in row order.
     rng = np.random.default_rng([cfg.seed, int(step)])
     if cfg.probes_per_region:
       for members in self._region_members():
         if members.size:
           take = min(cfg.probes_per_region, members.size)
           probes.append(rng.choice(members, take, replace=False))
-    probes = (np.sort(np.concatenate(probes)) if probes
-              else np.zeros((0,), np.int64))
-    fresh_probes = self._encode(encode, probes)
+    return (np.sort(np.concatenate(probes)) if probes
+            else np.zeros((0,), np.int64))
+
+  def _measure_drift(self, probes: np.ndarray, fresh_probes: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-region drift of the stored vectors, and its scale.
+
+    Returns:
+      [R] arrays: `region_drift`, the mean 1 - cos(stored, fresh) over the
+      region's probes (NaN for a region without probes); `radius`, the
+      region's neighbourhood radius (`_region_radius`); and `region_score`,
+      the drift in `drift_scale`, which `_select` compares to the threshold.
+    """
+    nreg = len(self.centroids)
     stored = self.index.vectors[probes]
     cos = np.sum(l2_normalize(stored) * l2_normalize(fresh_probes), axis=1)
     # Clamped at 0: rounding can put cos a hair above 1.
@@ -430,13 +532,26 @@ class RetrievalEnvironment:
       counts = np.bincount(self.regions[probes], minlength=nreg)
       region_drift = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     radius = self._region_radius()
-    if cfg.drift_scale == "neighbourhood":
+    # "neighbourhood": the fraction of the way to the k-th neighbour moved,
+    # so one threshold fits a tight (untrained) and a spread (trained)
+    # embedding space alike. The floor keeps a degenerate radius finite.
+    if self.cfg.drift_scale == "neighbourhood":
       region_score = np.sqrt(region_drift / np.maximum(radius, 1e-12))
     else:
       region_score = region_drift
-    t_probe = time.perf_counter() - t_start
+    return region_drift, radius, region_score
 
-    # 2. Selection: drifted regions and touched documents.
+  def _select(self, region_score: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Drifted regions and touched documents -> the rows to re-encode.
+
+    Returns:
+      The drifted regions (ids whose score reaches `drift_threshold`) and an
+      [N] bool mask of the rows to re-encode: every document of a drifted
+      region, plus every touched document wherever it lies.
+    """
+    cfg = self.cfg
+    nreg = len(self.centroids)
     if cfg.probes_per_region:
       # A region without a probe (empty) has a NaN score; threshold 0
       # still selects it, so that 0 always means everything.
@@ -447,80 +562,122 @@ class RetrievalEnvironment:
       drifted = (np.arange(nreg) if cfg.drift_threshold <= 0
                  else np.zeros((0,), np.int64))
     selected = self.touched | np.isin(self.regions, drifted)
-    n_touched = int(self.touched.sum())
+    return drifted, selected
+
+  def _wants_full(self, step: int, selected: np.ndarray) -> bool:
+    """Whether this refresh must re-encode everything and rebuild.
+
+    Counting the rows about to be re-encoded, so a selective refresh never
+    takes the corpus past `rebuild_fraction` re-encoded since the last
+    rebuild (past it, the regions were fitted to vectors that have mostly
+    been replaced); or when `full_refresh_every` steps have passed.
+    """
+    cfg = self.cfg
     since = (self.refreshed_since | selected).mean()
     scheduled = (cfg.full_refresh_every
                  and step - self.last_full >= cfg.full_refresh_every)
-    go_full = full or since > cfg.rebuild_fraction or bool(scheduled)
+    return since > cfg.rebuild_fraction or bool(scheduled)
 
-    report = {"step": int(step), "probed": int(probes.size),
-              "touched": n_touched, "drifted_regions": int(drifted.size),
-              "regions": nreg,
-              "region_drift": [float(x) for x in region_drift],
-              "region_radius": [float(x) for x in radius],
-              "region_score": [float(x) for x in region_score],
-              "score_max": float(np.nanmax(region_score))
-                           if probes.size else float("nan"),
-              "drift_mean": float(np.nanmean(region_drift))
-                            if probes.size else float("nan"),
-              "drift_max": float(np.nanmax(region_drift))
-                           if probes.size else float("nan"),
-              "time_probe": t_probe}
-    if go_full:
-      # Everything, re-using the probes' fresh vectors.
-      t = time.perf_counter()
-      rest = np.setdiff1d(np.arange(n), probes)
-      vectors = np.zeros((n, self.index.dim), np.float32)
-      vectors[probes] = fresh_probes
-      vectors[rest] = self._encode(encode, rest)
-      t_encode = time.perf_counter() - t
-      timings = self._rebuild(vectors, step)
-      self.refreshed_since[:] = False
-      self.last_full = int(step)
-      report.update(kind="full", reencoded=n, refreshed=n,
-                    time_encode=t_encode,
-                    time_upsert=0.0, time_graph=timings["graph"],
-                    time_rebuild=timings["index"] + timings["regions"])
-    else:
-      t = time.perf_counter()
-      rows = np.flatnonzero(selected)
-      probed = np.isin(probes, rows)          # probes whose vector is kept
-      others = np.setdiff1d(rows, probes)
-      vectors = np.zeros((rows.size, self.index.dim), np.float32)
-      vectors[np.searchsorted(rows, probes[probed])] = fresh_probes[probed]
-      vectors[np.searchsorted(rows, others)] = self._encode(encode, others)
-      t_encode = time.perf_counter() - t
-      t = time.perf_counter()
-      if rows.size:
-        self.index.upsert([self.doc_ids[r] for r in rows], vectors, step)
-        self.regions[rows] = nearest_region(vectors, self.centroids)
-      t_upsert = time.perf_counter() - t
-      t = time.perf_counter()
-      self._relink(rows)
-      t_graph = time.perf_counter() - t
-      self.refreshed_since |= selected
-      report.update(kind="selective",
-                    reencoded=int(probes.size + others.size),
-                    refreshed=int(rows.size),
-                    time_encode=t_encode, time_upsert=t_upsert,
-                    time_graph=t_graph, time_rebuild=0.0)
-    self.touched[:] = False
-    self.step = int(step)
-    report["reencoded_fraction"] = report["reencoded"] / n
+  def _full_refresh(self, step: int, encode: EncodeFn, probes: np.ndarray,
+                    fresh_probes: np.ndarray) -> dict:
+    """Re-encodes every document and rebuilds index, regions and graph.
+
+    The probes' fresh vectors are re-used, so each document is encoded
+    exactly once in the refresh. Returns the report's write half.
+    """
+    n = self.size
+    t = time.perf_counter()
+    rest = np.setdiff1d(np.arange(n), probes)
+    vectors = np.zeros((n, self.index.dim), np.float32)
+    vectors[probes] = fresh_probes
+    vectors[rest] = self._encode(encode, rest)
+    t_encode = time.perf_counter() - t
+    timings = self._rebuild(vectors, step)
+    self.refreshed_since[:] = False
+    self.last_full = int(step)
+    return dict(kind="full", reencoded=n, refreshed=n,
+                time_encode=t_encode,
+                time_upsert=0.0, time_graph=timings["graph"],
+                time_rebuild=timings["index"] + timings["regions"])
+
+  def _selective_refresh(self, step: int, encode: EncodeFn,
+                         probes: np.ndarray, fresh_probes: np.ndarray,
+                         selected: np.ndarray) -> dict:
+    """Re-encodes and writes the `selected` rows, keeping the regions.
+
+    A probe among them keeps its fresh vector instead of being encoded
+    again; a probe outside them was a measurement only and is not written,
+    so what is written is exactly what was selected. The written documents
+    move to their nearest centroid and are relinked. Returns the report's
+    write half.
+    """
+    t = time.perf_counter()
+    rows = np.flatnonzero(selected)
+    probed = np.isin(probes, rows)          # probes whose vector is kept
+    others = np.setdiff1d(rows, probes)
+    vectors = np.zeros((rows.size, self.index.dim), np.float32)
+    # `rows`, `probes` and `others` are sorted: searchsorted finds each
+    # vector's place in `rows`.
+    vectors[np.searchsorted(rows, probes[probed])] = fresh_probes[probed]
+    vectors[np.searchsorted(rows, others)] = self._encode(encode, others)
+    t_encode = time.perf_counter() - t
+    t = time.perf_counter()
+    if rows.size:
+      self.index.upsert([self.doc_ids[r] for r in rows], vectors, step)
+      self.regions[rows] = nearest_region(vectors, self.centroids)
+    t_upsert = time.perf_counter() - t
+    t = time.perf_counter()
+    self._relink(rows)
+    t_graph = time.perf_counter() - t
+    self.refreshed_since |= selected
+    return dict(kind="selective",
+                reencoded=int(probes.size + others.size),
+                refreshed=int(rows.size),
+                time_encode=t_encode, time_upsert=t_upsert,
+                time_graph=t_graph, time_rebuild=0.0)
+
+  def _report(self, step: int, probes: np.ndarray, drifted: np.ndarray,
+              region_drift: np.ndarray, radius: np.ndarray,
+              region_score: np.ndarray, t_probe: float) -> dict:
+    """The measurement half of a refresh report, taken before any write.
+
+    Plain Python values (floats, lists), so a report can be logged or
+    written as JSON. The drift summaries are NaN when nothing was probed.
+    """
+    nothing = not probes.size
+    return {"step": int(step), "probed": int(probes.size),
+            "touched": int(self.touched.sum()),
+            "drifted_regions": int(drifted.size),
+            "regions": len(self.centroids),
+            "region_drift": [float(x) for x in region_drift],
+            "region_radius": [float(x) for x in radius],
+            "region_score": [float(x) for x in region_score],
+            "score_max": (float("nan") if nothing
+                          else float(np.nanmax(region_score))),
+            "drift_mean": (float("nan") if nothing
+                           else float(np.nanmean(region_drift))),
+            "drift_max": (float("nan") if nothing
+                          else float(np.nanmax(region_drift))),
+            "time_probe": t_probe}
+
+  def _finish_report(self, report: dict, t_start: float) -> None:
+    """Adds the fields that describe the index after the write."""
+    report["reencoded_fraction"] = report["reencoded"] / self.size
     report["since_rebuild_fraction"] = float(self.refreshed_since.mean())
-    report["stale_mean"] = float(step - self.index.versions[
+    report["stale_mean"] = float(self.step - self.index.versions[
         self.index.alive].mean())
     report["time_total"] = time.perf_counter() - t_start
-    self.reports.append(report)
+
+  def _log_refresh(self, report: dict) -> None:
+    """One log line per refresh: what was re-encoded and why."""
     logging.info(
         "refresh step %d: %s, re-encoded %d/%d (%.3f), wrote %d (%d probes, "
         "%d touched, %d/%d regions drifted, drift mean %.4f max %.4f) in "
-        "%.2fs", step, report["kind"], report["reencoded"], n,
-        report["reencoded_fraction"], report["refreshed"], report["probed"],
-        n_touched,
-        report["drifted_regions"], nreg, report["drift_mean"],
-        report["drift_max"], report["time_total"])
-    return report
+        "%.2fs", report["step"], report["kind"], report["reencoded"],
+        self.size, report["reencoded_fraction"], report["refreshed"],
+        report["probed"], report["touched"], report["drifted_regions"],
+        report["regions"], report["drift_mean"], report["drift_max"],
+        report["time_total"])
 
   # -- persistence -----------------------------------------------------------
 
@@ -529,6 +686,8 @@ class RetrievalEnvironment:
     replacing it atomically. The corpus texts are not saved."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Written next to `path` (same file system), so that `replace_dir` can
+    # swap it in by renaming; a crash leaves the old environment intact.
     tmp = tempfile.mkdtemp(prefix=".tmp-env-", dir=os.path.dirname(path))
     try:
       self.index.save(os.path.join(tmp, "index"))
@@ -568,15 +727,16 @@ class RetrievalEnvironment:
                        f"({len(missing)} saved ids missing, e.g. "
                        f"{missing[:3]}; {len(extra)} new ids, e.g. "
                        f"{extra[:3]})")
-    env = cls({d: corpus[d] for d in saved_ids}, None, cfg, meta["step"],
-              _skip_build=True)
-    env.last_full = int(meta["last_full"])
-    env.index = index
-    env.regions = arrays["regions"].astype(np.int64)
-    env.centroids = arrays["centroids"].astype(np.float32)
-    env.graph = arrays["graph"].astype(np.int64)
-    env.touched = arrays["touched"].astype(bool)
-    env.refreshed_since = arrays["refreshed_since"].astype(bool)
+    # The corpus is re-ordered into the index's store order: the saved
+    # arrays are indexed by store row, whatever order the caller's is in.
+    env = cls._from_state(
+        {d: corpus[d] for d in saved_ids}, cfg, meta["step"],
+        last_full=meta["last_full"], index=index,
+        regions=arrays["regions"].astype(np.int64),
+        centroids=arrays["centroids"].astype(np.float32),
+        graph=arrays["graph"].astype(np.int64),
+        touched=arrays["touched"].astype(bool),
+        refreshed_since=arrays["refreshed_since"].astype(bool))
     for name in ("regions", "graph", "touched", "refreshed_since"):
       if getattr(env, name).shape[0] != env.size:
         raise ValueError(f"{arrays_path}: {name} has "

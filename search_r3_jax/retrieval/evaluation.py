@@ -9,7 +9,6 @@ evaluated queries plus distractors sampled with a fixed seed, up to
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping, Optional
 
 import numpy as np

@@ -27,7 +27,6 @@ place, so a crash mid-save leaves the previous copy whole.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -35,7 +34,6 @@ import shutil
 import tempfile
 from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

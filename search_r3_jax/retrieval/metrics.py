@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 Qrels = Mapping[str, Mapping[str, int]]  # query id -> {doc id: relevance}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from search_r3_jax.core.encoding import token_logprobs  # re-exported
+from search_r3_jax.core.encoding import token_logprobs  # noqa: F401  (re-exported)
 from search_r3_jax.core.ops import l2_normalize
 from search_r3_jax.training.registry import Registry
 

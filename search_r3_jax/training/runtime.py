@@ -1,5 +1,5 @@
-"""What both training programs (stage 1 in `train.py`, stage 2 in `rl.py`)
-share: the starting model, the metric writer, the non-finite stop."""
+"""What both training stages share besides the loop (`trainer.py`): the
+metric writer, the non-finite stop and the console line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import tqdm
 
-from search_r3_jax.api import SearchR3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -25,25 +24,6 @@ def say(message: str) -> None:
 
 
 # ------------------------------------------------------------------ setup
-
-
-def load_model(cfg, mesh) -> SearchR3:
-  """The starting model: `init_from`, a random model, or the preset."""
-  kw = dict(mesh=mesh, model_dir=cfg.model_dir)
-  # Training replaces the parameters, so the packed GGUF weights that
-  # speed up inference would only be dropped again.
-  if cfg.init_from:
-    return SearchR3.from_pretrained(cfg.init_from, compute_dtype=cfg.compute_dtype,
-                                    param_dtype=cfg.param_dtype,
-                                    cpu_kernels=False, **kw)
-  if cfg.random_init:
-    return SearchR3.random(cfg.model, seed=cfg.seed,
-                           compute_dtype=cfg.compute_dtype,
-                           param_dtype=cfg.param_dtype, **kw,
-                           **dict(cfg.random_init))
-  return SearchR3.from_pretrained(cfg.model, compute_dtype=cfg.compute_dtype,
-                                  param_dtype=cfg.param_dtype,
-                                  cpu_kernels=False, **kw)
 
 
 class MetricWriter:
@@ -95,13 +75,3 @@ def write_run_plots(workdir: str) -> None:
     from search_r3_jax.training.plots import write_plots  # pylint: disable=g-import-not-at-top
     write_plots(os.path.join(workdir, "metrics.jsonl"),
                 os.path.join(workdir, "plots"))
-
-
-def close_run(workdir: str, bar, checkpoints, writer) -> None:
-  """What both training programs do on the way out, finished or not: close
-  the progress bar, wait for the last checkpoint, flush the metrics and draw
-  the plots."""
-  bar.close()
-  checkpoints.close()
-  writer.close()
-  write_run_plots(workdir)

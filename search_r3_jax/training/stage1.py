@@ -11,7 +11,7 @@ documents gives their embeddings (InfoNCE, triplet).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 import zlib
 
 import jax
@@ -20,13 +20,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from search_r3_jax.training import losses as losses_lib
-from search_r3_jax.core.encoding import hidden_at, right_padded_forward
 from search_r3_jax.core import sharding as shd
-from search_r3_jax.training import train_state
+from search_r3_jax.core.encoding import hidden_at, right_padded_forward
+from search_r3_jax.core.ops import l2_normalize
+from search_r3_jax.core.policy import Policy
 from search_r3_jax.core.prompts import PromptConfig
 from search_r3_jax.core.tokenizer import Tokenizer
+from search_r3_jax.data import sources as data_lib
+from search_r3_jax.retrieval import evaluation
+from search_r3_jax.training import losses as losses_lib
+from search_r3_jax.training import train_state
+from search_r3_jax.training.registry import call_with, parameters
 from search_r3_jax.training.train_state import TrainState, gradient_step
+from search_r3_jax.training.workdir import load_model
 
 BATCH_KEYS = ("q_tokens", "q_lengths", "q_mask", "q_embed_pos", "d_tokens",
               "d_lengths", "d_groups")
@@ -108,6 +114,14 @@ class Batcher:
 def sft_losses(graphdef, params, ref_params, batch, loss_cfg):
   """Weighted stage-1 loss and its parts.
 
+  Every loss named in `loss_cfg["weights"]` is looked up in the registry
+  (`losses.py`) and called with what its arguments name, from: `logits`,
+  `ref_logits` (the frozen reference's, no gradient), `tokens` and
+  `target_mask` (the query rows and their response mask), `queries` and
+  `docs` (the embeddings at the embed token, [B, D] and [B, K, D]),
+  `doc_groups`, and the settings `tau`, `margin`, `in_batch`. The forward
+  passes a loss does not need are skipped.
+
   Args:
     loss_cfg: mapping with `weights` ({name: weight}), `tau`, `margin`,
       `in_batch`.
@@ -115,12 +129,14 @@ def sft_losses(graphdef, params, ref_params, batch, loss_cfg):
     (total loss, {name: value}).
   """
   weights = {k: float(v) for k, v in loss_cfg["weights"].items() if v}
+  fns = {name: losses_lib.get(name) for name in weights}
+  needs = set().union(*(parameters(f) for f in fns.values()))
   model = nnx.merge(graphdef, params)
   q = batch["q_tokens"]
   b = q.shape[0]
-  need_logits = "sft" in weights or "kl" in weights
-  logits, hidden, _ = right_padded_forward(model, q, batch["q_lengths"],
-                                           return_logits=need_logits)
+  logits, hidden, _ = right_padded_forward(
+      model, q, batch["q_lengths"],
+      return_logits=bool(needs & {"logits", "ref_logits"}))
   q_emb = hidden_at(hidden, batch["q_embed_pos"])
 
   d = batch["d_tokens"]
@@ -131,29 +147,19 @@ def sft_losses(graphdef, params, ref_params, batch, loss_cfg):
                                         return_logits=False)
   d_emb = hidden_at(d_hidden, lengths - 1).reshape(b, k, -1)
 
-  parts = {}
-  if "sft" in weights:
-    parts["sft"] = losses_lib.get("sft")(logits, q, batch["q_mask"])
-  if "kl" in weights:
+  available = dict(logits=logits, tokens=q, target_mask=batch["q_mask"],
+                   queries=q_emb, docs=d_emb,
+                   doc_groups=batch.get("d_groups"), tau=loss_cfg["tau"],
+                   margin=loss_cfg["margin"], in_batch=loss_cfg["in_batch"])
+  if "ref_logits" in needs:
     ref = nnx.merge(graphdef, ref_params)
     ref_logits, _, _ = right_padded_forward(ref, q, batch["q_lengths"])
-    parts["kl"] = losses_lib.get("kl")(
-        logits, jax.lax.stop_gradient(ref_logits), batch["q_mask"])
-  if "infonce" in weights:
-    parts["infonce"] = losses_lib.get("infonce")(
-        q_emb, d_emb, tau=loss_cfg["tau"], in_batch=loss_cfg["in_batch"],
-        doc_groups=batch.get("d_groups"))
-  if "triplet" in weights:
-    parts["triplet"] = losses_lib.get("triplet")(
-        q_emb, d_emb, margin=loss_cfg["margin"])
-  unknown = set(weights) - set(parts)
-  if unknown:
-    raise KeyError(f"stage 1 has no loss {sorted(unknown)}; available: "
-                   "sft, kl, infonce, triplet")
+    available["ref_logits"] = jax.lax.stop_gradient(ref_logits)
+  parts = {name: call_with(fn, available, f"loss {name!r}")
+           for name, fn in fns.items()}
   total = sum(weights[n] * parts[n] for n in parts)
   # Retrieval accuracy inside the batch: is the positive the top document?
-  cos = jnp.einsum("bd,bkd->bk", losses_lib._unit(q_emb),  # pylint: disable=protected-access
-                   losses_lib._unit(d_emb))  # pylint: disable=protected-access
+  cos = jnp.einsum("bd,bkd->bk", l2_normalize(q_emb), l2_normalize(d_emb))
   parts["pos_top1"] = jnp.mean(jnp.argmax(cos, -1) == 0)
   return total, parts
 
@@ -191,7 +197,8 @@ def make_sft_step(graphdef, tx, schedule, loss_cfg, mesh: Mesh,
 
 def stage1_step(cfg, model, mesh):
   """The stage-1 pieces a config asks for: (graphdef, train state, jitted
-  step, batch shardings, `Batcher`)."""
+  step, batch shardings, `Batcher`). `model` has `.model` (the Decoder) and
+  `.tokenizer` (a `LoadedDecoder`, or a `SearchR3`)."""
   tx, schedule = train_state.make_optimizer(cfg.optimizer)
   needs_ref = bool(cfg.loss.weights.get("kl"))
   graphdef, state, shardings = train_state.create_train_state(
@@ -199,6 +206,101 @@ def stage1_step(cfg, model, mesh):
   step_fn, batch_sh = make_sft_step(
       graphdef, tx, schedule, cfg.loss.to_dict(), mesh, shardings,
       batch_size=cfg.batch_size)
-  batcher = Batcher(model.tokenizer, model.prompts, query_len=cfg.query_len,
+  batcher = Batcher(model.tokenizer, getattr(model, "prompts", None)
+                    or PromptConfig(), query_len=cfg.query_len,
                     doc_len=cfg.doc_len, num_negatives=cfg.data.num_negatives)
   return graphdef, state, step_fn, batch_sh, batcher
+
+
+class Stage1:
+  """Stage 1 for the trainer loop: batches of training examples, the
+  four-loss step, evaluation with reasoning off."""
+
+  name = "stage 1"
+  # A resumed run keeps its model, data and seed (the saved data position
+  # points into that data).
+  resume_refuses = ("stage", "seed", "model", "model_dir", "init_from",
+                    "random_init", "param_dtype", "data")
+
+  def __init__(self, cfg, workdir: Optional[str] = None):
+    del workdir  # stage 1 saves nothing besides the checkpoint
+    self.cfg = cfg
+    if cfg.batch_size % jax.process_count():
+      raise ValueError(f"batch_size {cfg.batch_size} does not divide over "
+                       f"{jax.process_count()} processes")
+    losses_lib.LOSSES.check([k for k, v in cfg.loss.weights.items() if v],
+                            "loss.weights")
+    mesh = shd.make_mesh(tuple(cfg.mesh))
+    loaded = load_model(cfg, mesh)
+    (self.graphdef, self.state, self.step_fn, self.batch_sh,
+     self.batcher) = stage1_step(cfg, loaded, mesh)
+    self._policy = Policy(self.graphdef, self.state.params, loaded.tokenizer,
+                          self.batcher.prompts, mesh)
+    # Each process reads its own share of the global batch.
+    self.loader = data_lib.train_loader(
+        cfg.data, batch_size=cfg.batch_size // jax.process_count(),
+        seed=cfg.seed)
+    self.evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
+    self.rng = jax.random.key(cfg.seed)
+    self._position = self.loader.get_state()  # after the last drawn batch
+
+  def policy(self) -> Policy:
+    return self._policy.with_params(self.state.params)
+
+  def summary(self) -> str:
+    return (f"stage 1: {self.cfg.total_steps} steps of {self.cfg.batch_size} "
+            f"examples, losses {dict(self.cfg.loss.weights)}")
+
+  def position(self) -> dict:
+    return self._position
+
+  def resume(self, position: dict, step: int) -> None:
+    del step
+    self.loader.set_state(position)
+    self._position = position
+
+  def prepare(self) -> None:
+    pass
+
+  def step(self, step: int, guard=None) -> dict:
+    """Dispatches one step; the metrics come back as device arrays (the
+    trainer reads them after the next step is dispatched)."""
+    del step, guard  # the trainer guards when it reads the metrics
+    examples = self.loader.next_batch()
+    self._position = self.loader.get_state()
+    host = self.batcher(examples)
+    batch = {k: jax.make_array_from_process_local_data(self.batch_sh[k], v)
+             for k, v in host.items()}
+    self.state, metrics = self.step_fn(self.state, batch, self.rng)
+    return dict(metrics, tokens=self.batcher.tokens_per_batch(host))
+
+  def update_is_finite(self) -> bool:
+    # The loss and gradient were computed before the update; an exploding
+    # update leaves both finite and the parameters useless. One short
+    # document's forward with the new parameters catches it before they are
+    # saved.
+    probe = self.policy().encode_documents(["a short probe document"],
+                                           progress=False)
+    return bool(np.isfinite(probe).all())
+
+  def baseline(self) -> dict[str, float]:
+    return {f"{split}/{k}": v for split, d in self.evaluator.bm25().items()
+            for k, v in d.items()}
+
+  def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
+    del step
+    figures = self.evaluator(self.policy())
+    return {f"{split}/{k}": v for split, d in figures.items()
+            for k, v in d.items()}, []
+
+  def postfix(self, values: dict) -> dict[str, str]:
+    out = {"loss": f"{values['loss']:.4f}"}
+    if "tokens_per_s" in values:
+      out["tok_s"] = f"{values['tokens_per_s']:.0f}"
+    return out
+
+  def save_extra(self, step: int) -> None:
+    pass
+
+  def prune_extra(self, kept_steps: set[int]) -> None:
+    pass

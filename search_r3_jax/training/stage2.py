@@ -35,30 +35,34 @@ evaluated dev question).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
-import tqdm
-from flax import nnx
 
-from search_r3_jax.training import checkpoint as ckpt_lib
-from search_r3_jax.retrieval import evaluation
-from search_r3_jax.training import grpo
-from search_r3_jax.training import rollouts as rollouts_lib
 from search_r3_jax.core import sharding as shd
-from search_r3_jax.training import train_state as ts_lib
-from search_r3_jax.api import SearchR3
+from search_r3_jax.core.ops import round_up
+from search_r3_jax.core.policy import Policy
+from search_r3_jax.core.prompts import PromptConfig
 from search_r3_jax.core.tokenizer import embed_suffix_ids
 from search_r3_jax.data import sources as data_lib
-from search_r3_jax.retrieval.environment import (EnvConfig, RetrievalEnvironment,
-                                       document_encoder)
-from search_r3_jax.training.runtime import (MetricWriter, NonFiniteLossError, load_model,
-                                 close_run, say)
+from search_r3_jax.data.common import split_fields, to_python
+from search_r3_jax.retrieval import evaluation
+from search_r3_jax.retrieval.environment import (EnvConfig,
+                                                 RetrievalEnvironment,
+                                                 document_encoder)
+from search_r3_jax.training import advantages as advantages_lib
+from search_r3_jax.training import grpo
+from search_r3_jax.training import losses as losses_lib
+from search_r3_jax.training import rewards as rewards_lib
+from search_r3_jax.training import rollouts as rollouts_lib
+from search_r3_jax.training import train_state as ts_lib
+from search_r3_jax.training.rollouts import Rollouts
+from search_r3_jax.training.trainer import Guard
+from search_r3_jax.training.workdir import load_model
 
 RANK_BINS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10))
 
@@ -78,7 +82,6 @@ def training_queries(data_cfg, corpus: dict[str, str],
   queries (a BEIR folder's `train` qrels: every document judged relevant,
   score > 0, is gold). Order: the data set's.
   """
-  from search_r3_jax.data.common import split_fields, to_python  # pylint: disable=g-import-not-at-top
   builder = data_lib.builder_for(data_cfg)
   if data_cfg.split not in builder.info.splits:
     raise ValueError(f"data {data_cfg.name!r} has no split "
@@ -146,10 +149,6 @@ class QueryStream:
 # ------------------------------------------------------------------ pieces
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
 def embed_suffix(tokenizer, prompts) -> list[int]:
   """What ends a rollout that did not emit the token: " The embedding is
   <|embed_token|>", the same ids `SearchR3.encode_queries` appends."""
@@ -208,30 +207,63 @@ def check_config(cfg) -> None:
   if not 0 < float(rl.top_p) <= 1 or float(rl.temperature) <= 0:
     raise ValueError(f"rl.temperature must be > 0 and rl.top_p in (0, 1]; "
                      f"got {rl.temperature}, {rl.top_p}")
+  advantages_lib.ADVANTAGES.check([rl.get("advantage", "grpo")],
+                                  "rl.advantage")
+  losses_lib.LOSSES.check([cfg.loss.get("policy", "grpo")], "loss.policy")
+  rewards_lib.REWARDS.check(cfg.rewards, "rewards")
+
+
+# Environment settings a resumed run takes over; the others shape the saved
+# index, regions and graph, so changing them needs a new workdir.
+ENV_APPLIED_ON_RESUME = ("k", "probes_per_region", "drift_threshold",
+                         "drift_scale", "refresh_every", "rebuild_fraction",
+                         "full_refresh_every", "touch_neighbors")
+
+
+@dataclasses.dataclass
+class StepOutput:
+  """One stage-2 step: its metrics, and the rollouts and scores behind them
+  (for benchmarks and inspection)."""
+  values: dict[str, float]
+  rollouts: Rollouts
+  scores: dict
 
 
 class Stage2:
-  """The pieces of the stage-2 loop for one config, and one step of it.
+  """Stage 2 for the trainer loop: rollout, forward, search and reward,
+  GRPO update, refresh.
 
   Attributes:
     state: the `TrainState` (replaced by every update).
-    env: the `RetrievalEnvironment` (None until `build_env` or `load_env`).
+    env: the `RetrievalEnvironment` (None until `prepare` or `resume`).
     evaluator: the dev evaluation over `corpus`.
     corpus: the environment's documents {id: text}.
     stream: the training queries.
   """
 
-  def __init__(self, cfg):
+  name = "stage 2"
+  # A resumed run keeps its model, data, seed, environment corpus (the
+  # evaluation corpus) and index structure.
+  resume_refuses = (
+      "stage", "seed", "model", "model_dir", "init_from", "random_init",
+      "param_dtype", "data", "eval.splits", "eval.corpus_size",
+      "eval.doc_len", "eval.max_queries") + tuple(
+          f"env.{f.name}" for f in dataclasses.fields(EnvConfig)
+          if f.name not in ENV_APPLIED_ON_RESUME)
+
+  def __init__(self, cfg, workdir: Optional[str] = None):
     self.cfg = cfg
     rl = cfg.rl
     check_config(cfg)
     self.group, self.nq = int(rl.group_size), int(rl.queries_per_step)
     self.mesh = shd.make_mesh(tuple(cfg.mesh))
-    model = load_model(cfg, self.mesh)
-    self.tokenizer, self.prompts = model.tokenizer, model.prompts
+    loaded = load_model(cfg, self.mesh)
+    self.tokenizer = loaded.tokenizer
     tx, schedule = ts_lib.make_optimizer(cfg.optimizer)
     self.graphdef, self.state, shardings = ts_lib.create_train_state(
-        model.model, tx, self.mesh, with_reference=bool(cfg.loss.beta))
+        loaded.model, tx, self.mesh, with_reference=bool(cfg.loss.beta))
+    self._policy = Policy(self.graphdef, self.state.params, self.tokenizer,
+                          PromptConfig(), self.mesh)
     self.step_fn, self.batch_sh = grpo.make_grpo_step(
         self.graphdef, tx, schedule, cfg.loss.to_dict(), self.mesh, shardings,
         batch_size=self.group * self.nq)
@@ -241,19 +273,43 @@ class Stage2:
         training_queries(cfg.data, self.corpus, tuple(cfg.data.query_kinds)),
         cfg.seed)
     self.env_cfg = EnvConfig.from_mapping(cfg.env.to_dict())
-    self.suffix = embed_suffix(self.tokenizer, self.prompts)
-    self.env = None
+    self.suffix = embed_suffix(self.tokenizer, self._policy.prompts)
+    self.env: Optional[RetrievalEnvironment] = None
+    self._eval_docs: Optional[np.ndarray] = None  # the last evaluation's
+    self._update_finite = True
+    # env/<step>/: the environment saved beside each checkpoint.
+    self.env_root = os.path.join(workdir, "env") if workdir else None
 
-  def view(self) -> SearchR3:
-    """The current policy as a `SearchR3`."""
-    return SearchR3(nnx.merge(self.graphdef, self.state.params),
-                    self.tokenizer, self.mesh, prompts=self.prompts)
+  # -- the policy ------------------------------------------------------------
+
+  def policy(self) -> Policy:
+    """The current parameters as a `Policy`."""
+    return self._policy.with_params(self.state.params)
 
   def encoder(self):
-    return document_encoder(self.view(), max_length=self.cfg.eval.doc_len,
+    return document_encoder(self.policy(), max_length=self.cfg.eval.doc_len,
                             batch_size=self.cfg.eval.batch_size)
 
-  def build_env(self, vectors: np.ndarray | None = None, step: int = 0):
+  # -- the trainer's hooks ---------------------------------------------------
+
+  def summary(self) -> str:
+    return (f"stage 2: {len(self.stream.pairs)} training queries, environment "
+            f"of {len(self.corpus)} documents, {self.nq} queries x "
+            f"{self.group} rollouts per step")
+
+  def position(self) -> dict:
+    return {"queries": self.stream.get_state()}
+
+  def resume(self, position: dict, step: int) -> None:
+    self.stream.set_state(position["queries"])
+    self.env = RetrievalEnvironment.load(
+        os.path.join(self.env_root, str(step)), self.corpus)
+    # The refresh policy follows this run's config (`ENV_APPLIED_ON_RESUME`;
+    # the trainer refused changes to the rest).
+    self.env.cfg = dataclasses.replace(self.env.cfg, **{
+        k: getattr(self.env_cfg, k) for k in ENV_APPLIED_ON_RESUME})
+
+  def build_env(self, vectors: Optional[np.ndarray] = None, step: int = 0):
     """The environment over `corpus`, from `vectors` (one per document, e.g.
     the evaluation's) or encoded with the current parameters."""
     self.env = RetrievalEnvironment(
@@ -261,11 +317,22 @@ class Stage2:
         self.env_cfg, step=step, vectors=vectors)
     return self.env
 
-  def evaluate(self) -> tuple[dict, np.ndarray, list[dict]]:
+  def prepare(self) -> None:
+    """Builds the environment on a fresh run, seeded with the step-0
+    evaluation's document embeddings when there was one (the same model and
+    documents: nothing is encoded twice)."""
+    if self.env is None:
+      self.build_env(self._eval_docs)
+
+  def baseline(self) -> dict[str, float]:
+    return {f"{split}/{k}": v for split, d in self.evaluator.bm25().items()
+            for k, v in d.items()}
+
+  def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
     """Dev figures with reasoning off (`split/metric`) and on
-    (`split+reasoning/metric`), the document embeddings, and the analyses."""
-    t = time.perf_counter()
-    m = self.view()
+    (`split+reasoning/metric`), and the analyses the model wrote."""
+    del step
+    m = self.policy()
     docs = self.evaluator.documents(m)
     flat, samples = {}, []
     for reasoning in (False, True):
@@ -275,77 +342,123 @@ class Stage2:
       tag = "+reasoning" if reasoning else ""
       flat.update({f"{split}{tag}/{k}": v for split, d in figures.items()
                    for k, v in d.items()})
-    flat["eval_seconds"] = time.perf_counter() - t
-    return flat, docs, samples
+    self._eval_docs = docs
+    return flat, samples
+
+  def postfix(self, values: dict) -> dict[str, str]:
+    return dict(reward=f"{values['reward_mean']:.3f}",
+                emit=f"{values['embed_rate']:.2f}",
+                s=f"{values['step_seconds']:.1f}")
+
+  def update_is_finite(self) -> bool:
+    return self._update_finite  # checked after every update, see `update`
+
+  def save_extra(self, step: int) -> None:
+    self.env.save(os.path.join(self.env_root, str(step)))
+
+  def prune_extra(self, kept_steps: set[int]) -> None:
+    """Drops saved environments whose checkpoint orbax has dropped."""
+    newest = max(kept_steps)
+    for name in os.listdir(self.env_root):
+      if name.isdigit() and int(name) not in kept_steps and int(name) < newest:
+        shutil.rmtree(os.path.join(self.env_root, name), ignore_errors=True)
+
+  # -- one step, in its phases -----------------------------------------------
 
   def _put(self, key: str, x: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(self.batch_sh[key], x)
 
-  def step(self, step: int, check=None) -> dict[str, float]:
-    """One loop step (rollout, forward, search + reward, update, refresh);
-    returns its metrics, the time of each phase included. `check(values)`
-    sees each update's metrics before the next (the non-finite guard)."""
-    rl, env, tok = self.cfg.rl, self.env, self.tokenizer
-    times = {}
-    t = time.perf_counter()
+  def rollout(self, step: int) -> tuple[list, Rollouts]:
+    """Draws `queries_per_step` training queries and samples `group_size`
+    reasoning rollouts of each from the current policy."""
+    rl = self.cfg.rl
     batch_q = self.stream.next(self.nq)
     ro = rollouts_lib.sample(
-        self.view(), [q for q, _ in batch_q], group_size=self.group,
+        self.policy(), [q for q, _ in batch_q], group_size=self.group,
         max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
         top_p=rl.top_p, seed=self.cfg.seed * 1_000_003 + step,
         max_query_tokens=rl.max_query_tokens)
-    times["time_rollout"] = time.perf_counter() - t
+    return batch_q, ro
 
-    t = time.perf_counter()
+  def forward(self, ro: Rollouts) -> tuple[dict, jax.Array, np.ndarray]:
+    """The GRPO batch on the device, the sampling policy's old
+    log-probabilities and every rollout's embedding (one forward pass)."""
+    tok = self.tokenizer
     longest = max(len(p) + len(r) + len(self.suffix)
                   for p, r in zip(ro.prompts, ro.responses))
     # Lengths in buckets, so the forward and the update compile a few
     # shapes, not one per step.
     host = rollouts_lib.grpo_batch(
         ro, embed_token_id=tok.embed_token_id, pad_id=tok.pad_id,
-        seq_len=_round_up(longest, rl.length_bucket), suffix=self.suffix)
+        seq_len=round_up(longest, self.cfg.rl.length_bucket),
+        suffix=self.suffix)
     dev = {k: self._put(k, v) for k, v in host.items()}
     old_logp, emb = grpo.policy_outputs(self.graphdef, self.state.params,
                                         dev["tokens"], dev["lengths"],
                                         dev["embed_pos"])
-    emb = np.asarray(jax.device_get(emb))
+    return dev, old_logp, np.asarray(jax.device_get(emb))
+
+  def reward(self, ro: Rollouts, gold: list[list[str]], emb: np.ndarray
+             ) -> tuple[dict, np.ndarray]:
+    """Searches and rewards the rollouts, marks what the step touched in the
+    environment; returns the scores and the auxiliary InfoNCE's documents."""
+    rl = self.cfg.rl
+    sc = rollouts_lib.score(self.env, ro, gold, group_size=self.group,
+                            weights=dict(self.cfg.rewards), k=self.env_cfg.k,
+                            embeddings=emb if rl.fallback_reward else None,
+                            advantage=rl.get("advantage", "grpo"))
+    if self.cfg.loss.aux_weight:
+      docs = aux_documents(self.env, emb, [gold[q] for q in ro.query_index],
+                           rl.aux_documents)
+    else:  # the loss skips the auxiliary InfoNCE; a placeholder of one row
+      docs = np.zeros((len(emb), 1, emb.shape[1]), np.float32)
+    self.env.observe(gold, sc["retrieved"])
+    return sc, docs
+
+  def update(self, batch: dict, guard: Optional[Guard]) -> dict[str, float]:
+    """`inner_epochs` GRPO steps on one batch, each guarded; then one
+    document's forward with the new parameters."""
+    for _ in range(self.cfg.rl.inner_epochs):
+      self.state, metrics = self.step_fn(self.state, batch)
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if guard is not None:
+        guard(values)
+    # The loss and gradient above were computed before the update; an
+    # exploding update leaves both finite and the parameters useless. One
+    # document's forward with the new parameters catches it before they
+    # reach the refresh or a checkpoint.
+    probe = self.encoder()(self.env.texts[:1])
+    self._update_finite = bool(np.isfinite(probe).all())
+    values["update_finite"] = float(self._update_finite)
+    if guard is not None:
+      guard(values)
+    return values
+
+  def run_step(self, step: int, guard: Optional[Guard] = None) -> StepOutput:
+    """One loop step, timed phase by phase."""
+    times = {}
+    t = time.perf_counter()
+    batch_q, ro = self.rollout(step)
+    times["time_rollout"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dev, old_logp, emb = self.forward(ro)
     times["time_forward"] = time.perf_counter() - t
 
     t = time.perf_counter()
     gold = [list(g) for _, g in batch_q]
-    sc = rollouts_lib.score(env, ro, gold, group_size=self.group,
-                            weights=dict(self.cfg.rewards), k=self.env_cfg.k,
-                            embeddings=emb if rl.fallback_reward else None)
-    if self.cfg.loss.aux_weight:
-      docs = aux_documents(env, emb, [gold[q] for q in ro.query_index],
-                           rl.aux_documents)
-    else:  # the loss skips the auxiliary InfoNCE; a placeholder of one row
-      docs = np.zeros((len(emb), 1, emb.shape[1]), np.float32)
-    env.observe(gold, sc["retrieved"])
+    sc, docs = self.reward(ro, gold, emb)
     times["time_reward"] = time.perf_counter() - t
 
     t = time.perf_counter()
     batch = dict(dev, old_logp=old_logp,
                  advantages=self._put("advantages", sc["advantages"]),
                  docs=self._put("docs", docs))
-    for _ in range(rl.inner_epochs):
-      self.state, metrics = self.step_fn(self.state, batch)
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if check is not None:
-        check(values)
-    # The loss and gradient above were computed before the update; an
-    # exploding update leaves both finite and the parameters useless. One
-    # document's forward with the new parameters catches it before they
-    # reach the refresh or a checkpoint.
-    encode = self.encoder()  # the updated parameters
-    probe = encode(self.env.texts[:1])
-    values["update_finite"] = float(np.isfinite(probe).all())
-    if check is not None:
-      check(values)
+    values = self.update(batch, guard)
     times["time_update"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    report = env.maybe_refresh(step + 1, encode)
+    report = self.env.maybe_refresh(step + 1, self.encoder())
     times["time_refresh"] = time.perf_counter() - t
 
     values.update(rollout_metrics(ro, sc, self.group))
@@ -360,110 +473,11 @@ class Stage2:
                     refresh_full=float(report["kind"] == "full"),
                     refresh_drift_mean=report["drift_mean"],
                     refresh_drifted_regions=report["drifted_regions"])
-    self.last_rollouts, self.last_scores = ro, sc
-    return values
+    return StepOutput(values, ro, sc)
+
+  def step(self, step: int, guard: Optional[Guard] = None) -> dict:
+    return self.run_step(step, guard).values
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict:
-  """Runs stage 2; returns the last evaluation's flat figures."""
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
-  loop = Stage2(cfg)
-  env_root = os.path.join(workdir, "env")
-  samples_dir = os.path.join(workdir, "samples")
-  say(f"stage 2: {len(loop.stream.pairs)} training queries, environment of "
-      f"{len(loop.corpus)} documents, {loop.nq} queries x {loop.group} "
-      "rollouts per step")
-
-  checkpoints = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
-  start = checkpoints.latest_step() or 0
-  if start:
-    loop.state, position = checkpoints.restore(loop.state)
-    loop.stream.set_state(position["queries"])
-    loop.env = RetrievalEnvironment.load(os.path.join(env_root, str(start)),
-                                         loop.corpus)
-    if loop.env.cfg != loop.env_cfg:
-      changed = {k: (v, getattr(loop.env_cfg, k))
-                 for k, v in dataclasses.asdict(loop.env.cfg).items()
-                 if getattr(loop.env_cfg, k) != v}
-      say(f"note: the environment resumes with its saved settings; the "
-          f"config's differ (saved, config): {changed}")
-    say(f"resumed from {checkpoints.directory} at step {start}")
-  writer = MetricWriter(workdir)
-  if start:
-    writer.truncate_after(start)
-
-  def evaluate(step: int) -> tuple[dict, np.ndarray]:
-    flat, docs, samples = loop.evaluate()
-    writer.write(step, flat, kind="eval")
-    if jax.process_index() == 0:
-      os.makedirs(samples_dir, exist_ok=True)
-      with open(os.path.join(samples_dir, f"step_{step}.jsonl"), "w",
-                encoding="utf-8") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
-    say(f"eval at step {step}: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in flat.items() if "ndcg" in k or
-        k == "eval_seconds"))
-    return flat, docs
-
-  last_eval: dict = {}
-  if loop.env is None:
-    docs = None
-    if cfg.eval.at_start:
-      last_eval, docs = evaluate(0)
-    t = time.perf_counter()
-    loop.build_env(docs)
-    say(f"environment ready in {time.perf_counter() - t:.1f}s ("
-        + ("seeded with the step-0 evaluation's document embeddings)"
-           if docs is not None else "encoded)"))
-
-  def save(done: int) -> None:
-    loop.env.save(os.path.join(env_root, str(done)))
-    checkpoints.save(done, loop.state, {"queries": loop.stream.get_state()})
-    keep = set(checkpoints.manager.all_steps()) | {done}
-    for name in os.listdir(env_root):
-      if name.isdigit() and int(name) not in keep and int(name) < done:
-        shutil.rmtree(os.path.join(env_root, name), ignore_errors=True)
-
-  bar = tqdm.tqdm(total=cfg.total_steps, initial=start, desc="stage 2",
-                  unit="step", disable=jax.process_index() != 0)
-  try:
-    for step in range(start, cfg.total_steps):
-      def check(values, step=step):
-        # A finite loss with a non-finite gradient would still poison the
-        # parameters, so both must be finite.
-        updated = values.get("update_finite", 1.0)
-        if not (np.isfinite(values["loss"])
-                and np.isfinite(values["grad_norm"]) and updated):
-          raise NonFiniteLossError(
-              f"step {step}: loss is {values['loss']}, gradient norm "
-              f"{values['grad_norm']}"
-              + ("" if updated else ", and the updated parameters' forward "
-                 "is not finite") + "; stopping. The last checkpoint in "
-              f"{checkpoints.directory} is intact: step "
-              f"{checkpoints.latest_step()}")
-
-      values = loop.step(step, check)
-      done = step + 1
-      if step % cfg.log_every == 0 or done == cfg.total_steps:
-        writer.write(step, values)
-      bar.set_postfix(reward=f"{values['reward_mean']:.3f}",
-                      emit=f"{values['embed_rate']:.2f}",
-                      s=f"{values['step_seconds']:.1f}")
-      bar.update(1)
-      # Evaluate before saving: a run killed in between repeats the
-      # evaluation on resume instead of losing it.
-      if (cfg.eval_every and done % cfg.eval_every == 0) or (
-          done == cfg.total_steps):
-        last_eval, _ = evaluate(done)
-      if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
-        save(done)
-  finally:
-    close_run(workdir, bar, checkpoints, writer)
-  return last_eval
-
-
-__all__ = ["QueryStream", "Stage2", "check_config", "train_and_evaluate",
+__all__ = ["QueryStream", "Stage2", "StepOutput", "check_config",
            "training_queries"]

@@ -1,5 +1,10 @@
-"""Loading a training workdir as a model: its config names the starting
-model, its latest checkpoint holds the trained parameters."""
+"""The model a training run starts from, and a finished run's model.
+
+A training workdir holds `config.json` (naming the model it started from)
+and orbax `checkpoints/` (the trained parameters); `load_workdir` puts the
+two together, so a workdir loads wherever a model name does
+(`SearchR3.from_pretrained(workdir)`, `--config.init_from=workdir`).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from search_r3_jax.core import sharding as shd
+from search_r3_jax.core.loading import (LoadedDecoder, load_decoder,
+                                        random_decoder)
+from search_r3_jax.training import checkpoint
 
 
 def is_workdir(path: os.PathLike | str) -> bool:
@@ -20,16 +28,31 @@ def is_workdir(path: os.PathLike | str) -> bool:
   return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
 
 
+def load_model(cfg, mesh: Mesh) -> LoadedDecoder:
+  """The starting model of a training config: `init_from` (a workdir's
+  trained parameters, or any model path), a random model (`random_init`),
+  or the preset `model`."""
+  if cfg.init_from and is_workdir(cfg.init_from):
+    return load_workdir(cfg.init_from, mesh=mesh)
+  if cfg.random_init:
+    return random_decoder(cfg.model, seed=cfg.seed, model_dir=cfg.model_dir,
+                          mesh=mesh, compute_dtype=cfg.compute_dtype,
+                          param_dtype=cfg.param_dtype,
+                          **dict(cfg.random_init))
+  return load_decoder(cfg.init_from or cfg.model, model_dir=cfg.model_dir,
+                      mesh=mesh, compute_dtype=cfg.compute_dtype,
+                      param_dtype=cfg.param_dtype)
+
+
 def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
-                 step: Optional[int] = None):
-  """The model of a training workdir at its latest (or given) checkpoint.
+                 step: Optional[int] = None) -> LoadedDecoder:
+  """The model of a training workdir at its latest (or given) checkpoint:
+  its config's starting model with the checkpoint's parameters (restored
+  alone, without the optimizer state).
 
   Raises:
     FileNotFoundError: the workdir has no finished checkpoint.
   """
-  from search_r3_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.training.runtime import load_model  # pylint: disable=g-import-not-at-top
-
   p = pathlib.Path(path)
   with open(p / "config.json", encoding="utf-8") as f:
     cfg = ml_collections.ConfigDict(json.load(f))
@@ -39,9 +62,9 @@ def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
     if (step if step is not None else ck.latest_step()) is None:
       raise FileNotFoundError(f"{p} is a training workdir without a finished "
                               "checkpoint")
-    model = load_model(cfg, mesh)
-    params = ck.restore_params(nnx.state(model.model, nnx.Param), step)
+    loaded = load_model(cfg, mesh)
+    params = ck.restore_params(nnx.state(loaded.model, nnx.Param), step)
   finally:
     ck.close()
-  nnx.update(model.model, params)
-  return model
+  nnx.update(loaded.model, params)
+  return loaded

@@ -1,0 +1,251 @@
+"""The training loop both stages run: resume, step, guard, evaluate, save.
+
+A stage (`stage1.Stage1`, `stage2.Stage2`) says how to build its state, draw
+a batch and take a step; this loop owns everything around that:
+
+  1. `config.json`: written into the workdir; on a resumed run the saved one
+     is compared with this run's and every changed field is either applied
+     (said on the console) or refused, naming the field (`check_resume`).
+  2. Resume order: the workdir's latest checkpoint (state, data position,
+     the stage's extras such as the environment) -> `init_from` -> scratch.
+     Rows a killed run logged past that checkpoint are dropped.
+  3. Each step is dispatched before the previous step's metrics are read,
+     so the host never stalls the device; reading them runs the non-finite
+     guard (loss and gradient norm), and before every checkpoint the stage
+     checks that its updated parameters still give a finite forward.
+  4. Evaluation at step 0, every `eval_every` steps and at the end, before
+     the checkpoint of the same step (a run killed in between repeats the
+     evaluation on resume rather than losing it).
+  5. Metrics to metrics.jsonl and TensorBoard, a progress bar, PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Optional, Protocol
+
+import jax
+import numpy as np
+import tqdm
+
+from search_r3_jax.training.checkpoint import Checkpointer
+from search_r3_jax.training.runtime import (MetricWriter, NonFiniteLossError,
+                                            say, write_run_plots)
+
+Guard = Callable[[dict], None]
+
+
+class Stage(Protocol):
+  """What the loop needs from a training stage."""
+
+  name: str                     # the progress bar's label
+  state: Any                    # the TrainState; every step replaces it
+  # Config fields (dotted prefixes) a resumed run may not change.
+  resume_refuses: tuple[str, ...]
+
+  def summary(self) -> str: ...
+  def position(self) -> dict: ...
+  def resume(self, position: dict, step: int) -> None: ...
+  def prepare(self) -> None: ...
+  def step(self, step: int, guard: Guard) -> dict: ...
+  def update_is_finite(self) -> bool: ...
+  def baseline(self) -> dict[str, float]: ...
+  def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]: ...
+  def postfix(self, values: dict) -> dict[str, str]: ...
+  def save_extra(self, step: int) -> None: ...
+  def prune_extra(self, kept_steps: set[int]) -> None: ...
+
+
+class ResumeConfigError(ValueError):
+  """A resumed run's config changes a field the saved run cannot take."""
+
+
+# ------------------------------------------------------------------ config
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}; values stay as JSON gives them."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resume(saved: dict, now: dict, refuses: tuple[str, ...]
+                 ) -> dict[str, tuple[Any, Any]]:
+  """The fields a resumed run changes, as {field: (saved, now)}.
+
+  Raises:
+    ResumeConfigError: a changed field is under one of `refuses` (the model,
+      the data, the seed, ...: the saved state would not belong to the new
+      setting), naming every such field with both values.
+  """
+  a, b = flatten(saved), flatten(now)
+  changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k) and k != "workdir"}
+  refused = {k: v for k, v in changed.items()
+             if any(k == r or k.startswith(r + ".") for r in refuses)}
+  if refused:
+    lines = "; ".join(f"{k}: saved {v[0]!r}, now {v[1]!r}"
+                      for k, v in refused.items())
+    raise ResumeConfigError(
+        f"this workdir's checkpoints were made with other settings, which a "
+        f"resumed run cannot change: {lines}. Use a new --workdir, or put "
+        "the saved values back")
+  return changed
+
+
+def write_config(cfg, workdir: str, resuming: bool,
+                 refuses: tuple[str, ...]) -> None:
+  """Writes config.json; when resuming, first checks it against the saved
+  one (`check_resume`) and says which changed fields take effect."""
+  path = os.path.join(workdir, "config.json")
+  text = cfg.to_json_best_effort(indent=2)
+  if resuming and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    changed = check_resume(saved, json.loads(text), refuses)
+    if changed:
+      say("resuming with changed settings, applied from here on: " + ", ".join(
+          f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items()))
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ loop
+
+
+def guard_for(step: int, checkpoints: Checkpointer) -> Guard:
+  """The non-finite stop for one step's metrics."""
+
+  def guard(values: dict) -> None:
+    # A finite loss with a non-finite gradient would still poison the
+    # parameters, so both must be finite.
+    updated = values.get("update_finite", 1.0)
+    if np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"]) and (
+        updated):
+      return
+    parts = {k: float(v) for k, v in values.items()}
+    raise NonFiniteLossError(
+        f"step {step}: loss is {values['loss']}, gradient norm "
+        f"{values['grad_norm']}"
+        + ("" if updated else ", and the updated parameters' forward is not "
+           "finite") + f" (parts: {parts}); stopping. The last checkpoint in "
+        f"{checkpoints.directory} is intact: step {checkpoints.latest_step()}")
+
+  return guard
+
+
+def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
+  """Runs `stage_cls(cfg, workdir)` to `cfg.total_steps`; returns the last
+  evaluation's flat figures ({} when none ran)."""
+  os.makedirs(workdir, exist_ok=True)
+  checkpoints = Checkpointer(workdir, keep=cfg.keep_checkpoints)
+  start = checkpoints.latest_step() or 0
+  try:
+    # Checked before the stage loads anything: a refused change costs
+    # nothing.
+    write_config(cfg, workdir, bool(start), stage_cls.resume_refuses)
+    stage = stage_cls(cfg, workdir)
+  except BaseException:
+    checkpoints.close()
+    raise
+  say(stage.summary())
+  writer = MetricWriter(workdir)
+  samples_dir = os.path.join(workdir, "samples")
+  if start:
+    stage.state, position = checkpoints.restore(stage.state)
+    stage.resume(position, start)
+    writer.truncate_after(start)
+    say(f"resumed from {checkpoints.directory} at step {start}, data "
+        f"position {position}")
+
+  def evaluate(step: int) -> dict:
+    t = time.perf_counter()
+    flat, samples = stage.evaluate(step)
+    flat["eval_seconds"] = time.perf_counter() - t
+    writer.write(step, flat, kind="eval")
+    if samples and jax.process_index() == 0:
+      os.makedirs(samples_dir, exist_ok=True)
+      with open(os.path.join(samples_dir, f"step_{step}.jsonl"), "w",
+                encoding="utf-8") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    say(f"eval at step {step}: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in flat.items()
+        if "ndcg" in k or "recall@10" in k or k == "eval_seconds"))
+    return flat
+
+  last_eval: dict = {}
+  if start == 0 and cfg.eval.at_start:
+    bm25 = stage.baseline()
+    writer.write(0, bm25, kind="bm25")
+    say("BM25 on the same documents: " + json.dumps(bm25))
+    last_eval = evaluate(0)
+  stage.prepare()
+
+  bar = tqdm.tqdm(total=cfg.total_steps, initial=start, desc=stage.name,
+                  unit="step", disable=jax.process_index() != 0)
+  clock = {"t": time.perf_counter(), "tokens": 0}
+
+  def finish(step: int, metrics: dict) -> None:
+    """Reads one step's metrics (after the next was dispatched), guards,
+    logs and moves the bar."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    guard_for(step, checkpoints)(values)
+    clock["tokens"] += values.pop("tokens", 0)
+    if step % cfg.log_every == 0 or step == cfg.total_steps - 1:
+      now = time.perf_counter()
+      if clock["tokens"]:
+        values["tokens_per_s"] = clock["tokens"] / max(now - clock["t"], 1e-9)
+      clock.update(t=now, tokens=0)
+      writer.write(step, values)
+    bar.set_postfix(stage.postfix(values))
+    bar.update(1)
+
+  def save(done: int) -> None:
+    if not stage.update_is_finite():
+      raise NonFiniteLossError(
+          f"step {done}: the updated parameters' forward is not finite "
+          "although the loss and gradient were; stopping. The last "
+          f"checkpoint in {checkpoints.directory} is intact: step "
+          f"{checkpoints.latest_step()}")
+    # The stage's extras (the environment) first: a checkpoint step always
+    # has them.
+    stage.save_extra(done)
+    checkpoints.save(done, stage.state, stage.position())
+    stage.prune_extra(set(checkpoints.manager.all_steps()) | {done})
+
+  pending: Optional[tuple[int, dict]] = None
+  try:
+    for step in range(start, cfg.total_steps):
+      metrics = stage.step(step, guard_for(step, checkpoints))
+      if pending is not None:
+        finish(*pending)
+      pending = (step, metrics)
+      done = step + 1
+      eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or (
+          done == cfg.total_steps)
+      save_due = done % cfg.checkpoint_every == 0 or done == cfg.total_steps
+      if eval_due or save_due:
+        finish(*pending)  # never evaluate or save past an unchecked step
+        pending = None
+      if eval_due:
+        last_eval = evaluate(done)
+      if save_due:
+        save(done)
+    if pending is not None:
+      finish(*pending)
+  finally:
+    bar.close()
+    checkpoints.close()
+    writer.close()
+    write_run_plots(workdir)
+  return last_eval

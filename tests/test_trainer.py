@@ -1,0 +1,103 @@
+"""The shared training loop's own rules: a resumed run applies or refuses a
+changed setting by name, and every registry a config names is checked."""
+
+import ml_collections
+import pytest
+
+from search_r3_jax import config_blocks
+from search_r3_jax.training import stage2, trainer
+from search_r3_jax.training.stage1 import Stage1
+from search_r3_jax.training.stage2 import Stage2
+
+
+def test_flatten_names_every_leaf():
+  assert trainer.flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": {}}) == {
+      "a.b": 1, "a.c.d": [2], "e": {}}
+
+
+def test_resume_applies_what_it_can_and_names_what_it_refuses():
+  saved = {"seed": 0, "total_steps": 8, "workdir": "a",
+           "optimizer": {"learning_rate": 1e-4},
+           "data": {"name": "wiki_fanout", "path": None}}
+  now = {"seed": 0, "total_steps": 10, "workdir": "b",
+         "optimizer": {"learning_rate": 3e-4},
+         "data": {"name": "wiki_fanout", "path": None}}
+  changed = trainer.check_resume(saved, now, Stage1.resume_refuses)
+  assert changed == {"optimizer.learning_rate": (1e-4, 3e-4),
+                     "total_steps": (8, 10)}  # the workdir is not a setting
+  now["seed"], now["data"]["path"] = 3, "/elsewhere"
+  with pytest.raises(trainer.ResumeConfigError) as e:
+    trainer.check_resume(saved, now, Stage1.resume_refuses)
+  msg = str(e.value)
+  assert "data.path: saved None, now '/elsewhere'" in msg
+  assert "seed: saved 0, now 3" in msg
+  assert "learning_rate" not in msg  # applied fields are not in the refusal
+  # A prefix refuses its whole block, but not a field that only starts alike.
+  assert trainer.check_resume({"database": 1}, {"database": 2},
+                              ("data",)) == {"database": (1, 2)}
+
+
+def test_stage2_resume_takes_refresh_settings_and_refuses_index_structure():
+  saved = {"env": config_blocks.env().to_dict()}
+  now = {"env": config_blocks.env(refresh_every=7,
+                                  drift_threshold=0.1).to_dict()}
+  assert set(trainer.check_resume(saved, now, Stage2.resume_refuses)) == {
+      "env.refresh_every", "env.drift_threshold"}
+  for field in ("engine", "graph_k", "num_regions", "kmeans_iters", "seed"):
+    changed = {"env": dict(saved["env"], **{field: "x"})}
+    with pytest.raises(trainer.ResumeConfigError, match=f"env.{field}"):
+      trainer.check_resume(saved, changed, Stage2.resume_refuses)
+  # The environment's corpus is the evaluation corpus: fixed on resume.
+  with pytest.raises(trainer.ResumeConfigError, match="eval.corpus_size"):
+    trainer.check_resume({"eval": {"corpus_size": 500}},
+                         {"eval": {"corpus_size": 0}}, Stage2.resume_refuses)
+
+
+def _rl_config(**changes):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "rl.py"
+  spec = importlib.util.spec_from_file_location("rl_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config("tiny")
+  for key, value in changes.items():
+    *path, last = key.split(".")
+    node = cfg
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return cfg
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rl.advantage", "ppo", r"rl.advantage: unknown advantage estimator"),
+    ("loss.policy", "reinforce", r"loss.policy: unknown loss"),
+    ("rewards", {"dcg_rank": 1.0, "bleu": 1.0}, r"rewards: unknown reward"),
+])
+def test_stage2_refuses_unregistered_names(field, value, message):
+  cfg = _rl_config()
+  if field == "rewards":
+    cfg.rewards = value
+  else:
+    cfg = _rl_config(**{field: value})
+  with pytest.raises(ValueError, match=message):
+    stage2.check_config(cfg)
+  stage2.check_config(_rl_config())  # the shipped config passes
+
+
+def test_stage1_refuses_an_unregistered_loss_before_loading_anything():
+  cfg = ml_collections.ConfigDict(dict(
+      batch_size=4, loss=dict(weights=dict(sft=1.0, contrastive=1.0))))
+  with pytest.raises(ValueError, match=r"loss.weights: unknown loss.*"
+                     r"\['contrastive'\].*infonce"):
+    Stage1(cfg)
+
+
+def test_config_blocks_take_their_defaults_from_the_dataclasses():
+  from search_r3_jax.retrieval.environment import EnvConfig  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training.rewards import DEFAULT_WEIGHTS  # pylint: disable=g-import-not-at-top
+  assert EnvConfig.from_mapping(config_blocks.env().to_dict()) == EnvConfig()
+  assert config_blocks.rewards() == DEFAULT_WEIGHTS
+  with pytest.raises(ValueError, match="unknown environment setting"):
+    config_blocks.env(refresh_evry=3)
