@@ -54,6 +54,8 @@ import time
 from absl import app, flags
 import numpy as np
 
+from search_r3_jax.core.ops import l2_normalize
+
 QUICK = flags.DEFINE_bool("quick", False, "A small run (a few minutes).")
 CORPUS_SIZE = flags.DEFINE_integer(
     "corpus_size", 2500, "Documents (gold pages + distractors); 0: all.")
@@ -252,7 +254,7 @@ def index_part(n: int, dim: int, seed: int = 0) -> dict:
   def points(m):
     x = centres[rng.integers(0, len(centres), m)] + rng.normal(
         size=(m, dim)).astype(np.float32)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return l2_normalize(x).astype(np.float32)
 
   x, q = points(n), points(1000)
   ids = [f"v{i}" for i in range(n)]
