@@ -117,3 +117,56 @@ def test_updates_favour_positive_advantages(tiny_dir, one_device_mesh):
   delta = after - before
   assert (delta[0::2] > 0).all() and (delta[1::2] < 0).all(), delta
   assert float(metrics["clip_fraction"]) > 0.0  # the ratio left [0.8, 1.2]
+
+
+def test_old_logprobs_are_the_samplers_at_temperature_0_7(tiny_dir,
+                                                           one_device_mesh):
+  """The importance ratio's log-probabilities are those of the distribution
+  the rollouts were drawn from: softmax(logits / 0.7) over the tokenizer's
+  ids (the tiny model's embedding has rows past them, never sampled). At the
+  first inner epoch the update's own forward agrees, so every ratio is 1."""
+  from search_r3_jax.training import rollouts  # pylint: disable=g-import-not-at-top
+  temperature = 0.7
+  m, graphdef, state, _, _ = _setup(tiny_dir, one_device_mesh)
+  tok = m.tokenizer
+  assert tok.vocab_size < m.cfg.vocab_size  # padding rows exist
+  ro = rollouts.sample(m.policy, ["paris city", "the river in rome"],
+                       group_size=4, max_new_tokens=7,
+                       temperature=temperature, seed=3)
+  host = rollouts.grpo_batch(ro, embed_token_id=tok.embed_token_id,
+                             pad_id=tok.pad_id, seq_len=N * 8)
+  sampling = dict(temperature=temperature, valid_vocab=tok.vocab_size)
+  dev = {k: jnp.asarray(v) for k, v in host.items()}
+
+  def old_logp(**kw):
+    lp, _ = grpo.policy_outputs(graphdef, state.params, dev["tokens"],
+                                dev["lengths"], dev["embed_pos"], **kw)
+    return np.asarray(lp)
+
+  def response_part(lp):
+    # lp[:, t] is the log-probability of tokens[:, t + 1].
+    return np.concatenate([lp[i, len(p) - 1:len(p) - 1 + len(r)]
+                           for i, (p, r) in enumerate(zip(ro.prompts,
+                                                          ro.responses))])
+
+  sampler = np.concatenate([np.asarray(x) for x in ro.logprobs])
+  np.testing.assert_allclose(response_part(old_logp(**sampling)), sampler,
+                             atol=1e-4)
+  # The unscaled logits over every row are another policy.
+  assert np.abs(response_part(old_logp()) - sampler).max() > 1e-2
+
+  cfg = dict(CFG, beta=0.01, aux_weight=0.0, **sampling)
+  tx, schedule = ts.make_optimizer(_opt())
+  graphdef, state, shardings = ts.create_train_state(m.model, tx,
+                                                     one_device_mesh)
+  step, batch_sh = grpo.make_grpo_step(graphdef, tx, schedule, cfg,
+                                       one_device_mesh, shardings,
+                                       batch_size=len(ro.responses))
+  batch = dict(host, old_logp=old_logp(**sampling),
+               advantages=np.linspace(-1, 1, len(ro.responses),
+                                      dtype=np.float32),
+               docs=np.zeros((len(ro.responses), 1, m.cfg.hidden_size),
+                             np.float32))
+  _, metrics = step(state, _put(batch, batch_sh))
+  np.testing.assert_allclose(float(metrics["ratio_mean"]), 1.0, atol=1e-5)
+  np.testing.assert_allclose(float(metrics["kl"]), 0.0, atol=1e-6)

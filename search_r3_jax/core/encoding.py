@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,23 +57,34 @@ def forward_logits(graphdef, state, tokens: jax.Array,
   return logits, hidden
 
 
+# What the sampler puts in the columns it may not draw (`decoding._NEG`).
+_NEG = -1e30
+
+
 def token_logprobs(logits: jax.Array, tokens: jax.Array,
-                   temperature: float = 1.0) -> jax.Array:
+                   temperature: float = 1.0,
+                   valid_vocab: Optional[int] = None) -> jax.Array:
   """log p(tokens[:, t] | prefix) from `logits[:, t-1]`: [B, T-1] float32,
-  under softmax(logits / temperature) (the distribution a sampler at that
-  temperature draws from)."""
+  under the distribution the sampler draws from at `temperature`:
+  softmax(logits / temperature) over the first `valid_vocab` columns (the
+  tokenizer's ids; padding rows of the embedding are never drawn)."""
   scaled = logits[:, :-1].astype(jnp.float32)
   if temperature != 1.0:
     scaled = scaled / temperature
+  if valid_vocab is not None and valid_vocab < scaled.shape[-1]:
+    col = jnp.arange(scaled.shape[-1])
+    scaled = jnp.where(col < valid_vocab, scaled, _NEG)
   logp = jax.nn.log_softmax(scaled, -1)
   return jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
+@functools.partial(jax.jit,
+                   static_argnames=("graphdef", "temperature", "valid_vocab"))
 def logprobs(graphdef, state, tokens: jax.Array, lengths: jax.Array,
-             temperature: float = 1.0) -> jax.Array:
+             temperature: float = 1.0,
+             valid_vocab: Optional[int] = None) -> jax.Array:
   """[B, T-1] log-probabilities of `tokens[:, 1:]` of a right-padded batch
-  under softmax(logits / temperature)."""
+  (see `token_logprobs`)."""
   model = nnx.merge(graphdef, state)
   logits, _, _ = right_padded_forward(model, tokens, lengths)
-  return token_logprobs(logits, tokens, temperature)
+  return token_logprobs(logits, tokens, temperature, valid_vocab)

@@ -308,8 +308,9 @@ class Policy:
   def logprobs(self, tokens: np.ndarray, lengths: np.ndarray, *,
                temperature: float = 1.0) -> np.ndarray:
     """[B, T-1] float32 log p(tokens[:, t] | prefix) of a right-padded batch
-    under softmax(logits / temperature); positions past a row's length are
-    meaningless."""
+    under the distribution `generate_ids` samples from at `temperature`
+    (softmax(logits / temperature) over the tokenizer's ids); positions past
+    a row's length are meaningless."""
     tokens = np.asarray(tokens, np.int32)
     n = tokens.shape[0]
     b = self.pad_batch(n)
@@ -319,7 +320,8 @@ class Policy:
     lens[:n] = lengths
     with jax.set_mesh(self.mesh):
       out = encoding.logprobs(self.graphdef, self.params, self._put(padded),
-                              self._put(lens), temperature=float(temperature))
+                              self._put(lens), temperature=float(temperature),
+                              valid_vocab=self.tokenizer.vocab_size)
     return np.asarray(jax.device_get(out))[:n]
 
 

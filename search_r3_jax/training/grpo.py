@@ -25,17 +25,18 @@ recomputed here so gradients reach it) against `docs`.
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from search_r3_jax.training import losses as losses_lib
-from search_r3_jax.core.ops import l2_normalize
-from search_r3_jax.core.encoding import hidden_at, right_padded_forward
+from search_r3_jax.core import encoding
 from search_r3_jax.core import sharding as shd
+from search_r3_jax.core.encoding import hidden_at, right_padded_forward
+from search_r3_jax.core.ops import l2_normalize
+from search_r3_jax.training import losses as losses_lib
 from search_r3_jax.training.train_state import TrainState, gradient_step
 
 BATCH_KEYS = ("tokens", "lengths", "mask", "old_logp", "advantages",
@@ -47,25 +48,30 @@ def _forward(graphdef, params, tokens, lengths):
   return right_padded_forward(nnx.merge(graphdef, params), tokens, lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def logprobs(graphdef, params, tokens: jax.Array, lengths: jax.Array
-             ) -> jax.Array:
-  """[N, T-1] log p(tokens[:, t] | prefix) under `params` (the old policy's
-  log-probabilities before several inner epochs)."""
-  logits, _, _ = _forward(graphdef, params, tokens, lengths)
-  return losses_lib.token_logprobs(logits, tokens)
+# [N, T-1] log p(tokens[:, t] | prefix) under some parameters (e.g. the old
+# policy's before several inner epochs): the core's jitted forward.
+logprobs = encoding.logprobs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+@functools.partial(jax.jit,
+                   static_argnames=("graphdef", "temperature", "valid_vocab"))
 def policy_outputs(graphdef, params, tokens: jax.Array, lengths: jax.Array,
-                   embed_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+                   embed_pos: jax.Array, temperature: float = 1.0,
+                   valid_vocab: Optional[int] = None
+                   ) -> tuple[jax.Array, jax.Array]:
   """One forward pass of the sampling policy over a GRPO batch: the [N, T-1]
   old log-probabilities and the [N, D] L2-normalised embeddings at
-  `embed_pos` (what the rollouts are searched and rewarded with)."""
+  `embed_pos` (what the rollouts are searched and rewarded with).
+
+  The log-probabilities are those of the distribution the sampler drew the
+  rollouts from: softmax(logits / temperature) over the first `valid_vocab`
+  columns. Taken from the unscaled logits, the importance ratio, and so the
+  gradient, would belong to another policy at any temperature but 1.
+  """
   logits, hidden, _ = _forward(graphdef, params, tokens, lengths)
-  emb = hidden_at(hidden, embed_pos).astype(jnp.float32)
-  emb = l2_normalize(emb)
-  return losses_lib.token_logprobs(logits, tokens), emb
+  emb = l2_normalize(hidden_at(hidden, embed_pos).astype(jnp.float32))
+  return losses_lib.token_logprobs(logits, tokens, temperature,
+                                   valid_vocab), emb
 
 
 def grpo_losses(graphdef, params, ref_params, batch: Mapping[str, jax.Array],
@@ -73,23 +79,34 @@ def grpo_losses(graphdef, params, ref_params, batch: Mapping[str, jax.Array],
   """Total loss and its parts.
 
   Args:
-    cfg: `clip_eps`, `beta` (KL weight; 0 skips the reference), `aux_weight`
-      (0 skips the auxiliary InfoNCE), `tau`.
+    cfg: `policy` (a registered loss, default "grpo"), `clip_eps`, `beta`
+      (KL weight; 0 skips the reference), `aux_weight` (0 skips the
+      auxiliary InfoNCE), `tau`, and the sampler's `temperature` and
+      `valid_vocab`: the policy's and the reference's log-probabilities are
+      taken under the distribution the rollouts were drawn from.
   """
   tokens, lengths = batch["tokens"], batch["lengths"]
+  temperature = float(cfg.get("temperature", 1.0))
+  valid_vocab = cfg.get("valid_vocab")
+
+  def logprobs_of(logits):
+    return losses_lib.token_logprobs(logits, tokens, temperature, valid_vocab)
+
   logits, hidden, _ = _forward(graphdef, params, tokens, lengths)
-  logp = losses_lib.token_logprobs(logits, tokens)
+  logp = logprobs_of(logits)
   mask = batch["mask"][:, 1:]
   beta = float(cfg["beta"])
   if beta:
     ref_logits, _, _ = _forward(graphdef, ref_params, tokens, lengths)
-    ref_logp = jax.lax.stop_gradient(
-        losses_lib.token_logprobs(ref_logits, tokens))
+    ref_logp = jax.lax.stop_gradient(logprobs_of(ref_logits))
   else:
     ref_logp = jax.lax.stop_gradient(logp)
-  parts = losses_lib.grpo_terms(logp, batch["old_logp"], ref_logp, mask,
-                                batch["advantages"],
-                                clip_eps=float(cfg["clip_eps"]), beta=beta)
+  args = (logp, batch["old_logp"], ref_logp, mask, batch["advantages"])
+  hyper = dict(clip_eps=float(cfg["clip_eps"]), beta=beta)
+  # The clip fraction, ratio and KL are logged whatever the objective; the
+  # objective itself is the registered loss the config names.
+  parts = losses_lib.grpo_terms(*args, **hyper)
+  parts["loss"] = losses_lib.get(cfg.get("policy", "grpo"))(*args, **hyper)
   total = parts["loss"]
   aux_weight = float(cfg.get("aux_weight", 0.0))
   if aux_weight:

@@ -19,7 +19,7 @@ the sampled tokens only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -39,6 +39,8 @@ class Rollouts:
     has_embed: [N] bool, the rollout emitted `<|embed_token|>`.
     embeddings: [N, D] float32 unit rows (zeros where `has_embed` is False).
     texts: N decoded responses.
+    logprobs: N lists, the sampler's log-probability of each response token
+      (None when the rollouts were not sampled here).
   """
   query_index: np.ndarray
   prompts: list[list[int]]
@@ -46,6 +48,7 @@ class Rollouts:
   has_embed: np.ndarray
   embeddings: np.ndarray
   texts: list[str]
+  logprobs: Optional[list[list[float]]] = None
 
   @property
   def size(self) -> int:
@@ -55,27 +58,31 @@ class Rollouts:
     return np.asarray([len(r) for r in self.responses], np.int32)
 
 
-def sample(model, queries: Sequence[str], *, group_size: int,
+def sample(policy, queries: Sequence[str], *, group_size: int,
            max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
            seed: int = 0, max_query_tokens: int = 128) -> Rollouts:
-  """`group_size` reasoning rollouts per query from `model` (a `SearchR3`)."""
+  """`group_size` reasoning rollouts per query from `policy` (a
+  `core.policy.Policy`, or anything with its `tokenizer`, `prompts` and
+  `generate_ids`)."""
   if group_size < 1:
     raise ValueError(f"group_size must be >= 1, got {group_size}")
   if not queries:
     raise ValueError("sample: no queries")
-  tok = model.tokenizer
-  base = [tok.embedding_prompt(model.prompts, "query", q, reasoning=True,
+  tok = policy.tokenizer
+  base = [tok.embedding_prompt(policy.prompts, "query", q, reasoning=True,
                                max_text_tokens=max_query_tokens)
           for q in queries]
   prompts = [list(p) for p in base for _ in range(group_size)]
   stop = tuple(tok.eos_ids) + (tok.embed_token_id,)
-  gen = model.generate_ids(prompts, max_new_tokens=max_new_tokens,
+  gen = policy.generate_ids(prompts, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, seed=seed,
                            stop_ids=stop, capture_stop_hidden=True)
-  responses, has_embed = [], []
-  for row, n, stopped in zip(gen.tokens, gen.lengths, gen.stopped):
+  responses, has_embed, logprobs = [], [], []
+  for row, lp, n, stopped in zip(gen.tokens, gen.logprobs, gen.lengths,
+                                 gen.stopped):
     resp = [int(x) for x in row[:n]]
     responses.append(resp)
+    logprobs.append([float(x) for x in lp[:n]])
     has_embed.append(bool(stopped) and resp[-1] == tok.embed_token_id)
   has_embed = np.asarray(has_embed, bool)
   h = np.asarray(gen.stop_hidden, np.float32)
@@ -83,7 +90,7 @@ def sample(model, queries: Sequence[str], *, group_size: int,
   texts = [tok.decode([x for x in r if x != tok.embed_token_id])
            for r in responses]
   return Rollouts(np.repeat(np.arange(len(queries)), group_size), prompts,
-                  responses, has_embed, emb, texts)
+                  responses, has_embed, emb, texts, logprobs)
 
 
 def grpo_batch(rollouts: Rollouts, *, embed_token_id: int, pad_id: int,

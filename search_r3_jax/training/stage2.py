@@ -264,9 +264,13 @@ class Stage2:
         loaded.model, tx, self.mesh, with_reference=bool(cfg.loss.beta))
     self._policy = Policy(self.graphdef, self.state.params, self.tokenizer,
                           PromptConfig(), self.mesh)
+    # The update's log-probabilities are the sampler's: at its temperature,
+    # over the tokenizer's ids.
+    self.sampling = dict(temperature=float(rl.temperature),
+                         valid_vocab=int(self.tokenizer.vocab_size))
     self.step_fn, self.batch_sh = grpo.make_grpo_step(
-        self.graphdef, tx, schedule, cfg.loss.to_dict(), self.mesh, shardings,
-        batch_size=self.group * self.nq)
+        self.graphdef, tx, schedule, dict(cfg.loss.to_dict(), **self.sampling),
+        self.mesh, shardings, batch_size=self.group * self.nq)
     self.evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
     self.corpus = dict(zip(self.evaluator.doc_ids, self.evaluator.doc_texts))
     self.stream = QueryStream(
@@ -395,7 +399,7 @@ class Stage2:
     dev = {k: self._put(k, v) for k, v in host.items()}
     old_logp, emb = grpo.policy_outputs(self.graphdef, self.state.params,
                                         dev["tokens"], dev["lengths"],
-                                        dev["embed_pos"])
+                                        dev["embed_pos"], **self.sampling)
     return dev, old_logp, np.asarray(jax.device_get(emb))
 
   def reward(self, ro: Rollouts, gold: list[list[str]], emb: np.ndarray
