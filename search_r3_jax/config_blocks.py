@@ -15,7 +15,7 @@ import dataclasses
 
 import ml_collections
 
-from search_r3_jax.retrieval.environment import EnvConfig
+from search_r3_jax.retrieval.env_config import EnvConfig
 from search_r3_jax.training.rewards import DEFAULT_WEIGHTS
 
 # The random 2-layer model with SmolLM2's tokenizer that every `tiny`

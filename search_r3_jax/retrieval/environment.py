@@ -46,7 +46,6 @@ time of each phase.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import operator
@@ -54,133 +53,26 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from absl import logging
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from search_r3_jax.core.ops import l2_normalize
-from search_r3_jax.retrieval.index import (IndexInputError, SearchResult, VectorIndex,
-                                 read_meta, replace_dir)
+from search_r3_jax.retrieval.env_config import EnvConfig
+from search_r3_jax.retrieval.index import (IndexInputError, SearchResult,
+                                           VectorIndex, read_meta,
+                                           replace_dir)
+from search_r3_jax.retrieval.regions import kmeans, nearest_region
 
 EncodeFn = Callable[[Sequence[str]], np.ndarray]
 FORMAT_VERSION = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class EnvConfig:
-  """Environment settings (defaults: this project's choice).
-
-  Attributes:
-    engine: index engine, "scann" or "exact".
-    k: search depth for `search` (the rewards' top-K).
-    num_regions: k-means regions; 0 means round(sqrt(N)).
-    kmeans_iters: Lloyd iterations of the spherical k-means.
-    graph_k: kNN links per document.
-    probes_per_region: documents re-encoded per region to measure drift.
-    drift_threshold: a region whose drift (in `drift_scale`) is at least
-      this is re-encoded whole; 0 re-encodes every region.
-    drift_scale: "neighbourhood": sqrt(mean probe 1 - cos / region radius),
-      the fraction of the distance to the `graph_k`-th neighbour moved;
-      "absolute": the mean probe 1 - cos.
-    refresh_every: `maybe_refresh` acts on steps that are multiples of this.
-    rebuild_fraction: full re-encode and rebuild when the documents
-      re-encoded since the last rebuild would pass this fraction of the corpus.
-    full_refresh_every: full refresh at least every this many steps (0: no
-      schedule).
-    touch_neighbors: whose graph neighbours `observe` marks too: "gold"
-      (the gold documents'), "all" (gold and retrieved) or "none".
-    seed: probe sampling and k-means initialisation.
-  """
-  engine: str = "scann"
-  k: int = 10
-  num_regions: int = 0
-  kmeans_iters: int = 10
-  graph_k: int = 8
-  probes_per_region: int = 2
-  drift_threshold: float = 0.05
-  drift_scale: str = "neighbourhood"
-  refresh_every: int = 1
-  rebuild_fraction: float = 0.5
-  full_refresh_every: int = 0
-  touch_neighbors: str = "gold"
-  seed: int = 0
-
-  @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> "EnvConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown environment setting(s) {unknown}; known: "
-                       f"{sorted(known)}")
-    cfg = cls(**dict(values))
-    cfg.check()
-    return cfg
-
-  def check(self) -> None:
-    if self.engine not in ("scann", "exact"):
-      raise ValueError(f"env.engine: {self.engine!r} is not scann or exact")
-    for name in ("k", "graph_k", "refresh_every", "kmeans_iters"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"env.{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("num_regions", "probes_per_region", "full_refresh_every"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"env.{name} must be >= 0, got {getattr(self, name)}")
-    if self.touch_neighbors not in ("gold", "all", "none"):
-      raise ValueError(f"env.touch_neighbors: {self.touch_neighbors!r} is "
-                       "not gold, all or none")
-    if self.drift_scale not in ("neighbourhood", "absolute"):
-      raise ValueError(f"env.drift_scale: {self.drift_scale!r} is not "
-                       "neighbourhood or absolute")
-    if math.isnan(self.drift_threshold) or self.drift_threshold < 0:
-      raise ValueError(f"env.drift_threshold must be >= 0, got "
-                       f"{self.drift_threshold}")
-    if not 0 <= self.rebuild_fraction:
-      raise ValueError(f"env.rebuild_fraction must be >= 0, got "
-                       f"{self.rebuild_fraction}")
-
-
-# -- device kernels ----------------------------------------------------------
-
-@functools.partial(jax.jit, static_argnames=("iters",))
-def _spherical_kmeans(x, centroids, iters: int):
-  """Lloyd iterations on unit vectors; empty clusters keep their centroid."""
-  k = centroids.shape[0]
-
-  def body(_, c):
-    assign = jnp.argmax(x @ c.T, axis=1)
-    sums = jax.ops.segment_sum(x, assign, k)
-    counts = jax.ops.segment_sum(jnp.ones_like(assign, x.dtype), assign, k)
-    new = jnp.where(counts[:, None] > 0, sums, c)
-    return l2_normalize(new)
-
-  c = jax.lax.fori_loop(0, iters, body, centroids)
-  return c, jnp.argmax(x @ c.T, axis=1)
-
-
-
-
-def kmeans(x: np.ndarray, k: int, iters: int, seed: int
-           ) -> tuple[np.ndarray, np.ndarray]:
-  """Spherical k-means of unit rows `x`: (centroids [k, D], assignment [N])."""
-  rng = np.random.default_rng(seed)
-  k = max(1, min(k, x.shape[0]))
-  init = x[np.sort(rng.choice(x.shape[0], k, replace=False))]
-  c, a = _spherical_kmeans(jnp.asarray(x), jnp.asarray(init), iters)
-  return np.asarray(c), np.asarray(a, np.int64)
-
-
-def nearest_region(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-  """Region of each row of `x` (host numpy: R x D is small, and a jitted
-  version would compile for every refresh's row count)."""
-  return np.argmax(x @ centroids.T, axis=1).astype(np.int64)
-
-
 def document_encoder(model, *, max_length: int = 128,
                      batch_size: int = 32) -> EncodeFn:
-  """Encode function of a `SearchR3` (batched, jitted on its mesh)."""
+  """Encode function of a `Policy` or `SearchR3` (batched, jitted on its
+  mesh)."""
   def encode(texts: Sequence[str]) -> np.ndarray:
     return model.encode_documents(list(texts), batch_size=batch_size,
                                   max_length=max_length, progress=False)
