@@ -104,7 +104,14 @@ def test_smollm2_reasoning_queries(smollm2):
   np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
   assert isinstance(analyses, list) and len(analyses) == 3
   assert all(isinstance(a, str) and a.strip() for a in analyses), analyses
-  assert all(EMBED_TOKEN not in a for a in analyses)
+  _, details = smollm2.encode_queries(
+      QUERIES[:3], reasoning=True, max_new_tokens=24, return_details=True,
+      progress=False)
+  assert [d.analysis for d in details] == analyses
+  # The base model does not write the new token: every query was ended
+  # with the suffix, and the flag says so (the decoded text cannot: the
+  # token is a special one, dropped by decoding).
+  assert [d.emitted for d in details] == [False] * 3
   plain = smollm2.encode_queries(QUERIES[:3], progress=False)
   assert np.abs(emb - plain).max() > 1e-3
   again = smollm2.encode_queries(QUERIES[:3], reasoning=True,
@@ -311,3 +318,36 @@ def test_policy_logprobs_follow_the_sampling_temperature(tiny):
     got = tiny.logprobs(ids, np.full((2,), 5, np.int32),
                         temperature=temperature)
     np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_reasoning_queries_report_whether_the_token_was_emitted(
+    tiny, monkeypatch):
+  """Row 0's analysis ends with the embed token (its embedding is the hidden
+  state there), row 1's with the end of turn (the suffix is appended): the
+  details say which, and the embeddings follow."""
+  from search_r3_jax.core import decoding  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.policy import Policy  # pylint: disable=g-import-not-at-top
+  tok = tiny.tokenizer
+  words = tok.encode("paris city")
+  hidden = np.zeros((2, tiny.cfg.hidden_size), np.float32)
+  hidden[0, 0] = 3.0
+  calls = []
+
+  def fake_generate_ids(self, prompts, **kw):
+    calls.append(kw)
+    tokens = np.full((2, 4), tok.pad_id, np.int32)
+    tokens[0, :3] = words[:2] + [tok.embed_token_id]
+    tokens[1, :3] = words[:2] + [tok.eos_ids[0]]
+    return decoding.Generation(tokens, np.zeros((2, 4), np.float32),
+                               np.array([3, 3]), np.array([True, True]),
+                               hidden)
+
+  monkeypatch.setattr(Policy, "generate_ids", fake_generate_ids)
+  emb, details = tiny.encode_queries(["who", "what"], reasoning=True,
+                                     return_details=True, progress=False)
+  assert [d.emitted for d in details] == [True, False]
+  assert details[0].analysis == details[1].analysis == tok.decode(words[:2])
+  np.testing.assert_allclose(emb[0], hidden[0] / 3.0)
+  assert calls and tok.embed_token_id in calls[0]["stop_ids"]
+  assert np.abs(emb[1] - emb[0]).max() > 0.1  # from the appended suffix
+  np.testing.assert_allclose(np.linalg.norm(emb[1]), 1.0, atol=1e-5)

@@ -36,6 +36,21 @@ LENGTH_BUCKET = 32
 
 
 @dataclasses.dataclass(frozen=True)
+class QueryReasoning:
+  """What a reasoning query's encoding did.
+
+  Attributes:
+    analysis: the text the model wrote (special tokens dropped).
+    emitted: True when the model wrote `<|embed_token|>` itself and the
+      embedding is its hidden state there; False when the analysis ended
+      without it (end of turn, or `max_new_tokens`) and the embed suffix
+      was appended.
+  """
+  analysis: str
+  emitted: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Policy:
   """A decoder's graph and parameters with its tokenizer and prompts.
 
@@ -238,7 +253,8 @@ class Policy:
                      batch_size: int = 16, max_new_tokens: int = 128,
                      temperature: float = 0.0, seed: int = 0,
                      max_length: int = 512, progress: bool = True,
-                     return_reasoning: bool = False):
+                     return_reasoning: bool = False,
+                     return_details: bool = False):
     """Embeds queries, optionally after the model reasons about them.
 
     With `reasoning`, the model writes an analysis and emits
@@ -248,9 +264,14 @@ class Policy:
     is embedded by one forward pass.
 
     Returns:
-      [n, d] float32 L2-normalized, and with `return_reasoning` also the list
-      of generated analyses.
+      [n, d] float32 L2-normalized; with `return_reasoning` also the list of
+      generated analyses, or with `return_details` a `QueryReasoning` per
+      query (its analysis, and whether the model emitted the token itself).
+      Without `reasoning` the analyses are empty and nothing is emitted (the
+      prompt holds the token).
     """
+    if return_reasoning and return_details:
+      raise ValueError("pass return_reasoning or return_details, not both")
     texts = check_texts(texts, "queries")
     rows = [self.tokenizer.embedding_prompt(self.prompts, "query", t,
                                             reasoning=reasoning,
@@ -258,10 +279,23 @@ class Policy:
             for t in texts]
     if not reasoning:
       emb = self.embed_ids(rows, batch_size, progress, "encode queries")
-      return (emb, [""] * len(texts)) if return_reasoning else emb
+      details = [QueryReasoning("", False) for _ in texts]
+    else:
+      emb, details = self._reason_and_embed(rows, batch_size, max_new_tokens,
+                                            temperature, seed, progress)
+    if return_details:
+      return emb, details
+    if return_reasoning:
+      return emb, [d.analysis for d in details]
+    return emb
+
+  def _reason_and_embed(self, rows, batch_size, max_new_tokens, temperature,
+                        seed, progress):
+    """Generates each query's analysis and takes the embedding at the token
+    the model emits, or after the appended suffix where it emits none."""
     tok = self.tokenizer
     emb = np.zeros((len(rows), self.cfg.hidden_size), np.float32)
-    analyses, fallback = [], []
+    details, fallback = [], []
     suffix = embed_suffix_ids(tok, self.prompts, leading_space=True)
     starts = range(0, len(rows), batch_size)
     for s in tqdm.tqdm(starts, desc="reason+encode queries", unit="batch",
@@ -273,8 +307,9 @@ class Policy:
           capture_stop_hidden=True)
       for j, (row, n) in enumerate(zip(gen.tokens, gen.lengths)):
         new = [int(x) for x in row[:n]]
-        analyses.append(tok.decode(new))
-        if gen.stopped[j] and new[-1] == tok.embed_token_id:
+        emitted = bool(gen.stopped[j]) and new[-1] == tok.embed_token_id
+        details.append(QueryReasoning(tok.decode(new), emitted))
+        if emitted:
           emb[s + j] = l2_normalize(gen.stop_hidden[j])
         else:
           text = [x for x in new if x not in tok.eos_ids]
@@ -282,7 +317,7 @@ class Policy:
     if fallback:
       idx, fb_rows = zip(*fallback)
       emb[list(idx)] = self.embed_ids(list(fb_rows), batch_size)
-    return (emb, analyses) if return_reasoning else emb
+    return emb, details
 
   # -- scoring ---------------------------------------------------------------
 

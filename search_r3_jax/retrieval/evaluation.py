@@ -82,22 +82,28 @@ class Evaluator:
     """Figures per split for `model`'s queries against `docs`.
 
     With `reasoning`, queries are encoded after a greedy analysis of at most
-    `max_new_tokens`; the analyses are appended to `samples` (when given) as
-    {split, query_id, query, reasoning, gold, top} dicts.
+    `max_new_tokens`; each split's figures then include `emitted`, the share
+    of its queries in which the model wrote `<|embed_token|>` itself (the
+    others were embedded after the appended suffix), and the analyses are
+    appended to `samples` (when given) as {split, query_id, query,
+    reasoning, emitted, gold, top} dicts.
     """
     out = {}
     for name, sp in self.splits.items():
       qids = list(sp.queries)
       texts = [sp.queries[i] for i in qids]
-      q, analyses = model.encode_queries(
+      q, details = model.encode_queries(
           texts, reasoning=reasoning, max_new_tokens=max_new_tokens,
-          batch_size=self.batch_size, progress=False, return_reasoning=True)
+          batch_size=self.batch_size, progress=False, return_details=True)
       out[name] = self._score(qids, q, docs, sp.qrels)
+      if reasoning:
+        out[name]["emitted"] = float(np.mean([d.emitted for d in details]))
       if samples is not None and reasoning:
         top = np.argmax(q @ docs.T, axis=1)
         for i, qid in enumerate(qids):
           samples.append(dict(split=name, query_id=qid, query=texts[i],
-                              reasoning=analyses[i],
+                              reasoning=details[i].analysis,
+                              emitted=details[i].emitted,
                               gold=sorted(sp.qrels.get(qid, {})),
                               top=self.doc_ids[int(top[i])]))
     return out

@@ -180,7 +180,8 @@ def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
         f.writelines(json.dumps(s) + "\n" for s in samples)
     say(f"eval at step {step}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in flat.items()
-        if "ndcg" in k or "recall@10" in k or k == "eval_seconds"))
+        if "ndcg" in k or "recall@10" in k or k.endswith("emitted")
+        or k == "eval_seconds"))
     return flat
 
   last_eval: dict = {}
