@@ -8,6 +8,7 @@ from search_r3_jax import config_blocks
 from search_r3_jax.training import stage2, trainer
 from search_r3_jax.training.stage1 import Stage1
 from search_r3_jax.training.stage2 import Stage2
+from test_rl import tiny_config
 
 
 def test_flatten_names_every_leaf():
@@ -54,20 +55,7 @@ def test_stage2_resume_takes_refresh_settings_and_refuses_index_structure():
 
 
 def _rl_config(**changes):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "rl.py"
-  spec = importlib.util.spec_from_file_location("rl_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config("tiny")
-  for key, value in changes.items():
-    *path, last = key.split(".")
-    node = cfg
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return cfg
+  return tiny_config(changes)  # configs/rl.py:tiny with `changes` applied
 
 
 @pytest.mark.parametrize("field,value,message", [

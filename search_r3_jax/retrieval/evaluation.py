@@ -45,6 +45,14 @@ def subset(corpus: Mapping[str, str], splits: Mapping[str, EvalSplit],
   return {d: corpus[d] for d in ids}, kept
 
 
+def flat_figures(figures: Mapping[str, Mapping[str, float]], tag: str = ""
+                 ) -> dict[str, float]:
+  """{split: {metric: v}} -> {"split<tag>/metric": v}, as metrics.jsonl logs
+  them (e.g. tag "+reasoning")."""
+  return {f"{split}{tag}/{k}": v for split, d in figures.items()
+          for k, v in d.items()}
+
+
 class Evaluator:
   """Scores a model (anything with encode_queries/encode_documents)."""
 

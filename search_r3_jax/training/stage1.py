@@ -284,14 +284,11 @@ class Stage1:
     return bool(np.isfinite(probe).all())
 
   def baseline(self) -> dict[str, float]:
-    return {f"{split}/{k}": v for split, d in self.evaluator.bm25().items()
-            for k, v in d.items()}
+    return evaluation.flat_figures(self.evaluator.bm25())
 
   def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
     del step
-    figures = self.evaluator(self.policy())
-    return {f"{split}/{k}": v for split, d in figures.items()
-            for k, v in d.items()}, []
+    return evaluation.flat_figures(self.evaluator(self.policy())), []
 
   def postfix(self, values: dict) -> dict[str, str]:
     out = {"loss": f"{values['loss']:.4f}"}

@@ -329,8 +329,7 @@ class Stage2:
       self.build_env(self._eval_docs)
 
   def baseline(self) -> dict[str, float]:
-    return {f"{split}/{k}": v for split, d in self.evaluator.bm25().items()
-            for k, v in d.items()}
+    return evaluation.flat_figures(self.evaluator.bm25())
 
   def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
     """Dev figures with reasoning off (`split/metric`) and on
@@ -344,8 +343,7 @@ class Stage2:
                                      max_new_tokens=self.cfg.rl.max_new_tokens,
                                      samples=samples)
       tag = "+reasoning" if reasoning else ""
-      flat.update({f"{split}{tag}/{k}": v for split, d in figures.items()
-                   for k, v in d.items()})
+      flat.update(evaluation.flat_figures(figures, tag))
     self._eval_docs = docs
     return flat, samples
 
