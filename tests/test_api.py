@@ -306,10 +306,12 @@ def test_facade_and_policy_are_one_code_path(tiny):
 
 
 def test_policy_logprobs_follow_the_sampling_temperature(tiny):
-  """log-probabilities under softmax(logits / T), checked against the
-  logits themselves, for T = 1 and T = 0.7."""
+  """log-probabilities under softmax(logits / T) over the tokenizer's ids
+  (what the sampler draws from; the embedding's padding rows are never
+  drawn), checked against the logits themselves, for T = 1 and T = 0.7."""
   ids = np.array([[5, 9, 17, 3, 22], [7, 7, 30, 2, 11]], np.int32)
-  logits = tiny.logits(ids).astype(np.float64)
+  assert tiny.tokenizer.vocab_size < tiny.cfg.vocab_size
+  logits = tiny.logits(ids).astype(np.float64)[..., :tiny.tokenizer.vocab_size]
   for temperature in (1.0, 0.7):
     z = logits[:, :-1] / temperature
     z = z - z.max(-1, keepdims=True)
