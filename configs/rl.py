@@ -47,12 +47,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Rollouts and the GRPO step. `loss.policy` and `rl.advantage` name
   # registered functions (training/losses.py, training/advantages.py).
-  c.rl = ml_collections.ConfigDict(dict(
-      queries_per_step=2, group_size=8, max_new_tokens=48, temperature=1.0,
-      top_p=1.0, max_query_tokens=48, length_bucket=64, inner_epochs=1,
-      fallback_reward=True, aux_documents=8, advantage="grpo"))
-  c.loss = ml_collections.ConfigDict(dict(
-      policy="grpo", clip_eps=0.2, beta=1e-3, aux_weight=0.1, tau=0.05))
+  c.rl = ml_collections.ConfigDict(
+      dict(
+          queries_per_step=2,
+          group_size=8,
+          max_new_tokens=48,
+          temperature=1.0,
+          top_p=1.0,
+          max_query_tokens=48,
+          length_bucket=64,
+          inner_epochs=1,
+          fallback_reward=True,
+          aux_documents=8,
+          advantage="grpo",
+      )
+  )
+  c.loss = ml_collections.ConfigDict(
+      dict(policy="grpo", clip_eps=0.2, beta=1e-3, aux_weight=0.1, tau=0.05)
+  )
   c.rewards = blocks.rewards()
 
   # The retrieval environment (EnvConfig's defaults), refreshed every 5th
@@ -61,19 +73,27 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Optimisation.
   c.total_steps = 50
-  c.optimizer = blocks.optimizer(c, learning_rate=1e-5, warmup_steps=4,
-                                 weight_decay=0.0, b2=0.99)
+  c.optimizer = blocks.optimizer(
+      c, learning_rate=1e-5, warmup_steps=4, weight_decay=0.0, b2=0.99
+  )
 
   # Evaluation and checkpoints.
   c.eval_every = 25
   c.checkpoint_every = 10
-  c.eval = blocks.evaluation(splits=("dev_sub",), corpus_size=500, doc_len=64,
-                             max_queries=150)
+  c.eval = blocks.evaluation(
+      splits=("dev_sub",), corpus_size=500, doc_len=64, max_queries=150
+  )
 
   if arg == "tiny":
     c.random_init = dict(blocks.TINY_MODEL)
-    c.rl.update(queries_per_step=2, group_size=4, max_new_tokens=8,
-                max_query_tokens=16, length_bucket=32, aux_documents=4)
+    c.rl.update(
+        queries_per_step=2,
+        group_size=4,
+        max_new_tokens=8,
+        max_query_tokens=16,
+        length_bucket=32,
+        aux_documents=4,
+    )
     c.env.update(engine="exact", graph_k=4, refresh_every=1)
     c.total_steps = 4
     c.optimizer.learning_rate = 1e-3

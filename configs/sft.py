@@ -23,16 +23,21 @@ from search_r3_jax import config_blocks as blocks
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = blocks.base(stage=1, workdir="runs/sft")
   c.data = blocks.data()
-  c.query_len = 64   # tokens per query row (prompt + response)
-  c.doc_len = 128    # tokens per document row (prompt + text)
+  c.query_len = 64  # tokens per query row (prompt + response)
+  c.doc_len = 128  # tokens per document row (prompt + text)
 
   # Optimisation. `loss.weights` names registered losses (training/losses.py).
   c.batch_size = 8
   c.total_steps = 160
   c.optimizer = blocks.optimizer(c)
-  c.loss = ml_collections.ConfigDict(dict(
-      weights=dict(sft=1.0, kl=1.0, infonce=1.0, triplet=1.0),
-      tau=0.05, margin=0.2, in_batch=True))
+  c.loss = ml_collections.ConfigDict(
+      dict(
+          weights=dict(sft=1.0, kl=1.0, infonce=1.0, triplet=1.0),
+          tau=0.05,
+          margin=0.2,
+          in_batch=True,
+      )
+  )
 
   # Evaluation and checkpoints.
   c.eval_every = 80
@@ -49,8 +54,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.doc_len = 64
     c.eval_every = 3
     c.checkpoint_every = 2
-    c.eval.update(corpus_size=64, doc_len=32, batch_size=16, max_queries=16,
-                  at_start=False)
+    c.eval.update(
+        corpus_size=64,
+        doc_len=32,
+        batch_size=16,
+        max_queries=16,
+        at_start=False,
+    )
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; known: tiny")
   return c

@@ -14,7 +14,8 @@ The package has floors that import downwards only:
 """
 
 from search_r3_jax.core.config import ModelConfig
-from search_r3_jax.core.prompts import EMBED_TOKEN, PromptConfig
+from search_r3_jax.core.prompts import EMBED_TOKEN
+from search_r3_jax.core.prompts import PromptConfig
 
 __all__ = ["SearchR3", "ModelConfig", "PromptConfig", "EMBED_TOKEN"]
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
   if name == "SearchR3":
-    from search_r3_jax.api import SearchR3  # pylint: disable=g-import-not-at-top
+    from search_r3_jax.api import SearchR3
+
     return SearchR3
   raise AttributeError(f"module 'search_r3_jax' has no attribute {name!r}")

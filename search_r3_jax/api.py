@@ -19,10 +19,13 @@ from typing import Optional, Sequence
 
 from jax.sharding import Mesh
 
-from search_r3_jax.core import kernels, quantized
+from search_r3_jax.core import kernels
+from search_r3_jax.core import quantized
 from search_r3_jax.core import sharding as shd
 from search_r3_jax.core.config import ModelConfig
-from search_r3_jax.core.loading import LoadedDecoder, load_decoder, random_decoder
+from search_r3_jax.core.loading import load_decoder
+from search_r3_jax.core.loading import LoadedDecoder
+from search_r3_jax.core.loading import random_decoder
 from search_r3_jax.core.model import Decoder
 from search_r3_jax.core.policy import Policy
 from search_r3_jax.core.prompts import PromptConfig
@@ -57,10 +60,15 @@ class SearchR3:
       holds the parameters they were loaded with.
   """
 
-  def __init__(self, model: Decoder, tokenizer: Tokenizer, mesh: Mesh,
-               rules: shd.Rules = shd.DEFAULT_RULES,
-               prompts: Optional[PromptConfig] = None,
-               quantized: Optional[QuantizedWeights] = None):
+  def __init__(
+      self,
+      model: Decoder,
+      tokenizer: Tokenizer,
+      mesh: Mesh,
+      rules: shd.Rules = shd.DEFAULT_RULES,
+      prompts: Optional[PromptConfig] = None,
+      quantized: Optional[QuantizedWeights] = None,
+  ):
     self.model = model
     self.tokenizer = tokenizer
     self.cfg: ModelConfig = model.cfg
@@ -70,22 +78,28 @@ class SearchR3:
     self.quantized = quantized
     self._quantized_source = () if quantized is None else self._weight_arrays()
     if tokenizer.vocab_size > self.cfg.vocab_size:
-      raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the "
-                       f"model only {self.cfg.vocab_size} embedding rows")
+      raise ValueError(
+          f"tokenizer has {tokenizer.vocab_size} ids but the "
+          f"model only {self.cfg.vocab_size} embedding rows"
+      )
 
   # -- loading ---------------------------------------------------------------
 
   @classmethod
-  def from_pretrained(cls, name_or_path: str = "smollm2-135m", *,
-                      model_dir: Optional[str] = None,
-                      compute_dtype: str = "float32",
-                      param_dtype: str = "float32",
-                      mesh: Optional[Mesh] = None,
-                      mesh_shape: Sequence[int] = (1, -1, 1),
-                      rules: shd.Rules = shd.DEFAULT_RULES,
-                      prompts: Optional[PromptConfig] = None,
-                      scan_layers: bool = True,
-                      cpu_kernels: Optional[bool] = None) -> "SearchR3":
+  def from_pretrained(
+      cls,
+      name_or_path: str = "smollm2-135m",
+      *,
+      model_dir: Optional[str] = None,
+      compute_dtype: str = "float32",
+      param_dtype: str = "float32",
+      mesh: Optional[Mesh] = None,
+      mesh_shape: Sequence[int] = (1, -1, 1),
+      rules: shd.Rules = shd.DEFAULT_RULES,
+      prompts: Optional[PromptConfig] = None,
+      scan_layers: bool = True,
+      cpu_kernels: Optional[bool] = None,
+  ) -> "SearchR3":
     """Loads a preset, an HF directory or a `.gguf` file.
 
     `<|embed_token|>` is added to the tokenizer when absent; its embedding row
@@ -109,19 +123,30 @@ class SearchR3:
     """
     # A workdir's loader lives in training/ (checkpoints); the facade is the
     # one layer allowed to reach it.
-    from search_r3_jax.training import workdir  # pylint: disable=g-import-not-at-top
+    from search_r3_jax.training import workdir
+
     if workdir.is_workdir(name_or_path):
       if cpu_kernels:
-        raise ValueError(f"cpu_kernels=True, but {name_or_path} is a "
-                         "training workdir: its parameters are float32, not "
-                         "GGUF blocks")
-      return cls.from_loaded(workdir.load_workdir(name_or_path, mesh=mesh),
-                             rules=rules, prompts=prompts)
-    loaded = load_decoder(name_or_path, model_dir=model_dir,
-                          compute_dtype=compute_dtype,
-                          param_dtype=param_dtype, mesh=mesh,
-                          mesh_shape=mesh_shape, rules=rules,
-                          scan_layers=scan_layers)
+        raise ValueError(
+            f"cpu_kernels=True, but {name_or_path} is a "
+            "training workdir: its parameters are float32, not "
+            "GGUF blocks"
+        )
+      return cls.from_loaded(
+          workdir.load_workdir(name_or_path, mesh=mesh),
+          rules=rules,
+          prompts=prompts,
+      )
+    loaded = load_decoder(
+        name_or_path,
+        model_dir=model_dir,
+        compute_dtype=compute_dtype,
+        param_dtype=param_dtype,
+        mesh=mesh,
+        mesh_shape=mesh_shape,
+        rules=rules,
+        scan_layers=scan_layers,
+    )
     qw = None
     if cpu_kernels is not False:
       qw, why_not = _pack_for_kernels(loaded)
@@ -130,12 +155,18 @@ class SearchR3:
     return cls.from_loaded(loaded, rules=rules, prompts=prompts, quantized=qw)
 
   @classmethod
-  def random(cls, base: str = "smollm2-135m", *, seed: int = 0,
-             model_dir: Optional[str] = None, mesh: Optional[Mesh] = None,
-             mesh_shape: Sequence[int] = (1, -1, 1),
-             rules: shd.Rules = shd.DEFAULT_RULES,
-             prompts: Optional[PromptConfig] = None,
-             **config_overrides) -> "SearchR3":
+  def random(
+      cls,
+      base: str = "smollm2-135m",
+      *,
+      seed: int = 0,
+      model_dir: Optional[str] = None,
+      mesh: Optional[Mesh] = None,
+      mesh_shape: Sequence[int] = (1, -1, 1),
+      rules: shd.Rules = shd.DEFAULT_RULES,
+      prompts: Optional[PromptConfig] = None,
+      **config_overrides,
+  ) -> "SearchR3":
     """A randomly initialised model with `base`'s tokenizer and template.
 
     For fast tests and smoke runs: e.g.
@@ -143,24 +174,46 @@ class SearchR3:
     num_heads=2, num_kv_heads=1, head_dim=32)`. Parameters are created
     sharded on the mesh.
     """
-    loaded = random_decoder(base, seed=seed, model_dir=model_dir, mesh=mesh,
-                            mesh_shape=mesh_shape, rules=rules,
-                            **config_overrides)
+    loaded = random_decoder(
+        base,
+        seed=seed,
+        model_dir=model_dir,
+        mesh=mesh,
+        mesh_shape=mesh_shape,
+        rules=rules,
+        **config_overrides,
+    )
     return cls.from_loaded(loaded, rules=rules, prompts=prompts)
 
   @classmethod
-  def from_loaded(cls, loaded: LoadedDecoder, *,
-                  rules: shd.Rules = shd.DEFAULT_RULES,
-                  prompts: Optional[PromptConfig] = None,
-                  quantized: Optional[QuantizedWeights] = None) -> "SearchR3":
-    return cls(loaded.model, loaded.tokenizer, loaded.mesh, rules, prompts,
-               quantized=quantized)
+  def from_loaded(
+      cls,
+      loaded: LoadedDecoder,
+      *,
+      rules: shd.Rules = shd.DEFAULT_RULES,
+      prompts: Optional[PromptConfig] = None,
+      quantized: Optional[QuantizedWeights] = None,
+  ) -> "SearchR3":
+    return cls(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.mesh,
+        rules,
+        prompts,
+        quantized=quantized,
+    )
 
   @classmethod
   def from_policy(cls, policy: Policy) -> "SearchR3":
     """A facade over a policy's parameters (e.g. a training state's)."""
-    return cls(policy.model(), policy.tokenizer, policy.mesh, policy.rules,
-               policy.prompts, quantized=policy.quantized)
+    return cls(
+        policy.model(),
+        policy.tokenizer,
+        policy.mesh,
+        policy.rules,
+        policy.prompts,
+        quantized=policy.quantized,
+    )
 
   # -- plumbing --------------------------------------------------------------
 
@@ -181,9 +234,12 @@ class SearchR3:
       return None
     now = self._weight_arrays()
     if len(now) != len(self._quantized_source) or any(
-        a is not b for a, b in zip(now, self._quantized_source)):
-      log.info("parameters changed since loading; generation leaves the "
-               "packed GGUF weights for the float32 path")
+        a is not b for a, b in zip(now, self._quantized_source)
+    ):
+      log.info(
+          "parameters changed since loading; generation leaves the "
+          "packed GGUF weights for the float32 path"
+      )
       self.quantized, self._quantized_source = None, ()
     return self.quantized
 
@@ -191,9 +247,14 @@ class SearchR3:
   def policy(self) -> Policy:
     """The model's current parameters as a `Policy` (built per call, so it
     always sees parameters replaced in `model`)."""
-    return Policy.from_model(self.model, self.tokenizer, self.mesh,
-                             prompts=self.prompts, rules=self.rules,
-                             quantized=self._active_quantized())
+    return Policy.from_model(
+        self.model,
+        self.tokenizer,
+        self.mesh,
+        prompts=self.prompts,
+        rules=self.rules,
+        quantized=self._active_quantized(),
+    )
 
   # -- what users call: `Policy`'s methods, on the current parameters --------
 
@@ -206,23 +267,29 @@ class SearchR3:
   logprobs = _delegate(Policy.logprobs)
 
 
-def _pack_for_kernels(loaded: LoadedDecoder
-                      ) -> tuple[Optional[QuantizedWeights], str]:
+def _pack_for_kernels(
+    loaded: LoadedDecoder,
+) -> tuple[Optional[QuantizedWeights], str]:
   """(packed weights, "") where the CPU kernels apply, else (None, why)."""
   ckpt, cfg, mesh = loaded.checkpoint, loaded.model.cfg, loaded.mesh
   if ckpt.get_blocks is None:
     return None, f"{ckpt.source} holds no block-quantized (GGUF) tensors"
   if cfg.compute_dtype != "float32" or cfg.param_dtype != "float32":
-    return None, "the kernels compute in float32 (compute_dtype and " \
-        "param_dtype must be float32)"
+    return (
+        None,
+        "the kernels compute in float32 (compute_dtype and "
+        "param_dtype must be float32)",
+    )
   if mesh.devices.size != 1:
-    return None, f"the mesh has {mesh.devices.size} devices; the kernels " \
-        "run on one CPU device"
+    return (
+        None,
+        f"the mesh has {mesh.devices.size} devices; the kernels "
+        "run on one CPU device",
+    )
   ok, why = kernels.status()
   if not ok:
     return None, f"the CPU kernels are unavailable: {why}"
-  qw = quantized.pack_checkpoint(ckpt.get_blocks, cfg,
-                                 loaded.file_head_rows)
+  qw = quantized.pack_checkpoint(ckpt.get_blocks, cfg, loaded.file_head_rows)
   if qw is None:
     return None, f"{ckpt.source} has no Q4_0/Q4_1/Q8_0 projection or head"
   return quantized.to_device(qw, mesh.devices.flat[0]), ""

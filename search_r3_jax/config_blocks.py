@@ -20,8 +20,14 @@ from search_r3_jax.training.rewards import DEFAULT_WEIGHTS
 
 # The random 2-layer model with SmolLM2's tokenizer that every `tiny`
 # variant trains: prime-ish small sizes, seconds per step on a CPU.
-TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=2, num_kv_heads=1, head_dim=32)
+TINY_MODEL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=32,
+)
 
 
 def base(stage: int, workdir: str) -> ml_collections.ConfigDict:
@@ -61,14 +67,24 @@ def data(**overrides) -> ml_collections.ConfigDict:
   return d
 
 
-def optimizer(c: ml_collections.ConfigDict, **overrides
-              ) -> ml_collections.ConfigDict:
+def optimizer(
+    c: ml_collections.ConfigDict, **overrides
+) -> ml_collections.ConfigDict:
   """AdamW with warmup and cosine decay over `c.total_steps` (a reference:
   `--config.total_steps` moves the schedule with it)."""
-  o = ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, warmup_steps=16, total_steps=c.get_ref("total_steps"),
-      end_lr_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
-      grad_accum_steps=1))
+  o = ml_collections.ConfigDict(
+      dict(
+          learning_rate=1e-4,
+          warmup_steps=16,
+          total_steps=c.get_ref("total_steps"),
+          end_lr_fraction=0.1,
+          weight_decay=0.01,
+          b1=0.9,
+          b2=0.95,
+          clip_norm=1.0,
+          grad_accum_steps=1,
+      )
+  )
   o.update(overrides)
   return o
 
@@ -77,9 +93,16 @@ def evaluation(**overrides) -> ml_collections.ConfigDict:
   """Dev evaluation: the splits, the corpus (every gold page of the
   evaluated questions plus sampled distractors up to `corpus_size`; 0 is
   the full corpus), documents cut to `doc_len` tokens."""
-  e = ml_collections.ConfigDict(dict(
-      splits=("dev_sub", "dev_top"), corpus_size=2000, doc_len=128,
-      batch_size=32, max_queries=0, at_start=True))
+  e = ml_collections.ConfigDict(
+      dict(
+          splits=("dev_sub", "dev_top"),
+          corpus_size=2000,
+          doc_len=128,
+          batch_size=32,
+          max_queries=0,
+          at_start=True,
+      )
+  )
   e.update(overrides)
   return e
 
@@ -89,8 +112,9 @@ def env(**overrides) -> ml_collections.ConfigDict:
   values = dataclasses.asdict(EnvConfig())
   unknown = sorted(set(overrides) - set(values))
   if unknown:
-    raise ValueError(f"unknown environment setting(s) {unknown}; known: "
-                     f"{sorted(values)}")
+    raise ValueError(
+        f"unknown environment setting(s) {unknown}; known: " f"{sorted(values)}"
+    )
   values.update(overrides)
   return ml_collections.ConfigDict(values)
 

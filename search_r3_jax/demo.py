@@ -10,8 +10,9 @@ for retrieval, so the ranking shows the mechanics, not the quality.
 
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
-from absl import app, flags
 
 from search_r3_jax import cli
 
@@ -24,37 +25,51 @@ DOCS = [
     "Mount Everest is Earth's highest mountain above sea level.",
     "The Python language was created by Guido van Rossum.",
 ]
-QUERIES = ["which city is the french capital", "who created python",
-           "tallest mountain in the world"]
+QUERIES = [
+    "which city is the french capital",
+    "who created python",
+    "tallest mountain in the world",
+]
 
 
 def main(argv):
   del argv
   t0 = time.perf_counter()
   model = cli.load_model()
-  print(f"loaded {cli.MODEL.value}: {model.cfg.num_params() / 1e6:.0f}M "
-        f"params, d={model.cfg.hidden_size}, embed token id "
-        f"{model.tokenizer.embed_token_id} ({time.perf_counter() - t0:.1f}s)")
-  print("decoding with " + (
-      "the GGUF's quantized blocks on the CPU kernels"
-      if model.quantized is not None else "float32 weights"))
+  print(
+      f"loaded {cli.MODEL.value}: {model.cfg.num_params() / 1e6:.0f}M "
+      f"params, d={model.cfg.hidden_size}, embed token id "
+      f"{model.tokenizer.embed_token_id} ({time.perf_counter() - t0:.1f}s)"
+  )
+  print(
+      "decoding with "
+      + (
+          "the GGUF's quantized blocks on the CPU kernels"
+          if model.quantized is not None
+          else "float32 weights"
+      )
+  )
   print("\n== generate (greedy, raw continuation)")
   text = "The capital of France is"
   print(text + model.generate([text], max_new_tokens=12, chat=False)[0])
   print("\n== generate (chat)")
-  print(model.generate(["Name three rivers in Europe."],
-                       max_new_tokens=40)[0])
+  print(model.generate(["Name three rivers in Europe."], max_new_tokens=40)[0])
   docs = model.encode_documents(DOCS)
   for reasoning in (False, True):
-    q, notes = model.encode_queries(QUERIES, reasoning=reasoning,
-                                    max_new_tokens=MAX_NEW.value,
-                                    return_reasoning=True)
+    q, notes = model.encode_queries(
+        QUERIES,
+        reasoning=reasoning,
+        max_new_tokens=MAX_NEW.value,
+        return_reasoning=True,
+    )
     print(f"\n== rank documents, reasoning={reasoning}")
     scores = q @ docs.T
     for qi, query in enumerate(QUERIES):
       best = int(np.argmax(scores[qi]))
-      print(f"{query!r}: top doc {best} (cos {scores[qi, best]:.3f}) "
-            f"{DOCS[best][:48]!r}")
+      print(
+          f"{query!r}: top doc {best} (cos {scores[qi, best]:.3f}) "
+          f"{DOCS[best][:48]!r}"
+      )
       if reasoning:
         print(f"   reasoning: {notes[qi][:160]!r}")
   print(f"\ndone in {time.perf_counter() - t0:.1f}s")

@@ -1,23 +1,26 @@
 """Embeds texts to a .npy file.
 
-    python -m search_r3_jax.encode --kind=query --input=queries.txt --output=q.npy
+python -m search_r3_jax.encode --kind=query --input=queries.txt --output=q.npy
 """
 
 import pathlib
 
+from absl import app
+from absl import flags
 import numpy as np
-from absl import app, flags
 
 from search_r3_jax import cli
 
-KIND = flags.DEFINE_enum("kind", "document", ["query", "document"],
-                         "Prompt to use.")
-INPUT = flags.DEFINE_string("input", None, "Text file, one text per line.",
-                            required=True)
-OUTPUT = flags.DEFINE_string("output", None, "Output .npy path.",
-                             required=True)
-REASONING = flags.DEFINE_bool("reasoning", False,
-                              "Queries: reason before embedding.")
+KIND = flags.DEFINE_enum(
+    "kind", "document", ["query", "document"], "Prompt to use."
+)
+INPUT = flags.DEFINE_string(
+    "input", None, "Text file, one text per line.", required=True
+)
+OUTPUT = flags.DEFINE_string("output", None, "Output .npy path.", required=True)
+REASONING = flags.DEFINE_bool(
+    "reasoning", False, "Queries: reason before embedding."
+)
 BATCH = flags.DEFINE_integer("batch_size", 16, "Texts per batch.")
 
 
@@ -33,8 +36,9 @@ def main(argv):
     texts.append(line)
   model = cli.load_model()
   if KIND.value == "query":
-    emb = model.encode_queries(texts, reasoning=REASONING.value,
-                               batch_size=BATCH.value)
+    emb = model.encode_queries(
+        texts, reasoning=REASONING.value, batch_size=BATCH.value
+    )
   else:
     emb = model.encode_documents(texts, batch_size=BATCH.value)
   np.save(OUTPUT.value, emb)

@@ -18,17 +18,24 @@ steps were finite) stays. The loop is `training/trainer.py`; the stages are
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from search_r3_jax.training.runtime import NonFiniteLossError
-from search_r3_jax.training.trainer import ResumeConfigError, train
+from search_r3_jax.training.trainer import ResumeConfigError
+from search_r3_jax.training.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py[:variant]).",
-    lock_config=True)
+    "config",
+    None,
+    "Experiment config file (configs/*.py[:variant]).",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output directory (default: the config's `workdir`).")
+    "workdir", None, "Output directory (default: the config's `workdir`)."
+)
 
 
 def stage_class(cfg):
@@ -36,10 +43,12 @@ def stage_class(cfg):
   data and retrieval pieces)."""
   stage = cfg.get("stage", 1)
   if stage == 1:
-    from search_r3_jax.training.stage1 import Stage1  # pylint: disable=g-import-not-at-top
+    from search_r3_jax.training.stage1 import Stage1
+
     return Stage1
   if stage == 2:
-    from search_r3_jax.training.stage2 import Stage2  # pylint: disable=g-import-not-at-top
+    from search_r3_jax.training.stage2 import Stage2
+
     return Stage2
   raise ValueError(f"config field stage is {stage!r}; 1 or 2")
 

@@ -19,11 +19,21 @@ from search_r3_jax.core import sharding as shd
 # confused with another and sharding falls back where nothing divides.
 # (transformers needs hidden % heads == 0; Llama gets an explicit head_dim that
 # differs from hidden / heads, Qwen2 derives it.)
-TINY = dict(vocab_size=131, hidden_size=44, intermediate_size=67,
-            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=10, max_position_embeddings=257, rms_norm_eps=1e-6)
-WORDS = ("the capital of france is paris rome berlin city river who what "
-         "where when document query embedding search a an and in on").split()
+TINY = dict(
+    vocab_size=131,
+    hidden_size=44,
+    intermediate_size=67,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=10,
+    max_position_embeddings=257,
+    rms_norm_eps=1e-6,
+)
+WORDS = (
+    "the capital of france is paris rome berlin city river who what "
+    "where when document query embedding search a an and in on"
+).split()
 
 
 def write_word_tokenizer(d: pathlib.Path, n_ids: int) -> None:
@@ -32,35 +42,43 @@ def write_word_tokenizer(d: pathlib.Path, n_ids: int) -> None:
   vocab = {w: i for i, w in enumerate(specials + list(WORDS))}
   for i in range(len(vocab), n_ids):
     vocab[f"w{i}"] = i
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, "<|endoftext|>"))
+  tok = tokenizers.Tokenizer(
+      tokenizers.models.WordLevel(vocab, "<|endoftext|>")
+  )
   tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
   tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
-  tok.add_special_tokens([tokenizers.AddedToken(s, special=True)
-                          for s in specials])
+  tok.add_special_tokens(
+      [tokenizers.AddedToken(s, special=True) for s in specials]
+  )
   tok.save(str(d / "tokenizer.json"))
-  (d / "tokenizer_config.json").write_text(json.dumps(
-      {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+  (d / "tokenizer_config.json").write_text(
+      json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+  )
 
 
-def make_tiny_hf_dir(d: pathlib.Path, arch: str, seed: int = 0,
-                     tokenizer_ids: int = 113) -> pathlib.Path:
+def make_tiny_hf_dir(
+    d: pathlib.Path, arch: str, seed: int = 0, tokenizer_ids: int = 113
+) -> pathlib.Path:
   """Random tiny Llama or Qwen2 written by transformers' save_pretrained.
 
   The tokenizer knows fewer ids than the embedding has rows, like Qwen's
   padded vocabulary.
   """
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  import torch
+  import transformers
+
   torch.manual_seed(seed)
   if arch == "llama":
-    cfg = transformers.LlamaConfig(**TINY, rope_theta=10000.0,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        **TINY, rope_theta=10000.0, tie_word_embeddings=False
+    )
   elif arch == "qwen2":
     kw = dict(TINY)
     kw.update(num_attention_heads=2, num_key_value_heads=1)
     del kw["head_dim"]  # Qwen2 derives it: 44 / 2 = 22
-    cfg = transformers.Qwen2Config(**kw, rope_theta=1e6,
-                                   tie_word_embeddings=True)
+    cfg = transformers.Qwen2Config(
+        **kw, rope_theta=1e6, tie_word_embeddings=True
+    )
   else:
     raise ValueError(arch)
   model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
@@ -96,12 +114,14 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir, one_device_mesh):
-  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
+  from search_r3_jax import SearchR3
+
   return SearchR3.from_pretrained(str(tiny_dir), mesh=one_device_mesh)
 
 
 @pytest.fixture(scope="session")
 def smollm2(one_device_mesh):
   """The embedded default model on one device."""
-  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
+  from search_r3_jax import SearchR3
+
   return SearchR3.from_pretrained("smollm2-135m", mesh=one_device_mesh)

@@ -4,16 +4,32 @@ import jax
 import ml_collections
 import numpy as np
 
-from search_r3_jax.training import checkpoint
-from search_r3_jax.training import train_state as ts
 from search_r3_jax.core.config import ModelConfig
 from search_r3_jax.core.weights import convert
+from search_r3_jax.training import checkpoint
+from search_r3_jax.training import train_state as ts
 
-CFG = ModelConfig(vocab_size=131, hidden_size=44, intermediate_size=68,
-                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=10)
-OPT = ml_collections.ConfigDict(dict(
-    learning_rate=1e-3, warmup_steps=1, total_steps=10, weight_decay=0.0,
-    b1=0.9, b2=0.95, clip_norm=1.0, grad_accum_steps=1))
+CFG = ModelConfig(
+    vocab_size=131,
+    hidden_size=44,
+    intermediate_size=68,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=10,
+)
+OPT = ml_collections.ConfigDict(
+    dict(
+        learning_rate=1e-3,
+        warmup_steps=1,
+        total_steps=10,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.95,
+        clip_norm=1.0,
+        grad_accum_steps=1,
+    )
+)
 
 
 def _state(mesh, seed):

@@ -16,7 +16,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from search_r3_jax import data
-from search_r3_jax.data import bm25, common, fetch, wiki_fanout
+from search_r3_jax.data import bm25
+from search_r3_jax.data import common
+from search_r3_jax.data import fetch
+from search_r3_jax.data import wiki_fanout
 from search_r3_jax.data.loader import Loader
 
 # ---------------------------------------------------------------- fixtures
@@ -34,8 +37,9 @@ QUERIES = [
     {"_id": "q3", "text": "city on the Spree"},
     {"_id": "q4", "text": "a query no qrels name"},
 ]
-TEST_QRELS = ("query-id\tcorpus-id\tscore\n"
-              "q1\td1\t1\nq2\t5\t2\nq2\td2\t0\nq1\td4\t1\n")
+TEST_QRELS = (
+    "query-id\tcorpus-id\tscore\n" "q1\td1\t1\nq2\t5\t2\nq2\td2\t0\nq1\td4\t1\n"
+)
 TRAIN_QRELS = "query-id\tcorpus-id\tscore\nq3\td3\t1\n"
 
 
@@ -56,8 +60,10 @@ def beir_dir(tmp_path):
 
 def read_split(builder, split):
   fields = common.split_fields(builder.info, split)
-  return [{f: common.to_python(r[f]) for f in fields}
-          for r in builder.as_data_source(split=split)]
+  return [
+      {f: common.to_python(r[f]) for f in fields}
+      for r in builder.as_data_source(split=split)
+  ]
 
 
 # ---------------------------------------------------------------- BEIR folder
@@ -68,20 +74,36 @@ def test_beir_folder_splits(beir_dir, tmp_path):
   assert set(builder.info.splits) == {"corpus", "test", "train"}
   assert read_split(builder, "corpus") == [
       {"doc_id": str(d["_id"]), "title": d["title"], "text": d["text"]}
-      for d in DOCS]
+      for d in DOCS
+  ]
   # Each query once, judgements in file order, score 0 kept; q4 is in no split.
   assert read_split(builder, "test") == [
-      {"query_id": "q1", "query": "capital of France",
-       "doc_ids": ["d1", "d4"], "scores": [1, 1]},
-      {"query_id": "q2", "query": "river of Rome",
-       "doc_ids": ["5", "d2"], "scores": [2, 0]},
+      {
+          "query_id": "q1",
+          "query": "capital of France",
+          "doc_ids": ["d1", "d4"],
+          "scores": [1, 1],
+      },
+      {
+          "query_id": "q2",
+          "query": "river of Rome",
+          "doc_ids": ["5", "d2"],
+          "scores": [2, 0],
+      },
   ]
   assert read_split(builder, "train") == [
-      {"query_id": "q3", "query": "city on the Spree", "doc_ids": ["d3"],
-       "scores": [1]}]
+      {
+          "query_id": "q3",
+          "query": "city on the Spree",
+          "doc_ids": ["d3"],
+          "scores": [1],
+      }
+  ]
   meta = builder.info.metadata
-  assert meta["num_docs"] == 5 and meta["num_queries"] == {"test": 2,
-                                                          "train": 1}
+  assert meta["num_docs"] == 5 and meta["num_queries"] == {
+      "test": 2,
+      "train": 1,
+  }
   assert meta["unknown_qrels"] == {}
 
 
@@ -90,9 +112,12 @@ def test_builders_work_without_tensorflow(beir_dir, tmp_path):
   with pytest.raises(ImportError):
     import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
   # The plain TFDS entry point builds and reads the same dataset.
-  source = tfds.data_source("beir_folder", split="test",
-                            data_dir=str(tmp_path / "tfds"),
-                            builder_kwargs={"path": str(beir_dir)})
+  source = tfds.data_source(
+      "beir_folder",
+      split="test",
+      data_dir=str(tmp_path / "tfds"),
+      builder_kwargs={"path": str(beir_dir)},
+  )
   assert len(source) == 2
   assert common.to_python(source[0]["doc_ids"]) == ["d1", "d4"]
   assert "tensorflow" not in sys.modules
@@ -119,7 +144,7 @@ BAD_MESSAGES = {
     "missing field": r"corpus\.jsonl:2: missing field 'text'",
     "empty text": r"corpus\.jsonl:4: empty field 'text'",
     "duplicate doc": r"corpus\.jsonl:5: duplicate document id 'd1' "
-                     r"\(first at line 1\)",
+    r"\(first at line 1\)",
     "text not a string": r"corpus\.jsonl:1: field 'text' must be a string",
     "query missing text": r"queries\.jsonl:2: missing field 'text'",
     "empty query": r"queries\.jsonl:1: empty field 'text'",
@@ -136,48 +161,68 @@ def test_beir_bad_jsonl_names_file_and_line(beir_dir, tmp_path, case):
   with pytest.raises(data.DataError, match=BAD_MESSAGES[case]):
     data.beir_builder(beir_dir, data_dir=str(tmp_path / "tfds"))
   # Nothing half-written is left to be read as a dataset.
-  assert not data.BeirFolder(path=beir_dir,
-                             data_dir=str(tmp_path / "tfds")).is_prepared()
+  assert not data.BeirFolder(
+      path=beir_dir, data_dir=str(tmp_path / "tfds")
+  ).is_prepared()
 
 
-@pytest.mark.parametrize("qrels,message", [
-    ("q1\td1\t1\nq1\tnope\t1\n",
-     r"test\.tsv:3: unknown document id 'nope' \(pass skip_unknown_qrels"),
-    ("q1\td1\t1\nq9\td1\t1\n", r"test\.tsv:3: unknown query id 'q9'"),
-    ("q1\td1\tx\n", r"test\.tsv:2: score 'x' is not an integer"),
-    ("q1\td1\n", r"test\.tsv:2: expected 3 tab-separated columns"),
-    ("q1\td1\t1\nq1\td1\t2\n", r"test\.tsv:3: duplicate judgement"),
-])
-def test_beir_bad_qrels_names_file_and_line(beir_dir, tmp_path, qrels,
-                                            message):
+@pytest.mark.parametrize(
+    "qrels,message",
+    [
+        (
+            "q1\td1\t1\nq1\tnope\t1\n",
+            r"test\.tsv:3: unknown document id 'nope' \(pass skip_unknown_qrels",
+        ),
+        ("q1\td1\t1\nq9\td1\t1\n", r"test\.tsv:3: unknown query id 'q9'"),
+        ("q1\td1\tx\n", r"test\.tsv:2: score 'x' is not an integer"),
+        ("q1\td1\n", r"test\.tsv:2: expected 3 tab-separated columns"),
+        ("q1\td1\t1\nq1\td1\t2\n", r"test\.tsv:3: duplicate judgement"),
+    ],
+)
+def test_beir_bad_qrels_names_file_and_line(beir_dir, tmp_path, qrels, message):
   (beir_dir / "qrels" / "test.tsv").write_text(
-      "query-id\tcorpus-id\tscore\n" + qrels)
+      "query-id\tcorpus-id\tscore\n" + qrels
+  )
   with pytest.raises(data.DataError, match=message):
     data.beir_builder(beir_dir, data_dir=str(tmp_path / "tfds"))
 
 
 def test_beir_skip_unknown_qrels_counts_and_logs(beir_dir, tmp_path, caplog):
   (beir_dir / "qrels" / "test.tsv").write_text(
-      TEST_QRELS + "q1\tnope\t1\nq9\td1\t1\n")
+      TEST_QRELS + "q1\tnope\t1\nq9\td1\t1\n"
+  )
   with caplog.at_level(logging.WARNING):
-    builder = data.beir_builder(beir_dir, data_dir=str(tmp_path / "tfds"),
-                                skip_unknown_qrels=True)
+    builder = data.beir_builder(
+        beir_dir, data_dir=str(tmp_path / "tfds"), skip_unknown_qrels=True
+    )
   assert builder.info.metadata["unknown_qrels"] == {
-      "test": {"lines": 2, "first_lines": [6, 7]}}
+      "test": {"lines": 2, "first_lines": [6, 7]}
+  }
   assert "skipped 2 qrels lines" in caplog.text
   assert [q["doc_ids"] for q in read_split(builder, "test")] == [
-      ["d1", "d4"], ["5", "d2"]]
+      ["d1", "d4"],
+      ["5", "d2"],
+  ]
 
 
 # ---------------------------------------------------------------- triples
 
 TRIPLES = [
-    {"query": "capital of France", "positive": "Paris is the capital.",
-     "negatives": ["Rome is the capital of Italy.", "Berlin is a city."]},
-    {"query": "river in Rome", "positive": "The Tiber flows through Rome.",
-     "negatives": []},
-    {"query": "city on the Spree", "positive": "Berlin is on the Spree.",
-     "negatives": ["The Seine is a river."]},
+    {
+        "query": "capital of France",
+        "positive": "Paris is the capital.",
+        "negatives": ["Rome is the capital of Italy.", "Berlin is a city."],
+    },
+    {
+        "query": "river in Rome",
+        "positive": "The Tiber flows through Rome.",
+        "negatives": [],
+    },
+    {
+        "query": "city on the Spree",
+        "positive": "Berlin is on the Spree.",
+        "negatives": ["The Seine is a river."],
+    },
 ]
 
 
@@ -190,16 +235,28 @@ def test_triples_builder(tmp_path):
   assert (meta["negatives_min"], meta["negatives_max"]) == (0, 2)
 
 
-@pytest.mark.parametrize("row,message", [
-    ('{"query": "q", "positive": "p", "negatives": ["n"]', "malformed JSON"),
-    ({"query": "q", "negatives": ["n"]}, "missing field 'positive'"),
-    ({"query": "q", "positive": " ", "negatives": []},
-     "empty field 'positive'"),
-    ({"query": "q", "positive": "p", "negatives": "n"},
-     "field 'negatives' must be a list"),
-    ({"query": "q", "positive": "p", "negatives": ["n", ""]},
-     r"empty negatives\[1\]"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        (
+            '{"query": "q", "positive": "p", "negatives": ["n"]',
+            "malformed JSON",
+        ),
+        ({"query": "q", "negatives": ["n"]}, "missing field 'positive'"),
+        (
+            {"query": "q", "positive": " ", "negatives": []},
+            "empty field 'positive'",
+        ),
+        (
+            {"query": "q", "positive": "p", "negatives": "n"},
+            "field 'negatives' must be a list",
+        ),
+        (
+            {"query": "q", "positive": "p", "negatives": ["n", ""]},
+            r"empty negatives\[1\]",
+        ),
+    ],
+)
 def test_triples_bad_line_names_file_and_line(tmp_path, row, message):
   path = tmp_path / "triples.jsonl"
   lines = [json.dumps(t) for t in TRIPLES]
@@ -224,8 +281,9 @@ def test_bm25_matches_hand_computation():
   expected = [term(2, 1, 3) + term(1, 2, 3), term(1, 2, 2), 0.0]
   np.testing.assert_allclose(index.scores(["apple banana"])[0], expected)
   # "the" is a stopword and "zebra" is unknown: neither scores.
-  np.testing.assert_allclose(index.scores(["the zebra apple banana"])[0],
-                             expected)
+  np.testing.assert_allclose(
+      index.scores(["the zebra apple banana"])[0], expected
+  )
 
 
 def test_bm25_search_excludes_and_breaks_ties_by_index():
@@ -251,24 +309,47 @@ def take(loader, n):
 
 
 def test_loader_shards_per_process():
-  shards = [Loader(RECORDS, 3, seed=1, process_index=p, process_count=2)
-            for p in range(2)]
+  shards = [
+      Loader(RECORDS, 3, seed=1, process_index=p, process_count=2)
+      for p in range(2)
+  ]
   # 23 records -> 22 (even) -> 11 each -> 3 whole batches each per epoch.
   assert [len(s) for s in shards] == [3, 3]
   seen = [flat(take(s, 3)) for s in shards]
   assert not set(seen[0]) & set(seen[1])
   assert all(len(set(s)) == 9 for s in seen)
   # Evaluation mode: every record exactly once over the processes.
-  evals = [flat(Loader(RECORDS, 4, shuffle=False, num_epochs=1,
-                       drop_remainder=False, process_index=p, process_count=2))
-           for p in range(2)]
+  evals = [
+      flat(
+          Loader(
+              RECORDS,
+              4,
+              shuffle=False,
+              num_epochs=1,
+              drop_remainder=False,
+              process_index=p,
+              process_count=2,
+          )
+      )
+      for p in range(2)
+  ]
   assert sorted(evals[0] + evals[1]) == list(range(23))
   assert evals[0] == list(range(0, 23, 2))
 
 
 def test_loader_batches_are_dicts_of_python_lists():
-  batch = next(iter(Loader(RECORDS, 4, shuffle=False, fields=("i", "tags"),
-                           process_index=0, process_count=1)))
+  batch = next(
+      iter(
+          Loader(
+              RECORDS,
+              4,
+              shuffle=False,
+              fields=("i", "tags"),
+              process_index=0,
+              process_count=1,
+          )
+      )
+  )
   assert batch == {"i": [0, 1, 2, 3], "tags": [[0, 1], [1, 2], [2, 3], [3, 4]]}
 
 
@@ -306,11 +387,15 @@ def test_loader_stops_after_num_epochs():
 
 def test_loader_from_builder_reads_split_fields(beir_dir, tmp_path):
   builder = data.beir_builder(beir_dir, data_dir=str(tmp_path / "tfds"))
-  loader = Loader.from_builder(builder, "corpus", 2, shuffle=False,
-                               process_index=0, process_count=1)
+  loader = Loader.from_builder(
+      builder, "corpus", 2, shuffle=False, process_index=0, process_count=1
+  )
   batch = next(iter(loader))
-  assert batch == {"doc_id": ["d1", "d2"], "title": ["Paris", "Rome"],
-                   "text": [DOCS[0]["text"], DOCS[1]["text"]]}
+  assert batch == {
+      "doc_id": ["d1", "d2"],
+      "title": ["Paris", "Rome"],
+      "text": [DOCS[0]["text"], DOCS[1]["text"]],
+  }
   with pytest.raises(ValueError, match="not one batch"):
     Loader.from_builder(builder, "train", 2, process_index=0, process_count=1)
 
@@ -322,7 +407,8 @@ def test_loader_from_builder_reads_split_fields(beir_dir, tmp_path):
 def fanout(tmp_path_factory):
   """Built once per session into a temporary data_dir; wheels are cached."""
   return data.wiki_fanout_builder(
-      data_dir=str(tmp_path_factory.mktemp("wiki_fanout_tfds")))
+      data_dir=str(tmp_path_factory.mktemp("wiki_fanout_tfds"))
+  )
 
 
 def test_wiki_fanout_sizes(fanout):
@@ -336,14 +422,16 @@ def test_wiki_fanout_sizes(fanout):
   assert top["questions"] == 310 and 0 < top["missing"] < top["gold_pages"]
   tops = read_split(fanout, "dev_top")
   assert sum(len(q["doc_ids"]) + len(q["missing_doc_ids"]) for q in tops) == (
-      top["gold_pages"])
+      top["gold_pages"]
+  )
   assert sum(not q["doc_ids"] for q in tops) == top["no_gold_in_corpus"]
 
 
 def test_wiki_fanout_train_comes_from_the_corpus_only(fanout):
   corpus = {d["doc_id"]: d["text"] for d in read_split(fanout, "corpus")}
-  dev = {q["query"] for s in ("dev_sub", "dev_top")
-         for q in read_split(fanout, s)}
+  dev = {
+      q["query"] for s in ("dev_sub", "dev_top") for q in read_split(fanout, s)
+  }
   train = read_split(fanout, "train")
   assert len(train) == fanout.info.metadata["train"]["pairs"] > len(corpus)
   for ex in train:
@@ -352,7 +440,8 @@ def test_wiki_fanout_train_comes_from_the_corpus_only(fanout):
       assert ex["query"] == ex["positive_id"]
     else:
       assert ex["positive"].startswith(ex["query"]) and (
-          ex["query"] != ex["positive"])
+          ex["query"] != ex["positive"]
+      )
     assert len(ex["negatives"]) == 3
     assert ex["positive_id"] not in ex["negative_ids"]
     assert ex["negatives"] == [corpus[t] for t in ex["negative_ids"]]
@@ -374,16 +463,22 @@ def test_wiki_fanout_bm25_recall(fanout):
 def test_first_sentence():
   fs = wiki_fanout.first_sentence
   assert fs("J. D. Drew is a player. He bats left.") == (
-      "J. D. Drew is a player.")
+      "J. D. Drew is a player."
+  )
   assert fs("The Nutcracker, Op. 71, is a ballet. It has two acts.") == (
-      "The Nutcracker, Op. 71, is a ballet.")
+      "The Nutcracker, Op. 71, is a ballet."
+  )
   assert fs("The U.S. Army is big. It is old.") == "The U.S. Army is big."
   assert fs("One sentence only.") == "One sentence only."
 
 
 def test_fetch_rejects_a_wrong_hash(tmp_path):
-  wrong = fetch.Wheel(fetch.FANOUTQA.package, fetch.FANOUTQA.version,
-                      fetch.FANOUTQA.filename, "0" * 64)
+  wrong = fetch.Wheel(
+      fetch.FANOUTQA.package,
+      fetch.FANOUTQA.version,
+      fetch.FANOUTQA.filename,
+      "0" * 64,
+  )
   with pytest.raises(data.DataError, match="does not match the pinned"):
     fetch.fetch_wheel(wrong, cache_dir=tmp_path)
   assert not (tmp_path / wrong.filename).exists()
@@ -393,11 +488,18 @@ def test_fetch_rejects_a_wrong_hash(tmp_path):
 def test_stage1_eval_data_keeps_every_sub_question(fanout):
   """FanOutQA repeats sub-question ids across top-level questions: all 558
   occurrences are evaluated, none collapsed into another."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.data import sources as stage1  # pylint: disable=g-import-not-at-top
-  cfg = ml_collections.ConfigDict(dict(
-      name="wiki_fanout", path=None, num_negatives=3,
-      data_dir=str(fanout.data_dir).split("/wiki_fanout/")[0]))
+  import ml_collections
+
+  from search_r3_jax.data import sources as stage1
+
+  cfg = ml_collections.ConfigDict(
+      dict(
+          name="wiki_fanout",
+          path=None,
+          num_negatives=3,
+          data_dir=str(fanout.data_dir).split("/wiki_fanout/")[0],
+      )
+  )
   corpus, splits = stage1.eval_data(cfg, ("dev_sub", "dev_top"))
   assert len(corpus) == 10_033
   assert len(splits["dev_sub"].queries) == 558

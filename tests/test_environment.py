@@ -13,8 +13,9 @@ import re
 import numpy as np
 import pytest
 
-from search_r3_jax.retrieval.environment import (EnvConfig, RetrievalEnvironment,
-                                       kmeans)
+from search_r3_jax.retrieval.environment import EnvConfig
+from search_r3_jax.retrieval.environment import kmeans
+from search_r3_jax.retrieval.environment import RetrievalEnvironment
 
 N, D = 400, 32
 INF = float("inf")
@@ -57,7 +58,8 @@ def _make(n=N, seed=0, clusters=20, **cfg):
   rng = np.random.default_rng(seed)
   centres = rng.standard_normal((clusters, D))
   base = centres[rng.integers(0, clusters, n)] + 0.3 * rng.standard_normal(
-      (n, D))
+      (n, D)
+  )
   enc = Encoder(base)
   env = RetrievalEnvironment(_corpus(n), enc, EnvConfig(**cfg))
   enc.reset()
@@ -70,13 +72,19 @@ def _stored(env):
 
 
 def _snapshot(env):
-  return dict(vectors=env.index.vectors.copy(),
-              versions=env.index.versions.copy(),
-              ids=list(env.index.ids), touched=env.touched.copy(),
-              refreshed_since=env.refreshed_since.copy(),
-              regions=env.regions.copy(), centroids=env.centroids.copy(),
-              graph=env.graph.copy(), step=env.step,
-              last_full=env.last_full, reports=len(env.reports))
+  return dict(
+      vectors=env.index.vectors.copy(),
+      versions=env.index.versions.copy(),
+      ids=list(env.index.ids),
+      touched=env.touched.copy(),
+      refreshed_since=env.refreshed_since.copy(),
+      regions=env.regions.copy(),
+      centroids=env.centroids.copy(),
+      graph=env.graph.copy(),
+      step=env.step,
+      last_full=env.last_full,
+      reports=len(env.reports),
+  )
 
 
 def _assert_snapshot_equal(a, b):
@@ -114,19 +122,22 @@ def test_build_encodes_everything_once_and_links_graph():
   assert [h[0] for h in res.ids] == [f"doc{i}" for i in range(10)]
 
 
-@pytest.mark.parametrize("n,num_regions,want", [
-    (N, 0, 20), (50, 0, 7), (130, 0, 11), (N, 5, 5)])
+@pytest.mark.parametrize(
+    "n,num_regions,want", [(N, 0, 20), (50, 0, 7), (130, 0, 11), (N, 5, 5)]
+)
 def test_regions(n, num_regions, want):
   env, enc = _make(n=n, num_regions=num_regions)
   assert want == (num_regions or round(math.sqrt(n)))
   assert env.centroids.shape == (want, D)
   assert env.regions.shape == (n,)
   assert env.regions.min() >= 0 and env.regions.max() < want
-  np.testing.assert_allclose(np.linalg.norm(env.centroids, axis=1), 1.0,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      np.linalg.norm(env.centroids, axis=1), 1.0, atol=1e-5
+  )
   # Each document sits in the region of its nearest centroid.
   np.testing.assert_array_equal(
-      env.regions, np.argmax(_stored(env) @ env.centroids.T, axis=1))
+      env.regions, np.argmax(_stored(env) @ env.centroids.T, axis=1)
+  )
   assert len(np.unique(env.regions)) > want // 2
 
 
@@ -152,8 +163,9 @@ def test_kmeans_is_a_fixed_point():
 # -- threshold 0: a full refresh, one way or the other -------------------------
 
 
-@pytest.mark.parametrize("rebuild_fraction,kind", [(0.5, "full"),
-                                                    (2.0, "selective")])
+@pytest.mark.parametrize(
+    "rebuild_fraction,kind", [(0.5, "full"), (2.0, "selective")]
+)
 def test_threshold_zero_refreshes_everything_once(rebuild_fraction, kind):
   env, enc = _make(drift_threshold=0.0, rebuild_fraction=rebuild_fraction)
   enc.shift = 0.5 * np.random.default_rng(1).standard_normal((N, D))
@@ -177,7 +189,8 @@ def test_threshold_zero_refreshes_everything_once(rebuild_fraction, kind):
   res = env.search(enc.fresh()[:30], k=1)
   assert [h[0] for h in res.ids] == [f"doc{i}" for i in range(30)]
   np.testing.assert_array_equal(
-      env.regions, np.argmax(_stored(env) @ env.centroids.T, axis=1))
+      env.regions, np.argmax(_stored(env) @ env.centroids.T, axis=1)
+  )
   assert env.reports[-1] is report
 
 
@@ -248,7 +261,8 @@ def test_drift_in_two_regions_reencodes_those_regions_and_touched():
   assert (env.index.versions[rest] == 0).all()
   # Refreshed documents moved to their nearest centroid.
   np.testing.assert_array_equal(
-      env.regions[rows], np.argmax(after[rows] @ env.centroids.T, axis=1))
+      env.regions[rows], np.argmax(after[rows] @ env.centroids.T, axis=1)
+  )
 
 
 # -- observe -------------------------------------------------------------------
@@ -260,12 +274,25 @@ def _two_spreads(scale, threshold):
   rng = np.random.default_rng(7)
   centres = np.zeros((2, D))
   centres[0, 0] = centres[1, 1] = 1.0
-  base = np.concatenate([centres[0] + 0.01 * rng.standard_normal((100, D)),
-                         centres[1] + 0.3 * rng.standard_normal((100, D))])
+  base = np.concatenate(
+      [
+          centres[0] + 0.01 * rng.standard_normal((100, D)),
+          centres[1] + 0.3 * rng.standard_normal((100, D)),
+      ]
+  )
   enc = Encoder(_unit(base))
-  env = RetrievalEnvironment(_corpus(200), enc, EnvConfig(
-      num_regions=2, probes_per_region=4, drift_threshold=threshold,
-      drift_scale=scale, rebuild_fraction=2.0, engine="exact"))
+  env = RetrievalEnvironment(
+      _corpus(200),
+      enc,
+      EnvConfig(
+          num_regions=2,
+          probes_per_region=4,
+          drift_threshold=threshold,
+          drift_scale=scale,
+          rebuild_fraction=2.0,
+          engine="exact",
+      ),
+  )
   enc.reset()
   enc.shift = 0.02 * rng.standard_normal((200, D))
   report = env.refresh(1, enc)
@@ -334,8 +361,7 @@ def test_observe_marks_neighbours_of_gold_only_by_default():
 def test_bad_step_is_refused_before_anything_changes():
   env, enc = _make()
   env.observe(["doc3"])
-  before = (_stored(env).copy(), env.index.versions.copy(),
-            env.touched.copy())
+  before = (_stored(env).copy(), env.index.versions.copy(), env.touched.copy())
   for bad, err in (("3", TypeError), (2.5, TypeError), (-1, ValueError)):
     with pytest.raises(err, match="step"):
       env.refresh(bad, enc)
@@ -348,8 +374,11 @@ def test_bad_step_is_refused_before_anything_changes():
 def test_given_vectors_are_copied():
   env, _ = _make()
   start = _stored(env).copy()
-  seeded = RetrievalEnvironment(_corpus(), vectors=start, cfg=EnvConfig(
-      drift_threshold=0.0, rebuild_fraction=2.0))
+  seeded = RetrievalEnvironment(
+      _corpus(),
+      vectors=start,
+      cfg=EnvConfig(drift_threshold=0.0, rebuild_fraction=2.0),
+  )
   enc = Encoder(np.ones_like(start))
   seeded.refresh(1, enc)
   np.testing.assert_array_equal(start, _stored(env))  # the caller's array
@@ -372,8 +401,9 @@ def test_touched_documents_are_refreshed_even_with_infinite_threshold():
   assert not env.touched.any()
   assert report["touched"] == touched.size
   assert report["refreshed"] == touched.size
-  np.testing.assert_array_equal(np.flatnonzero(env.index.versions == 2),
-                                touched)
+  np.testing.assert_array_equal(
+      np.flatnonzero(env.index.versions == 2), touched
+  )
   after = _stored(env)
   np.testing.assert_allclose(after[touched], enc.fresh(touched), atol=1e-6)
   rest = np.setdiff1d(np.arange(N), touched)
@@ -388,16 +418,20 @@ def test_touched_documents_are_refreshed_even_with_infinite_threshold():
 
 
 def test_rebuild_fraction_triggers_a_full_refresh():
-  env, enc = _make(drift_threshold=INF, probes_per_region=0,
-                   touch_neighbors="none", rebuild_fraction=0.25)
-  first = [f"doc{i}" for i in range(80)]     # 20 %
+  env, enc = _make(
+      drift_threshold=INF,
+      probes_per_region=0,
+      touch_neighbors="none",
+      rebuild_fraction=0.25,
+  )
+  first = [f"doc{i}" for i in range(80)]  # 20 %
   env.observe(first)
   r = env.refresh(1, enc)
   assert r["kind"] == "selective" and r["refreshed"] == 80
   assert r["since_rebuild_fraction"] == pytest.approx(0.2)
-  env.observe(first)                         # the same ones: still 20 %
+  env.observe(first)  # the same ones: still 20 %
   assert env.refresh(2, enc)["kind"] == "selective"
-  env.observe([f"doc{i}" for i in range(80, 90)])   # 22.5 %: not past it
+  env.observe([f"doc{i}" for i in range(80, 90)])  # 22.5 %: not past it
   assert env.refresh(3, enc)["kind"] == "selective"
   assert env.reports[-1]["since_rebuild_fraction"] == pytest.approx(0.225)
   enc.reset()
@@ -412,11 +446,19 @@ def test_rebuild_fraction_triggers_a_full_refresh():
 
 
 def test_full_refresh_every_and_maybe_refresh():
-  env, enc = _make(drift_threshold=INF, probes_per_region=1,
-                   full_refresh_every=3)
+  env, enc = _make(
+      drift_threshold=INF, probes_per_region=1, full_refresh_every=3
+  )
   kinds = [env.maybe_refresh(s, enc)["kind"] for s in range(1, 8)]
-  assert kinds == ["selective", "selective", "full", "selective",
-                   "selective", "full", "selective"]
+  assert kinds == [
+      "selective",
+      "selective",
+      "full",
+      "selective",
+      "selective",
+      "full",
+      "selective",
+  ]
   assert [r["step"] for r in env.reports] == list(range(1, 8))
   assert env.last_full == 6
   assert (env.index.versions == 6).all()
@@ -444,11 +486,17 @@ def test_full_flag_forces_a_rebuild():
 
 
 def test_selective_refresh_relinks_with_exact_neighbours():
-  env, enc = _make(engine="exact", drift_threshold=INF, probes_per_region=0,
-                   touch_neighbors="none", graph_k=6)
+  env, enc = _make(
+      engine="exact",
+      drift_threshold=INF,
+      probes_per_region=0,
+      touch_neighbors="none",
+      graph_k=6,
+  )
   rows = np.arange(0, N, 7)
   enc.shift[rows] = 3.0 * np.random.default_rng(7).standard_normal(
-      (rows.size, D))
+      (rows.size, D)
+  )
   old_graph = env.graph.copy()
   env.observe([f"doc{i}" for i in rows])
   r = env.refresh(1, enc)
@@ -480,13 +528,15 @@ def _nan_for(enc, doc_row):
       if t == f"text {doc_row}":
         out[i] = np.nan
     return out
+
   return encode
 
 
 @pytest.mark.parametrize("rebuild_fraction", [0.5, 2.0])
 @pytest.mark.parametrize("bad_row", [7, 123])
-def test_nan_encoding_names_document_and_changes_nothing(rebuild_fraction,
-                                                         bad_row):
+def test_nan_encoding_names_document_and_changes_nothing(
+    rebuild_fraction, bad_row
+):
   env, enc = _make(drift_threshold=0.0, rebuild_fraction=rebuild_fraction)
   enc.shift = 0.5 * np.random.default_rng(8).standard_normal((N, D))
   env.observe(["doc2"], [["doc40"]])
@@ -507,8 +557,9 @@ def test_wrong_dimension_encoding_raises_and_changes_nothing():
   before = _snapshot(env)
 
   def wide(texts):
-    return np.concatenate([enc(texts), np.zeros((len(texts), 1), np.float32)],
-                          axis=1)
+    return np.concatenate(
+        [enc(texts), np.zeros((len(texts), 1), np.float32)], axis=1
+    )
 
   with pytest.raises(ValueError, match="dimension"):
     env.refresh(2, wide)
@@ -539,12 +590,18 @@ def test_empty_corpus_and_config_errors():
   assert enc.calls == []
   with pytest.raises(ValueError, match=r"\['bogus', 'zzz'\]"):
     EnvConfig.from_mapping({"engine": "exact", "zzz": 1, "bogus": 2})
-  cfg = EnvConfig.from_mapping({"engine": "exact", "graph_k": 3,
-                                "drift_threshold": INF})
+  cfg = EnvConfig.from_mapping(
+      {"engine": "exact", "graph_k": 3, "drift_threshold": INF}
+  )
   assert cfg == EnvConfig(engine="exact", graph_k=3, drift_threshold=INF)
-  for bad in ({"engine": "faiss"}, {"k": 0}, {"drift_threshold": -0.1},
-              {"drift_threshold": float("nan")}, {"probes_per_region": -1},
-              {"rebuild_fraction": -1.0}):
+  for bad in (
+      {"engine": "faiss"},
+      {"k": 0},
+      {"drift_threshold": -0.1},
+      {"drift_threshold": float("nan")},
+      {"probes_per_region": -1},
+      {"rebuild_fraction": -1.0},
+  ):
     with pytest.raises(ValueError, match=next(iter(bad))):
       EnvConfig.from_mapping(bad)
 
@@ -557,7 +614,7 @@ def test_save_load_round_trip(engine, tmp_path):
   env, enc = _make(engine=engine, drift_threshold=INF, probes_per_region=1)
   enc.shift = 0.5 * np.random.default_rng(9).standard_normal((N, D))
   env.observe(["doc1", "doc2"])
-  env.refresh(2, enc)                 # some versions differ now
+  env.refresh(2, enc)  # some versions differ now
   env.observe(["doc50"], [["doc60"]])  # marks pending at save time
   path = tmp_path / "env"
   env.save(path)
@@ -581,10 +638,14 @@ def test_save_load_round_trip(engine, tmp_path):
   enc.reset()
   r = loaded.refresh(5, enc)
   assert r["refreshed"] == pending.size
-  np.testing.assert_array_equal(np.flatnonzero(loaded.index.versions == 5),
-                                pending)
-  np.testing.assert_allclose(loaded.embeddings(
-      [loaded.doc_ids[i] for i in pending]), enc.fresh(pending), atol=1e-6)
+  np.testing.assert_array_equal(
+      np.flatnonzero(loaded.index.versions == 5), pending
+  )
+  np.testing.assert_allclose(
+      loaded.embeddings([loaded.doc_ids[i] for i in pending]),
+      enc.fresh(pending),
+      atol=1e-6,
+  )
   assert not loaded.touched.any()
   res = loaded.search(enc.fresh(pending), k=1)
   assert [h[0] for h in res.ids] == [f"doc{i}" for i in pending]
@@ -630,22 +691,46 @@ def test_save_replaces_an_existing_environment(tmp_path):
 
 
 def test_refresh_with_a_model_encoder_on_a_mesh(eight_device_mesh):
-  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.retrieval.environment import document_encoder  # pylint: disable=g-import-not-at-top
-  shape = dict(hidden_size=64, intermediate_size=128, num_layers=2,
-               num_heads=2, num_kv_heads=1, head_dim=32)
+  from search_r3_jax import SearchR3
+  from search_r3_jax.retrieval.environment import document_encoder
+
+  shape = dict(
+      hidden_size=64,
+      intermediate_size=128,
+      num_layers=2,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=32,
+  )
   a = SearchR3.random(seed=0, mesh=eight_device_mesh, **shape)
-  words = ["river", "mountain", "violin", "protein", "comet", "harbour",
-           "glacier", "sonnet", "enzyme", "volcano", "orchid", "falcon"]
-  corpus = {f"d{i}": f"A short note about the {w}, number {i}."
-            for i, w in enumerate(words * 3)}
+  words = [
+      "river",
+      "mountain",
+      "violin",
+      "protein",
+      "comet",
+      "harbour",
+      "glacier",
+      "sonnet",
+      "enzyme",
+      "volcano",
+      "orchid",
+      "falcon",
+  ]
+  corpus = {
+      f"d{i}": f"A short note about the {w}, number {i}."
+      for i, w in enumerate(words * 3)
+  }
   texts = list(corpus.values())
   enc_a = document_encoder(a, max_length=16, batch_size=8)
-  env = RetrievalEnvironment(corpus, enc_a, EnvConfig(engine="exact",
-                                                       graph_k=4))
-  np.testing.assert_allclose(env.index.vectors,
-                             a.encode_documents(texts, max_length=16,
-                                                progress=False), atol=1e-5)
+  env = RetrievalEnvironment(
+      corpus, enc_a, EnvConfig(engine="exact", graph_k=4)
+  )
+  np.testing.assert_allclose(
+      env.index.vectors,
+      a.encode_documents(texts, max_length=16, progress=False),
+      atol=1e-5,
+  )
   # The same parameters: no drift, nothing written.
   report = env.refresh(1, enc_a)
   assert report["drift_max"] < 1e-5 and report["refreshed"] == 0
@@ -656,16 +741,19 @@ def test_refresh_with_a_model_encoder_on_a_mesh(eight_device_mesh):
   assert report["drifted_regions"] == report["regions"]
   assert report["reencoded"] == len(corpus)
   assert (env.index.versions == 2).all()
-  np.testing.assert_allclose(env.index.vectors,
-                             b.encode_documents(texts, max_length=16,
-                                                progress=False), atol=1e-5)
+  np.testing.assert_allclose(
+      env.index.vectors,
+      b.encode_documents(texts, max_length=16, progress=False),
+      atol=1e-5,
+  )
 
 
 def test_start_from_given_vectors():
   env, enc = _make()
   start = _stored(env) + 0.0
-  seeded = RetrievalEnvironment(_corpus(), cfg=EnvConfig(), vectors=start,
-                                step=3)
+  seeded = RetrievalEnvironment(
+      _corpus(), cfg=EnvConfig(), vectors=start, step=3
+  )
   np.testing.assert_array_equal(seeded.index.vectors, start)
   assert (seeded.index.versions == 3).all()
   np.testing.assert_array_equal(seeded.graph, env.graph)

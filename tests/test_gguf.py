@@ -14,7 +14,8 @@ import pytest
 import tokenizers
 
 from search_r3_jax.core.weights.common import WeightsError
-from search_r3_jax.core.weights.gguf import find_smollm2_gguf, read_gguf
+from search_r3_jax.core.weights.gguf import find_smollm2_gguf
+from search_r3_jax.core.weights.gguf import read_gguf
 
 # Strings for the tokenizer comparison: prose, digits, code, unicode, emoji,
 # runs of spaces and newlines, contractions, chat markup.
@@ -46,16 +47,18 @@ def ckpt(path):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(path):
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  from transformers import AutoTokenizer
+
   return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.fixture(scope="module")
 def hf_tensors(path) -> dict[str, np.ndarray]:
   """transformers' own dequantized, un-permuted tensors of the file."""
-  # pylint: disable=g-import-not-at-top
+
   import torch
-  from transformers import AutoConfig, AutoModelForCausalLM
+  from transformers import AutoConfig
+  from transformers import AutoModelForCausalLM
   from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
   # `from_pretrained` wants `accelerate` for GGUF; the loader underneath only
@@ -63,8 +66,9 @@ def hf_tensors(path) -> dict[str, np.ndarray]:
   config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
   with torch.device("meta"):
     model = AutoModelForCausalLM.from_config(config)
-  parsed = load_gguf_checkpoint(str(path), return_tensors=True,
-                                model_to_load=model)
+  parsed = load_gguf_checkpoint(
+      str(path), return_tensors=True, model_to_load=model
+  )
   return {k: v.float().numpy() for k, v in parsed["tensors"].items()}
 
 
@@ -117,8 +121,13 @@ def test_tensors_match_transformers(ckpt, hf_tensors):
       name = f"model.layers.{i}.self_attn.{proj}.weight"
       np.testing.assert_array_equal(ckpt.get_tensor(name), hf_tensors[name])
   for name in ckpt.tensor_names:
-    np.testing.assert_allclose(ckpt.get_tensor(name), hf_tensors[name],
-                               rtol=1e-6, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(
+        ckpt.get_tensor(name),
+        hf_tensors[name],
+        rtol=1e-6,
+        atol=1e-7,
+        err_msg=name,
+    )
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -141,8 +150,9 @@ def test_tokenizer_splits_digits_first(ckpt):
   tokenizer and llama.cpp's `smollm` do, so a space run before a digit stays
   one token. (transformers' GGUF tokenizer ignores `smollm` and gives Ġ|Ġ.)
   """
-  pieces = lambda s: [ckpt.tokenizer.id_to_token(i)
-                      for i in ckpt.tokenizer.encode(s).ids]
+  pieces = lambda s: [
+      ckpt.tokenizer.id_to_token(i) for i in ckpt.tokenizer.encode(s).ids
+  ]
   assert pieces("a  12") == ["a", "ĠĠ", "1", "2"]
   assert pieces("x 12345") == ["x", "Ġ", "1", "2", "3", "4", "5"]
 
@@ -164,9 +174,16 @@ def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
   return out
 
 
-def _write_tiny(path: pathlib.Path, arch: str = "llama", *, skip_key=None,
-                pre: str = "gpt2", extra_tensor=None, norm_dtype=np.float32,
-                untied: bool = False) -> dict[str, np.ndarray]:
+def _write_tiny(
+    path: pathlib.Path,
+    arch: str = "llama",
+    *,
+    skip_key=None,
+    pre: str = "gpt2",
+    extra_tensor=None,
+    norm_dtype=np.float32,
+    untied: bool = False,
+) -> dict[str, np.ndarray]:
   """Writes a one-layer GGUF; returns its tensors under HF names, HF order."""
   rng = np.random.default_rng(0)
   tokens = ["<|endoftext|>"] + _byte_tokens()
@@ -248,9 +265,17 @@ def _byte_tokens() -> list[str]:
   return sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()) + ["Ġt"]
 
 
-def byte_level_writer(path: pathlib.Path, arch: str, *, layers: int,
-                      hidden: int, ffn: int, heads: int, kv_heads: int,
-                      rope_base: float | None = None) -> gguf.GGUFWriter:
+def byte_level_writer(
+    path: pathlib.Path,
+    arch: str,
+    *,
+    layers: int,
+    hidden: int,
+    ffn: int,
+    heads: int,
+    kv_heads: int,
+    rope_base: float | None = None,
+) -> gguf.GGUFWriter:
   """A GGUFWriter with the model's shape and a byte-level tokenizer of
   `["<|endoftext|>"] + _byte_tokens()` in its metadata; the caller adds the
   tensors and writes the file."""
@@ -274,10 +299,15 @@ def byte_level_writer(path: pathlib.Path, arch: str, *, layers: int,
   return w
 
 
-@pytest.mark.parametrize("arch,pre", [("llama", "smollm"),
-                                      ("llama", "llama-bpe"),
-                                      ("llama", "default"),
-                                      ("qwen2", "qwen2")])
+@pytest.mark.parametrize(
+    "arch,pre",
+    [
+        ("llama", "smollm"),
+        ("llama", "llama-bpe"),
+        ("llama", "default"),
+        ("qwen2", "qwen2"),
+    ],
+)
 def test_tiny_round_trip(tmp_path, arch, pre):
   """Tensors come back as written; only llama's q/k were permuted on disk."""
   f = tmp_path / "tiny.gguf"
@@ -339,12 +369,18 @@ def test_unknown_architecture(tmp_path):
   _assert_says(e, f, "general.architecture='falcon'")
 
 
-@pytest.mark.parametrize("write_kw,named", [
-    (dict(skip_key="feed_forward_length"), "'llama.feed_forward_length'"),
-    (dict(extra_tensor="blk.0.attn_q_norm.weight"),
-     "'blk.0.attn_q_norm.weight'"),
-    (dict(pre="mystery"), "tokenizer.ggml.pre='mystery'"),
-], ids=["missing_metadata_key", "unknown_tensor", "unknown_pre_tokenizer"])
+@pytest.mark.parametrize(
+    "write_kw,named",
+    [
+        (dict(skip_key="feed_forward_length"), "'llama.feed_forward_length'"),
+        (
+            dict(extra_tensor="blk.0.attn_q_norm.weight"),
+            "'blk.0.attn_q_norm.weight'",
+        ),
+        (dict(pre="mystery"), "tokenizer.ggml.pre='mystery'"),
+    ],
+    ids=["missing_metadata_key", "unknown_tensor", "unknown_pre_tokenizer"],
+)
 def test_bad_file_names_what_is_wrong(tmp_path, write_kw, named):
   f = tmp_path / "tiny.gguf"
   _write_tiny(f, **write_kw)
@@ -362,8 +398,18 @@ def test_unsupported_tensor_type(tmp_path):
   _assert_says(e, f, "'blk.0.attn_norm.weight'", "I8")
 
 
-_QUANT_TYPES = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                "TQ1_0", "TQ2_0", "MXFP4"]
+_QUANT_TYPES = [
+    "F16",
+    "BF16",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "TQ1_0",
+    "TQ2_0",
+    "MXFP4",
+]
 
 
 @pytest.mark.parametrize("qtype", _QUANT_TYPES)
@@ -385,8 +431,9 @@ def test_every_quantization_type_dequantizes(tmp_path, qtype):
       "blk.0.ffn_down.weight": (d, d),
   }
   f = tmp_path / f"{qtype}.gguf"
-  w = byte_level_writer(f, "llama", layers=1, hidden=d, ffn=d, heads=heads,
-                        kv_heads=kv_heads)
+  w = byte_level_writer(
+      f, "llama", layers=1, hidden=d, ffn=d, heads=heads, kv_heads=kv_heads
+  )
   expected = {}
   for name, shape in shapes.items():
     x = rng.standard_normal(shape).astype(np.float32)
@@ -397,8 +444,11 @@ def test_every_quantization_type_dequantizes(tmp_path, qtype):
       x = _llama_cpp_permute(x, kv_heads)
     q = gguf.quants.quantize(x, qt)
     w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qt)
-  for name in ("output_norm.weight", "blk.0.attn_norm.weight",
-               "blk.0.ffn_norm.weight"):
+  for name in (
+      "output_norm.weight",
+      "blk.0.attn_norm.weight",
+      "blk.0.ffn_norm.weight",
+  ):
     w.add_tensor(name, np.ones(d, np.float32))
   w.write_header_to_file()
   w.write_kv_data_to_file()
@@ -406,15 +456,16 @@ def test_every_quantization_type_dequantizes(tmp_path, qtype):
   w.close()
 
   ckpt = read_gguf(f)
-  hf_name = {"token_embd.weight": "model.embed_tokens.weight",
-             "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
-             "blk.0.attn_k.weight": "model.layers.0.self_attn.k_proj.weight",
-             "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
-             "blk.0.attn_output.weight":
-                 "model.layers.0.self_attn.o_proj.weight",
-             "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj.weight",
-             "blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj.weight",
-             "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight"}
+  hf_name = {
+      "token_embd.weight": "model.embed_tokens.weight",
+      "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
+      "blk.0.attn_k.weight": "model.layers.0.self_attn.k_proj.weight",
+      "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
+      "blk.0.attn_output.weight": "model.layers.0.self_attn.o_proj.weight",
+      "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj.weight",
+      "blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj.weight",
+      "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
+  }
   for name, want in expected.items():
     got = ckpt.get_tensor(hf_name[name])
     assert got.dtype == np.float32 and got.shape == shapes[name]

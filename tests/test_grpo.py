@@ -2,13 +2,13 @@
 first inner epoch, one device against eight, and that it moves the policy
 toward rollouts with positive advantage."""
 
+from conftest import make_tiny_hf_dir
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from conftest import make_tiny_hf_dir
 from search_r3_jax import SearchR3
 from search_r3_jax.training import grpo
 from search_r3_jax.training import train_state as ts
@@ -23,17 +23,27 @@ def tiny_dir(tmp_path_factory):
 
 
 def _opt(lr=3e-3):
-  return ml_collections.ConfigDict(dict(
-      learning_rate=lr, warmup_steps=1, total_steps=100, weight_decay=0.0,
-      b1=0.9, b2=0.95, clip_norm=1.0, grad_accum_steps=1))
+  return ml_collections.ConfigDict(
+      dict(
+          learning_rate=lr,
+          warmup_steps=1,
+          total_steps=100,
+          weight_decay=0.0,
+          b1=0.9,
+          b2=0.95,
+          clip_norm=1.0,
+          grad_accum_steps=1,
+      )
+  )
 
 
 def _setup(tiny_dir, mesh, cfg=CFG, lr=3e-3):
   m = SearchR3.from_pretrained(str(tiny_dir), mesh=mesh)
   tx, schedule = ts.make_optimizer(_opt(lr))
   graphdef, state, shardings = ts.create_train_state(m.model, tx, mesh)
-  step, batch_sh = grpo.make_grpo_step(graphdef, tx, schedule, cfg, mesh,
-                                       shardings, batch_size=N)
+  step, batch_sh = grpo.make_grpo_step(
+      graphdef, tx, schedule, cfg, mesh, shardings, batch_size=N
+  )
   return m, graphdef, state, step, batch_sh
 
 
@@ -48,16 +58,24 @@ def _host_batch(m, graphdef, params, seed=0):
   embed_pos = np.zeros(N, np.int32)
   for i in range(N):
     n = 6 + int(rng.integers(5, 15))
-    tokens[i, :n - 1] = rng.integers(3, vocab - 1, n - 1)
+    tokens[i, : n - 1] = rng.integers(3, vocab - 1, n - 1)
     tokens[i, n - 1] = m.tokenizer.embed_token_id
     lengths[i], embed_pos[i] = n, n - 1
     mask[i, 6:n] = 1.0
-  old = np.asarray(grpo.logprobs(graphdef, params, jnp.asarray(tokens),
-                                 jnp.asarray(lengths)))
+  old = np.asarray(
+      grpo.logprobs(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths))
+  )
   adv = rng.standard_normal(N).astype(np.float32)
   docs = rng.standard_normal((N, K, m.cfg.hidden_size)).astype(np.float32)
-  return dict(tokens=tokens, lengths=lengths, mask=mask, old_logp=old,
-              advantages=adv, embed_pos=embed_pos, docs=docs)
+  return dict(
+      tokens=tokens,
+      lengths=lengths,
+      mask=mask,
+      old_logp=old,
+      advantages=adv,
+      embed_pos=embed_pos,
+      docs=docs,
+  )
 
 
 def _put(host, batch_sh):
@@ -65,7 +83,8 @@ def _put(host, batch_sh):
 
 
 def test_first_epoch_loss_is_minus_the_token_weighted_advantage(
-    tiny_dir, one_device_mesh):
+    tiny_dir, one_device_mesh
+):
   cfg = dict(CFG, beta=0.0, aux_weight=0.0)
   m, graphdef, state, step, batch_sh = _setup(tiny_dir, one_device_mesh, cfg)
   host = _host_batch(m, graphdef, state.params)
@@ -96,17 +115,24 @@ def test_eight_devices_equal_one(tiny_dir, one_device_mesh, eight_device_mesh):
 
 def test_updates_favour_positive_advantages(tiny_dir, one_device_mesh):
   cfg = dict(CFG, beta=0.0, aux_weight=0.0)
-  m, graphdef, state, step, batch_sh = _setup(tiny_dir, one_device_mesh, cfg,
-                                              lr=1e-2)
+  m, graphdef, state, step, batch_sh = _setup(
+      tiny_dir, one_device_mesh, cfg, lr=1e-2
+  )
   host = _host_batch(m, graphdef, state.params, seed=3)
   host["advantages"] = np.where(np.arange(N) % 2 == 0, 1.0, -1.0).astype(
-      np.float32)
+      np.float32
+  )
   mask = host["mask"][:, 1:]
 
   def seq_logp(params):
-    lp = np.asarray(grpo.logprobs(graphdef, params,
-                                  jnp.asarray(host["tokens"]),
-                                  jnp.asarray(host["lengths"])))
+    lp = np.asarray(
+        grpo.logprobs(
+            graphdef,
+            params,
+            jnp.asarray(host["tokens"]),
+            jnp.asarray(host["lengths"]),
+        )
+    )
     return (lp * mask).sum(1)
 
   before = seq_logp(state.params)
@@ -119,54 +145,80 @@ def test_updates_favour_positive_advantages(tiny_dir, one_device_mesh):
   assert float(metrics["clip_fraction"]) > 0.0  # the ratio left [0.8, 1.2]
 
 
-def test_old_logprobs_are_the_samplers_at_temperature_0_7(tiny_dir,
-                                                           one_device_mesh):
+def test_old_logprobs_are_the_samplers_at_temperature_0_7(
+    tiny_dir, one_device_mesh
+):
   """The importance ratio's log-probabilities are those of the distribution
   the rollouts were drawn from: softmax(logits / 0.7) over the tokenizer's
   ids (the tiny model's embedding has rows past them, never sampled). At the
   first inner epoch the update's own forward agrees, so every ratio is 1."""
-  from search_r3_jax.training import rollouts  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.training import rollouts
+
   temperature = 0.7
   m, graphdef, state, _, _ = _setup(tiny_dir, one_device_mesh)
   tok = m.tokenizer
   assert tok.vocab_size < m.cfg.vocab_size  # padding rows exist
-  ro = rollouts.sample(m.policy, ["paris city", "the river in rome"],
-                       group_size=4, max_new_tokens=7,
-                       temperature=temperature, seed=3)
-  host = rollouts.grpo_batch(ro, embed_token_id=tok.embed_token_id,
-                             pad_id=tok.pad_id, seq_len=N * 8)
+  ro = rollouts.sample(
+      m.policy,
+      ["paris city", "the river in rome"],
+      group_size=4,
+      max_new_tokens=7,
+      temperature=temperature,
+      seed=3,
+  )
+  host = rollouts.grpo_batch(
+      ro, embed_token_id=tok.embed_token_id, pad_id=tok.pad_id, seq_len=N * 8
+  )
   sampling = dict(temperature=temperature, valid_vocab=tok.vocab_size)
   dev = {k: jnp.asarray(v) for k, v in host.items()}
 
   def old_logp(**kw):
-    lp, _ = grpo.policy_outputs(graphdef, state.params, dev["tokens"],
-                                dev["lengths"], dev["embed_pos"], **kw)
+    lp, _ = grpo.policy_outputs(
+        graphdef,
+        state.params,
+        dev["tokens"],
+        dev["lengths"],
+        dev["embed_pos"],
+        **kw,
+    )
     return np.asarray(lp)
 
   def response_part(lp):
     # lp[:, t] is the log-probability of tokens[:, t + 1].
-    return np.concatenate([lp[i, len(p) - 1:len(p) - 1 + len(r)]
-                           for i, (p, r) in enumerate(zip(ro.prompts,
-                                                          ro.responses))])
+    return np.concatenate(
+        [
+            lp[i, len(p) - 1 : len(p) - 1 + len(r)]
+            for i, (p, r) in enumerate(zip(ro.prompts, ro.responses))
+        ]
+    )
 
   sampler = np.concatenate([np.asarray(x) for x in ro.logprobs])
-  np.testing.assert_allclose(response_part(old_logp(**sampling)), sampler,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+      response_part(old_logp(**sampling)), sampler, atol=1e-4
+  )
   # The unscaled logits over every row are another policy.
   assert np.abs(response_part(old_logp()) - sampler).max() > 1e-2
 
   cfg = dict(CFG, beta=0.01, aux_weight=0.0, **sampling)
   tx, schedule = ts.make_optimizer(_opt())
-  graphdef, state, shardings = ts.create_train_state(m.model, tx,
-                                                     one_device_mesh)
-  step, batch_sh = grpo.make_grpo_step(graphdef, tx, schedule, cfg,
-                                       one_device_mesh, shardings,
-                                       batch_size=len(ro.responses))
-  batch = dict(host, old_logp=old_logp(**sampling),
-               advantages=np.linspace(-1, 1, len(ro.responses),
-                                      dtype=np.float32),
-               docs=np.zeros((len(ro.responses), 1, m.cfg.hidden_size),
-                             np.float32))
+  graphdef, state, shardings = ts.create_train_state(
+      m.model, tx, one_device_mesh
+  )
+  step, batch_sh = grpo.make_grpo_step(
+      graphdef,
+      tx,
+      schedule,
+      cfg,
+      one_device_mesh,
+      shardings,
+      batch_size=len(ro.responses),
+  )
+  batch = dict(
+      host,
+      old_logp=old_logp(**sampling),
+      advantages=np.linspace(-1, 1, len(ro.responses), dtype=np.float32),
+      docs=np.zeros((len(ro.responses), 1, m.cfg.hidden_size), np.float32),
+  )
   _, metrics = step(state, _put(batch, batch_sh))
   np.testing.assert_allclose(float(metrics["ratio_mean"]), 1.0, atol=1e-5)
   np.testing.assert_allclose(float(metrics["kl"]), 0.0, atol=1e-6)

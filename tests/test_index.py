@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from search_r3_jax.retrieval import index as vindex
-from search_r3_jax.retrieval.index import (IndexInputError, SearchResult, VectorIndex,
-                                 scann_params)
+from search_r3_jax.retrieval.index import IndexInputError
+from search_r3_jax.retrieval.index import scann_params
+from search_r3_jax.retrieval.index import SearchResult
+from search_r3_jax.retrieval.index import VectorIndex
 
 ENGINES = ("scann", "exact")
 D = 16
@@ -31,11 +33,17 @@ def _clustered(rng, n, d, centres, noise=0.3):
 def _tree_params(n, k=10):
   """ScaNN tree + AH parameters for a corpus below SCANN_TREE_MIN, so the
   tree's upsert/delete paths are tested on small fixtures too."""
-  leaves = round(n ** 0.5)
-  return {"kind": "tree_ah", "num_neighbors": k, "num_leaves": leaves,
-          "num_leaves_to_search": 8, "training_sample_size": n,
-          "dims_per_block": 2, "anisotropic_quantization_threshold": 0.2,
-          "reorder": 100}
+  leaves = round(n**0.5)
+  return {
+      "kind": "tree_ah",
+      "num_neighbors": k,
+      "num_leaves": leaves,
+      "num_leaves_to_search": 8,
+      "training_sample_size": n,
+      "dims_per_block": 2,
+      "anisotropic_quantization_threshold": 0.2,
+      "reorder": 100,
+  }
 
 
 def _small(engine, n=300, d=D, seed=0, step=3):
@@ -44,8 +52,7 @@ def _small(engine, n=300, d=D, seed=0, step=3):
   ids = [f"doc{i}" for i in range(n)]
   # 300 vectors: brute force; more: a tree (see MUTABLE).
   params = _tree_params(n) if engine == "scann" and n > 300 else None
-  return (VectorIndex.build(ids, x, step, engine=engine, params=params),
-          ids, x)
+  return (VectorIndex.build(ids, x, step, engine=engine, params=params), ids, x)
 
 
 def _exact_top(vectors, alive, queries, k):
@@ -62,17 +69,24 @@ def _assert_consistent(index, queries, res):
     assert len(real) == len(res.ids[i])
     assert [index.ids[r] for r in real] == res.ids[i]
     assert index.alive[real].all()
-    np.testing.assert_allclose(res.scores[i, :len(real)],
-                               index.vectors[real] @ q, atol=1e-4)
-    assert np.all(np.diff(res.scores[i, :len(real)]) <= 1e-5)
+    np.testing.assert_allclose(
+        res.scores[i, : len(real)], index.vectors[real] @ q, atol=1e-4
+    )
+    assert np.all(np.diff(res.scores[i, : len(real)]) <= 1e-5)
 
 
 def _state(index, queries):
   res = index.search(queries, 5)
-  return dict(ids=list(index.ids), row_of=dict(index.row_of),
-              vectors=index.vectors.copy(), versions=index.versions.copy(),
-              alive=index.alive.copy(), len=len(index), hits=res.ids,
-              rows=res.rows.copy())
+  return dict(
+      ids=list(index.ids),
+      row_of=dict(index.row_of),
+      vectors=index.vectors.copy(),
+      versions=index.versions.copy(),
+      alive=index.alive.copy(),
+      len=len(index),
+      hits=res.ids,
+      rows=res.rows.copy(),
+  )
 
 
 def _assert_same_state(a, b):
@@ -110,22 +124,29 @@ def big():
 def test_scann_recall_against_exact(big):
   index, x, queries = big
   assert index.params["kind"] == "tree_ah"
-  assert index.params["num_leaves"] == round(20_000 ** 0.5)
+  assert index.params["num_leaves"] == round(20_000**0.5)
   exact = index.search(queries, 10, exact=True)
   # The exact path is itself right: a numpy brute force over the store.
   want, s = _exact_top(x, np.ones(len(x), bool), queries, 10)
-  np.testing.assert_allclose(exact.scores, np.take_along_axis(s, want, 1),
-                             atol=1e-4)
-  assert np.mean([len(set(a) & set(b)) / 10
-                  for a, b in zip(exact.rows, want)]) >= 0.999
+  np.testing.assert_allclose(
+      exact.scores, np.take_along_axis(s, want, 1), atol=1e-4
+  )
+  assert (
+      np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.rows, want)])
+      >= 0.999
+  )
   approx = index.search(queries, 10)
   assert approx.rows.shape == (300, 10) and (approx.rows >= 0).all()
-  recall = np.mean([len(set(a) & set(b)) / 10
-                    for a, b in zip(approx.rows, exact.rows)])
+  recall = np.mean(
+      [len(set(a) & set(b)) / 10 for a, b in zip(approx.rows, exact.rows)]
+  )
   assert recall >= 0.95, recall
   # The approximate scores are reordered exactly: true inner products.
-  _assert_consistent(index, queries[:50], SearchResult(
-      approx.scores[:50], approx.rows[:50], approx.ids[:50]))
+  _assert_consistent(
+      index,
+      queries[:50],
+      SearchResult(approx.scores[:50], approx.rows[:50], approx.ids[:50]),
+  )
   # The parallel (>= 64 queries) and sequential paths agree.
   few = index.search(queries[:10], 10)
   np.testing.assert_array_equal(few.rows, approx.rows[:10])
@@ -137,25 +158,30 @@ def test_exact_engine_matches_numpy():
   res = index.search(q, 7)
   want, s = _exact_top(x, np.ones(len(x), bool), q, 7)
   np.testing.assert_array_equal(res.rows, want)
-  np.testing.assert_allclose(res.scores, np.take_along_axis(s, want, 1),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      res.scores, np.take_along_axis(s, want, 1), atol=1e-5
+  )
   assert res.ids == [[f"doc{r}" for r in row] for row in want]
 
 
 def test_scann_params():
   assert scann_params(10) == {"kind": "brute_force", "num_neighbors": 10}
   assert scann_params(vindex.SCANN_TREE_MIN - 1, k=4) == {
-      "kind": "brute_force", "num_neighbors": 4}
+      "kind": "brute_force",
+      "num_neighbors": 4,
+  }
   p = scann_params(vindex.SCANN_TREE_MIN)
   assert p["kind"] == "tree_ah"
-  assert p["num_leaves"] == round(vindex.SCANN_TREE_MIN ** 0.5)
+  assert p["num_leaves"] == round(vindex.SCANN_TREE_MIN**0.5)
   for n, k in ((20_000, 10), (1_000_000, 20), (250_000, 5)):
     p = scann_params(n, k)
     assert p["kind"] == "tree_ah"
     assert p["num_neighbors"] == k
-    assert abs(p["num_leaves"] - n ** 0.5) <= 1
+    assert abs(p["num_leaves"] - n**0.5) <= 1
     assert 8 <= p["num_leaves_to_search"] <= p["num_leaves"]
-    assert p["num_leaves_to_search"] < p["num_leaves"]  # a tree, searched in part
+    assert (
+        p["num_leaves_to_search"] < p["num_leaves"]
+    )  # a tree, searched in part
     assert p["training_sample_size"] == min(n, 100_000)
     assert p["reorder"] == max(100, 10 * k)
   assert scann_params(1_000_000)["num_leaves"] == 1000
@@ -180,18 +206,23 @@ def test_upsert_is_found_first(engine, n):
   res = index.search(np.stack([v_new, v_rep]), 5)
   assert res.ids[0][0] == "new" and res.ids[1][0] == "doc5"
   np.testing.assert_allclose(res.scores[:, 0], 1.0, atol=1e-4)
-  _assert_consistent(index, np.stack([v_new, v_rep, x[5]]),
-                     index.search(np.stack([v_new, v_rep, x[5]]), 5))
-  np.testing.assert_array_equal(index.get(["doc5", "new"]),
-                                np.stack([v_rep, v_new]))
+  _assert_consistent(
+      index,
+      np.stack([v_new, v_rep, x[5]]),
+      index.search(np.stack([v_new, v_rep, x[5]]), 5),
+  )
+  np.testing.assert_array_equal(
+      index.get(["doc5", "new"]), np.stack([v_rep, v_new])
+  )
   assert index.versions[index.row_of["new"]] == 7
   assert index.versions[index.row_of["doc5"]] == 7
   others = [index.row_of[d] for d in ids if d != "doc5"]
   assert (index.versions[others] == 3).all()
   # The replaced vector is gone: its old self no longer scores 1.
   old = index.search(x[5][None], 3)
-  assert not ("doc5" in old.ids[0]
-              and old.scores[0, old.ids[0].index("doc5")] > 0.999)
+  assert not (
+      "doc5" in old.ids[0] and old.scores[0, old.ids[0].index("doc5")] > 0.999
+  )
 
 
 @pytest.mark.parametrize("engine,n", MUTABLE)
@@ -293,8 +324,9 @@ def test_save_load_round_trip(engine, n, tmp_path):
   np.testing.assert_array_equal(loaded.versions, index.versions)
   np.testing.assert_array_equal(loaded.alive, index.alive)
   assert len(loaded) == len(index) and "doc2" not in loaded
-  q = np.concatenate([x[:20], index.get(["new", "doc1"]),
-                      _unit(rng.standard_normal((5, D)))])
+  q = np.concatenate(
+      [x[:20], index.get(["new", "doc1"]), _unit(rng.standard_normal((5, D)))]
+  )
   a, b = index.search(q, 10), loaded.search(q, 10)
   assert a.ids == b.ids
   np.testing.assert_array_equal(a.rows, b.rows)
@@ -329,8 +361,9 @@ def test_build_copies_and_failed_rebuild_changes_nothing():
   rng = np.random.default_rng(3)
   x = _unit(rng.standard_normal((50, D)))
   keep = x.copy()
-  index = VectorIndex.build([f"doc{i}" for i in range(50)], x, 0,
-                            engine="scann")
+  index = VectorIndex.build(
+      [f"doc{i}" for i in range(50)], x, 0, engine="scann"
+  )
   index.upsert(["doc1"], _unit(rng.standard_normal((1, D))), 1)
   np.testing.assert_array_equal(x, keep)  # the caller's array is untouched
   params = dict(index.params)
@@ -343,8 +376,9 @@ def test_build_copies_and_failed_rebuild_changes_nothing():
 def test_float64_values_that_overflow_float32_are_refused():
   rng = np.random.default_rng(4)
   x = _unit(rng.standard_normal((20, D)))
-  index = VectorIndex.build([f"doc{i}" for i in range(20)], x, 0,
-                            engine="exact")
+  index = VectorIndex.build(
+      [f"doc{i}" for i in range(20)], x, 0, engine="exact"
+  )
   with pytest.raises(ValueError, match="non-finite"):
     index.upsert(["doc0"], np.full((1, D), 1e39), 1)
   np.testing.assert_array_equal(index.vectors, x)
@@ -380,36 +414,79 @@ def _bad_calls(x):
   inf_q = x[:2].copy()
   inf_q[0, 0] = np.inf
   return [
-      ("upsert wrong dim",
-       lambda ix: ix.upsert(["new"], np.ones((1, D + 1), np.float32), 9),
-       IndexInputError, re.escape(f"(1, {D + 1})")),
-      ("upsert 1-d", lambda ix: ix.upsert(["new"], x[0], 9),
-       IndexInputError, re.escape(f"({D},)")),
-      ("upsert nan names doc",
-       lambda ix: ix.upsert(["new", "doc4"], nan_rows, 9),
-       IndexInputError, "'doc4'"),
-      ("upsert duplicate ids",
-       lambda ix: ix.upsert(["doc1", "doc1"], x[:2], 9),
-       IndexInputError, "duplicate document id 'doc1'"),
-      ("upsert count mismatch",
-       lambda ix: ix.upsert(["new", "doc1"], x[:3], 9),
-       IndexInputError, "2 ids"),
-      ("upsert non-str id", lambda ix: ix.upsert([3], x[:1], 9),
-       IndexInputError, "int"),
+      (
+          "upsert wrong dim",
+          lambda ix: ix.upsert(["new"], np.ones((1, D + 1), np.float32), 9),
+          IndexInputError,
+          re.escape(f"(1, {D + 1})"),
+      ),
+      (
+          "upsert 1-d",
+          lambda ix: ix.upsert(["new"], x[0], 9),
+          IndexInputError,
+          re.escape(f"({D},)"),
+      ),
+      (
+          "upsert nan names doc",
+          lambda ix: ix.upsert(["new", "doc4"], nan_rows, 9),
+          IndexInputError,
+          "'doc4'",
+      ),
+      (
+          "upsert duplicate ids",
+          lambda ix: ix.upsert(["doc1", "doc1"], x[:2], 9),
+          IndexInputError,
+          "duplicate document id 'doc1'",
+      ),
+      (
+          "upsert count mismatch",
+          lambda ix: ix.upsert(["new", "doc1"], x[:3], 9),
+          IndexInputError,
+          "2 ids",
+      ),
+      (
+          "upsert non-str id",
+          lambda ix: ix.upsert([3], x[:1], 9),
+          IndexInputError,
+          "int",
+      ),
       ("delete unknown", lambda ix: ix.delete(["nope"]), KeyError, "'nope'"),
-      ("delete known then unknown",
-       lambda ix: ix.delete(["doc1", "nope"]), KeyError, "'nope'"),
-      ("delete duplicate", lambda ix: ix.delete(["doc1", "doc1"]),
-       IndexInputError, "duplicate"),
-      ("delete everything", lambda ix: ix.delete([d for d in ix.ids if d in ix]),
-       IndexInputError, "empty"),
-      ("search wrong dim",
-       lambda ix: ix.search(np.ones((2, D - 1), np.float32)),
-       IndexInputError, re.escape(f"(2, {D - 1})")),
-      ("search nan", lambda ix: ix.search(nan_rows), IndexInputError,
-       "non-finite"),
-      ("search inf", lambda ix: ix.search(inf_q), IndexInputError,
-       "non-finite"),
+      (
+          "delete known then unknown",
+          lambda ix: ix.delete(["doc1", "nope"]),
+          KeyError,
+          "'nope'",
+      ),
+      (
+          "delete duplicate",
+          lambda ix: ix.delete(["doc1", "doc1"]),
+          IndexInputError,
+          "duplicate",
+      ),
+      (
+          "delete everything",
+          lambda ix: ix.delete([d for d in ix.ids if d in ix]),
+          IndexInputError,
+          "empty",
+      ),
+      (
+          "search wrong dim",
+          lambda ix: ix.search(np.ones((2, D - 1), np.float32)),
+          IndexInputError,
+          re.escape(f"(2, {D - 1})"),
+      ),
+      (
+          "search nan",
+          lambda ix: ix.search(nan_rows),
+          IndexInputError,
+          "non-finite",
+      ),
+      (
+          "search inf",
+          lambda ix: ix.search(inf_q),
+          IndexInputError,
+          "non-finite",
+      ),
       ("search k=0", lambda ix: ix.search(x[:2], 0), IndexInputError, "k"),
   ]
 

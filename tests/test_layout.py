@@ -11,8 +11,7 @@ PACKAGE = ROOT / "search_r3_jax"
 
 # Floor of each top-level part of the package; an import may only go to the
 # same floor or a lower one.
-FLOORS = {"core": 1, "data": 2, "retrieval": 3, "training": 4,
-          "benchmarks": 6}
+FLOORS = {"core": 1, "data": 2, "retrieval": 3, "training": 4, "benchmarks": 6}
 FACE = 5  # api.py, the programs, config_blocks.py
 
 
@@ -42,11 +41,13 @@ def _imports() -> dict[str, set[str]]:
       elif isinstance(node, ast.ImportFrom):
         base = node.module or ""
         if node.level:
-          up = here.split(".")[:len(here.split(".")) - node.level + 1]
+          up = here.split(".")[: len(here.split(".")) - node.level + 1]
           base = ".".join(up + ([node.module] if node.module else []))
         # `from pkg import mod` imports the submodule when there is one.
-        targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules
-                   else base for a in node.names]
+        targets = [
+            f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+            for a in node.names
+        ]
       else:
         continue
       for t in targets:
@@ -59,8 +60,12 @@ def _imports() -> dict[str, set[str]]:
 
 
 def test_imports_never_run_up_a_floor():
-  upward = sorted((a, b) for a, targets in _imports().items() for b in targets
-                  if _floor(b) > _floor(a) and _floor(a) != 0)
+  upward = sorted(
+      (a, b)
+      for a, targets in _imports().items()
+      for b in targets
+      if _floor(b) > _floor(a) and _floor(a) != 0
+  )
   assert not upward, f"imports from a lower floor to a higher one: {upward}"
 
 
@@ -68,9 +73,14 @@ def test_no_import_cycles():
   graph = _imports()
   # Package __init__ files re-export their submodules; an edge into one is
   # an edge into the package's face, not a cycle of code.
-  graph = {a: {b for b in bs if not (PACKAGE.parent / b.replace(".", "/")
-                                     / "__init__.py").exists()}
-           for a, bs in graph.items()}
+  graph = {
+      a: {
+          b
+          for b in bs
+          if not (PACKAGE.parent / b.replace(".", "/") / "__init__.py").exists()
+      }
+      for a, bs in graph.items()
+  }
   state: dict[str, int] = {}
   cycles = []
 
@@ -79,7 +89,7 @@ def test_no_import_cycles():
     stack.append(node)
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == 1:
-        cycles.append(stack[stack.index(nxt):] + [nxt])
+        cycles.append(stack[stack.index(nxt) :] + [nxt])
       elif nxt not in state:
         visit(nxt, stack)
     stack.pop()
@@ -99,7 +109,13 @@ def test_training_loads_without_the_face_or_the_kernels():
       "bad = sorted(m for m in sys.modules if m.startswith('search_r3_jax.')"
       " and (m in ('search_r3_jax.api', 'search_r3_jax.cli')"
       " or 'kernels' in m or 'quantized' in m))\n"
-      "print(bad)\n")
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
-                       capture_output=True, text=True)
+      "print(bad)\n"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=ROOT,
+      check=True,
+      capture_output=True,
+      text=True,
+  )
   assert out.stdout.strip() == "[]", out.stdout + out.stderr

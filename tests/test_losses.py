@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from search_r3_jax.training import advantages, losses
+from search_r3_jax.training import advantages
+from search_r3_jax.training import losses
 
 RNG = np.random.default_rng(0)
 
@@ -46,13 +47,15 @@ def test_token_kl():
     for t in range(1, 3):
       if mask[b, t]:
         lp, lq = _log_softmax(p_logits[b, t - 1]), _log_softmax(
-            q_logits[b, t - 1])
+            q_logits[b, t - 1]
+        )
         total += sum(math.exp(a) * (a - c) for a, c in zip(lp, lq))
         n += 1
   got = float(losses.get("kl")(p_logits, q_logits, mask))
   assert got == pytest.approx(total / n, rel=1e-5)
   assert float(losses.get("kl")(p_logits, p_logits, mask)) == pytest.approx(
-      0.0, abs=1e-6)
+      0.0, abs=1e-6
+  )
 
 
 def _unit(x):
@@ -107,8 +110,11 @@ def test_info_nce_skips_in_batch_copies_of_the_positive():
   total = 0.0
   for i in range(2):
     target = 2 * i
-    cands = [j for j in range(4)
-             if j == target or groups.reshape(4)[j] != groups[i, 0]]
+    cands = [
+        j
+        for j in range(4)
+        if j == target or groups.reshape(4)[j] != groups[i, 0]
+    ]
     scores = [float(qn[i] @ flat[j]) / tau for j in cands]
     total -= _log_softmax(scores)[cands.index(target)]
   got = float(losses.get("infonce")(q, d, tau=tau, doc_groups=groups))
@@ -119,27 +125,39 @@ def test_info_nce_skips_in_batch_copies_of_the_positive():
 
 
 def test_group_advantages_by_hand():
-  rewards = np.array([[1.0, 0.0, 0.0, 1.0],    # mean 0.5, std 0.5
-                      [2.0, 2.0, 2.0, 2.0],    # no spread: no signal
-                      [3.0, 0.0, 0.0, 0.0]])   # mean 0.75, std sqrt(27)/4
+  rewards = np.array(
+      [
+          [1.0, 0.0, 0.0, 1.0],  # mean 0.5, std 0.5
+          [2.0, 2.0, 2.0, 2.0],  # no spread: no signal
+          [3.0, 0.0, 0.0, 0.0],
+      ]
+  )  # mean 0.75, std sqrt(27)/4
   got = np.asarray(advantages.get("grpo")(jnp.asarray(rewards), eps=1e-9))
   s = math.sqrt(27) / 4
-  want = [[1, -1, -1, 1], [0, 0, 0, 0],
-          [2.25 / s, -0.75 / s, -0.75 / s, -0.75 / s]]
+  want = [
+      [1, -1, -1, 1],
+      [0, 0, 0, 0],
+      [2.25 / s, -0.75 / s, -0.75 / s, -0.75 / s],
+  ]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_dr_grpo_advantages_by_hand_and_numpy_equals_jax():
   rewards = np.array([[1.0, 0.0, 0.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
   got = advantages.get("dr_grpo")(rewards)
-  np.testing.assert_allclose(got, [[0.5, -0.5, -0.5, 0.5],
-                                   [2.25, -0.75, -0.75, -0.75]])
+  np.testing.assert_allclose(
+      got, [[0.5, -0.5, -0.5, 0.5], [2.25, -0.75, -0.75, -0.75]]
+  )
   for name in advantages.ADVANTAGES:
     np.testing.assert_allclose(
         np.asarray(advantages.get(name)(jnp.asarray(rewards))),
-        advantages.get(name)(rewards), rtol=1e-6, atol=1e-6)
-  with pytest.raises(KeyError, match="unknown advantage estimator 'ppo'.*"
-                     "dr_grpo.*grpo"):
+        advantages.get(name)(rewards),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+  with pytest.raises(
+      KeyError, match="unknown advantage estimator 'ppo'.*" "dr_grpo.*grpo"
+  ):
     advantages.get("ppo")
 
 
@@ -166,33 +184,45 @@ def test_grpo_by_hand():
   adv = [1.0, -2.0]
   eps, beta = 0.2, 0.1
   # Token by token: ratio r = exp(logp - old), policy = -min(rA, clip(r)A).
-  r00 = math.exp(0.5)            # 1.6487 > 1.2, A > 0: clipped to 1.2
+  r00 = math.exp(0.5)  # 1.6487 > 1.2, A > 0: clipped to 1.2
   p00, c00 = -min(r00 * 1.0, 1.2 * 1.0), 1
-  p01, c01 = -1.0, 0             # ratio 1
-  r10 = 0.5                      # < 0.8, A < 0: clipped to 0.8
+  p01, c01 = -1.0, 0  # ratio 1
+  r10 = 0.5  # < 0.8, A < 0: clipped to 0.8
   p10, c10 = -min(r10 * -2.0, 0.8 * -2.0), 1
-  r11 = math.exp(0.3)            # 1.35 > 1.2 but A < 0: unclipped is smaller
+  r11 = math.exp(0.3)  # 1.35 > 1.2 but A < 0: unclipped is smaller
   p11, c11 = -min(r11 * -2.0, 1.2 * -2.0), 0
   assert p00 == -1.2 and p10 == 1.6 and c00 + c10 == 2
   k3 = lambda d: math.exp(d) - d - 1.0
   kls = [k3(0.0), k3(-0.5), k3(0.0), k3(-0.1)]
   policies = [p00, p01, p10, p11]
   want_loss = sum(p + beta * k for p, k in zip(policies, kls)) / 4
-  got = losses.grpo_terms(*(jnp.asarray(x, jnp.float32)
-                            for x in (logp, old, ref, mask, adv)),
-                          clip_eps=eps, beta=beta)
+  got = losses.grpo_terms(
+      *(jnp.asarray(x, jnp.float32) for x in (logp, old, ref, mask, adv)),
+      clip_eps=eps,
+      beta=beta,
+  )
   np.testing.assert_allclose(float(got["loss"]), want_loss, rtol=1e-5)
-  np.testing.assert_allclose(float(got["policy"]), sum(policies) / 4,
-                             rtol=1e-5)
+  np.testing.assert_allclose(float(got["policy"]), sum(policies) / 4, rtol=1e-5)
   np.testing.assert_allclose(float(got["kl"]), sum(kls) / 4, rtol=1e-5)
   assert float(got["clip_fraction"]) == 0.5
-  np.testing.assert_allclose(float(got["ratio_mean"]),
-                             (r00 + 1.0 + r10 + r11) / 4, rtol=1e-5)
+  np.testing.assert_allclose(
+      float(got["ratio_mean"]), (r00 + 1.0 + r10 + r11) / 4, rtol=1e-5
+  )
   assert losses.get("grpo") is losses.grpo
   np.testing.assert_allclose(
-      float(losses.grpo(*(jnp.asarray(x, jnp.float32)
-                          for x in (logp, old, ref, mask, adv)),
-                        clip_eps=eps, beta=beta)), want_loss, rtol=1e-5)
+      float(
+          losses.grpo(
+              *(
+                  jnp.asarray(x, jnp.float32)
+                  for x in (logp, old, ref, mask, adv)
+              ),
+              clip_eps=eps,
+              beta=beta,
+          )
+      ),
+      want_loss,
+      rtol=1e-5,
+  )
 
 
 def test_grpo_on_policy_gradient_is_the_advantage_weighted_score():
@@ -207,10 +237,10 @@ def test_grpo_on_policy_gradient_is_the_advantage_weighted_score():
 
 
 def test_token_logprobs_by_hand():
-  logits = jnp.array([[[0.0, math.log(3.0)], [math.log(2.0), 0.0],
-                       [0.0, 0.0]]])
+  logits = jnp.array([[[0.0, math.log(3.0)], [math.log(2.0), 0.0], [0.0, 0.0]]])
   tokens = jnp.array([[0, 1, 0]])
   got = np.asarray(losses.token_logprobs(logits, tokens))
   # p(1 | pos 0) = 3/4, p(0 | pos 1) = 2/3
-  np.testing.assert_allclose(got, [[math.log(0.75), math.log(2 / 3)]],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      got, [[math.log(0.75), math.log(2 / 3)]], rtol=1e-6
+  )

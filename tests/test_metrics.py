@@ -11,8 +11,7 @@ from search_r3_jax.retrieval import metrics
 
 def test_ndcg_and_recall_by_hand():
   qrels = {"q1": {"a": 2, "b": 1, "z": 0}, "q2": {"c": 1}, "q3": {"x": 0}}
-  run = {"q1": {"b": 0.9, "x": 0.8, "a": 0.7, "z": 0.95},
-         "q2": {"d": 0.5}}
+  run = {"q1": {"b": 0.9, "x": 0.8, "a": 0.7, "z": 0.95}, "q2": {"d": 0.5}}
   # q1 ranking: z (0), b (1), x, a (2)
   dcg = 1 / math.log2(3) + 2 / math.log2(5)
   idcg = 2 / math.log2(2) + 1 / math.log2(3)
@@ -29,7 +28,8 @@ def test_ties_break_by_document_id_descending():
   # Tied scores: "b" ranks before "a", so "a" is at rank 2.
   assert metrics.evaluate(qrels, run, ("recall@1",))["recall@1"] == 0.0
   assert metrics.evaluate(qrels, run, ("ndcg@10",))["ndcg@10"] == (
-      pytest.approx(1 / math.log2(3)))
+      pytest.approx(1 / math.log2(3))
+  )
 
 
 def test_unknown_metric():
@@ -44,8 +44,10 @@ def test_exact_top_k_matches_numpy():
   scores, idx = exact_top_k(q, d, 6, chunk=2)
   want = np.argsort(-(q @ d.T), -1)[:, :6]
   np.testing.assert_array_equal(idx, want)
-  np.testing.assert_allclose(scores, np.take_along_axis(q @ d.T, want, -1),
-                             rtol=1e-5)
-  run = metrics.run_from_topk(["x", "y", "z", "u", "v"],
-                              [f"d{i}" for i in range(40)], scores, idx)
+  np.testing.assert_allclose(
+      scores, np.take_along_axis(q @ d.T, want, -1), rtol=1e-5
+  )
+  run = metrics.run_from_topk(
+      ["x", "y", "z", "u", "v"], [f"d{i}" for i in range(40)], scores, idx
+  )
   assert list(run["x"])[0] == f"d{want[0, 0]}"

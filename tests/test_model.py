@@ -1,21 +1,30 @@
 """Model-level checks: dtypes, scan vs unrolled blocks, sharding rules."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from search_r3_jax.core import sharding as shd
-from search_r3_jax.core.config import ConfigError, ModelConfig
+from search_r3_jax.core.config import ConfigError
+from search_r3_jax.core.config import ModelConfig
 from search_r3_jax.core.model import Decoder
 from search_r3_jax.core.weights import convert
 
-CFG = ModelConfig(arch="qwen2", vocab_size=131, hidden_size=44,
-                  intermediate_size=67, num_layers=3, num_heads=4,
-                  num_kv_heads=2, head_dim=10, attention_bias=True,
-                  tie_word_embeddings=False)
+CFG = ModelConfig(
+    arch="qwen2",
+    vocab_size=131,
+    hidden_size=44,
+    intermediate_size=67,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=10,
+    attention_bias=True,
+    tie_word_embeddings=False,
+)
 
 
 def _forward(model, tokens):
@@ -49,10 +58,13 @@ def test_unrolled_blocks_equal_scan(tokens):
 def test_bf16_compute_and_params(tokens):
   ref = Decoder(CFG, rngs=nnx.Rngs(2))
   low = Decoder(CFG.replace(compute_dtype="bfloat16"), rngs=nnx.Rngs(2))
-  stored = Decoder(CFG.replace(param_dtype="bfloat16",
-                               compute_dtype="bfloat16"), rngs=nnx.Rngs(2))
-  nnx.update(stored, jax.tree.map(lambda x: x.astype(jnp.bfloat16),
-                                  nnx.state(ref)))
+  stored = Decoder(
+      CFG.replace(param_dtype="bfloat16", compute_dtype="bfloat16"),
+      rngs=nnx.Rngs(2),
+  )
+  nnx.update(
+      stored, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(ref))
+  )
   assert stored.blocks["wq"][...].dtype == jnp.bfloat16
   assert low.blocks["wq"][...].dtype == jnp.float32
   want = np.asarray(_forward(ref, tokens)[0])
@@ -69,8 +81,7 @@ def test_init_model_is_created_sharded(eight_device_mesh):
   # vocab 136 over tensor=2, embed 44 over fsdp=2; heads 4 over tensor=2.
   assert model.embed[...].sharding.spec == P("tensor", "fsdp")
   assert model.blocks["w_up"][...].sharding.spec == P(None, "fsdp", "tensor")
-  assert model.blocks["wq"][...].sharding.spec[:3] == (None, "fsdp",
-                                                       "tensor")
+  assert model.blocks["wq"][...].sharding.spec[:3] == (None, "fsdp", "tensor")
   assert model.embed[...].addressable_shards[0].data.shape == (68, 22)
 
 
@@ -106,7 +117,14 @@ def test_config_validation():
   with pytest.raises(ConfigError, match="unknown dtype 'fp8'"):
     ModelConfig(compute_dtype="fp8")
   with pytest.raises(ConfigError, match="rope_scaling"):
-    ModelConfig.from_hf({"model_type": "llama", "hidden_size": 8,
-                         "num_attention_heads": 2, "vocab_size": 11,
-                         "intermediate_size": 5, "num_hidden_layers": 1,
-                         "rope_scaling": {"rope_type": "llama3"}})
+    ModelConfig.from_hf(
+        {
+            "model_type": "llama",
+            "hidden_size": 8,
+            "num_attention_heads": 2,
+            "vocab_size": 11,
+            "intermediate_size": 5,
+            "num_hidden_layers": 1,
+            "rope_scaling": {"rope_type": "llama3"},
+        }
+    )

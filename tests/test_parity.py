@@ -7,14 +7,14 @@ one side and by transformers' GGUF loader on the other.
 
 from __future__ import annotations
 
+from conftest import make_tiny_hf_dir
+from flax import nnx
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
-from conftest import make_tiny_hf_dir
 from search_r3_jax import SearchR3
 from search_r3_jax.core import encoding
 
@@ -27,7 +27,8 @@ SMOLLM2_VOCAB = 49152
 
 def _hf_model(path) -> torch.nn.Module:
   return transformers.AutoModelForCausalLM.from_pretrained(
-      str(path), dtype=torch.float32).eval()
+      str(path), dtype=torch.float32
+  ).eval()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -38,8 +39,11 @@ def tiny(request, tmp_path_factory, one_device_mesh):
 
 
 def _random_ids(shape, seed=0) -> np.ndarray:
-  return np.random.default_rng(seed).integers(
-      0, TINY_TOKENIZER_IDS, shape).astype(np.int32)
+  return (
+      np.random.default_rng(seed)
+      .integers(0, TINY_TOKENIZER_IDS, shape)
+      .astype(np.int32)
+  )
 
 
 def test_tiny_logits_match_transformers(tiny):
@@ -52,8 +56,9 @@ def test_tiny_logits_match_transformers(tiny):
     want = hf(torch.from_numpy(ids).long()).logits.numpy()
   assert got.shape == want.shape == (3, 17, ours.cfg.vocab_size)
   other = np.arange(got.shape[-1]) != embed_id
-  np.testing.assert_allclose(got[..., other], want[..., other], rtol=0,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+      got[..., other], want[..., other], rtol=0, atol=1e-4
+  )
   # The embed token's head column is the reset row, not the checkpoint's.
   assert np.abs(got[..., embed_id] - want[..., embed_id]).max() > 1e-4
 
@@ -63,15 +68,17 @@ def test_tiny_embed_row_is_mean_of_rows(tiny):
   embed_id = ours.tokenizer.embed_token_id
   hf_embed = hf.get_input_embeddings().weight.detach().numpy()
   ours_embed = np.asarray(ours.model.embed[...])
-  np.testing.assert_allclose(ours_embed[embed_id], hf_embed.mean(0),
-                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+      ours_embed[embed_id], hf_embed.mean(0), rtol=0, atol=1e-6
+  )
   keep = np.arange(hf_embed.shape[0]) != embed_id
   np.testing.assert_array_equal(ours_embed[keep], hf_embed[keep])
   if not ours.cfg.tie_word_embeddings:  # the untied head column too
     hf_head = hf.get_output_embeddings().weight.detach().numpy()  # [V, D]
-    ours_head = np.asarray(ours.model.lm_head[...])                # [D, V]
-    np.testing.assert_allclose(ours_head[:, embed_id], hf_head.mean(0),
-                               rtol=0, atol=1e-6)
+    ours_head = np.asarray(ours.model.lm_head[...])  # [D, V]
+    np.testing.assert_allclose(
+        ours_head[:, embed_id], hf_head.mean(0), rtol=0, atol=1e-6
+    )
 
 
 def test_tiny_right_padded_batch_matches_transformers(tiny):
@@ -85,20 +92,25 @@ def test_tiny_right_padded_batch_matches_transformers(tiny):
     logits, hidden = encoding.forward_logits(graphdef, state, ids, lengths)
   logits, hidden = np.asarray(logits), np.asarray(hidden)
   with torch.no_grad():
-    out = hf(torch.from_numpy(ids).long(),
-             attention_mask=torch.from_numpy(valid.astype(np.int64)),
-             output_hidden_states=True)
+    out = hf(
+        torch.from_numpy(ids).long(),
+        attention_mask=torch.from_numpy(valid.astype(np.int64)),
+        output_hidden_states=True,
+    )
   want_logits = out.logits.numpy()
   want_hidden = out.hidden_states[-1].numpy()  # after the final norm
   other = np.arange(logits.shape[-1]) != ours.tokenizer.embed_token_id
-  np.testing.assert_allclose(logits[valid][:, other],
-                             want_logits[valid][:, other], rtol=0, atol=1e-4)
-  np.testing.assert_allclose(hidden[valid], want_hidden[valid], rtol=0,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+      logits[valid][:, other], want_logits[valid][:, other], rtol=0, atol=1e-4
+  )
+  np.testing.assert_allclose(
+      hidden[valid], want_hidden[valid], rtol=0, atol=1e-4
+  )
   # A shorter row's valid part equals the same ids run alone, unpadded.
-  alone = ours.logits(ids[1:2, :lengths[1]])
-  np.testing.assert_allclose(logits[1, :lengths[1]], alone[0], rtol=0,
-                             atol=1e-5)
+  alone = ours.logits(ids[1:2, : lengths[1]])
+  np.testing.assert_allclose(
+      logits[1, : lengths[1]], alone[0], rtol=0, atol=1e-5
+  )
 
 
 # ------------------------------------------------------------ real SmolLM2
@@ -111,21 +123,30 @@ def smollm2(one_device_mesh):
 
 @pytest.fixture(scope="module")
 def torch_smollm2():
-  from search_r3_jax.benchmarks.torch_ref import load_torch_gguf  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.benchmarks.torch_ref import load_torch_gguf
+
   return load_torch_gguf()
 
 
 def _chat_batch(m: SearchR3) -> np.ndarray:
   """Two realistic chat prompts cut to a common length (no padding)."""
   rows = [
-      m.chat_prompt("What is the capital of France, and which river flows "
-                    "through it? Answer in two short sentences."),
-      m.chat_prompt([
-          {"role": "system", "content": "You are a helpful librarian."},
-          {"role": "user", "content": "Who wrote the tragedy Hamlet, in "
-                                      "which year was it first performed, "
-                                      "and where is it set? Please keep "
-                                      "your answer brief."}]),
+      m.chat_prompt(
+          "What is the capital of France, and which river flows "
+          "through it? Answer in two short sentences."
+      ),
+      m.chat_prompt(
+          [
+              {"role": "system", "content": "You are a helpful librarian."},
+              {
+                  "role": "user",
+                  "content": "Who wrote the tragedy Hamlet, in "
+                  "which year was it first performed, "
+                  "and where is it set? Please keep "
+                  "your answer brief.",
+              },
+          ]
+      ),
   ]
   t = min(len(r) for r in rows)
   assert 40 <= t <= 60, t
@@ -144,7 +165,9 @@ def test_smollm2_logits_match_transformers(smollm2, torch_smollm2):
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
 
-def test_sharded_safetensors_load_like_one_file(tiny, tmp_path, one_device_mesh):
+def test_sharded_safetensors_load_like_one_file(
+    tiny, tmp_path, one_device_mesh
+):
   """A checkpoint split into several *.safetensors with an index loads to
   the same model as the single file."""
   ours, hf = tiny
@@ -152,7 +175,8 @@ def test_sharded_safetensors_load_like_one_file(tiny, tmp_path, one_device_mesh)
   shards = sorted(tmp_path.glob("*.safetensors"))
   assert len(shards) > 1
   assert (tmp_path / "model.safetensors.index.json").exists()
-  from conftest import write_word_tokenizer  # pylint: disable=g-import-not-at-top
+  from conftest import write_word_tokenizer
+
   write_word_tokenizer(tmp_path, TINY_TOKENIZER_IDS)
   split = SearchR3.from_pretrained(str(tmp_path), mesh=one_device_mesh)
   ids = _random_ids((2, 11), seed=3)
@@ -163,11 +187,15 @@ def test_hf_tensors_give_back_the_checkpoint(tiny):
   """`convert.hf_tensors` (what the rl_step benchmark hands transformers)
   undoes the loader's layout: every tensor equals transformers' own, the
   embed token's reset row aside."""
-  from search_r3_jax.core.weights import convert  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.weights import convert
+
   ours, hf = tiny
   got = convert.hf_tensors(ours.model)
-  want = {k: v.numpy() for k, v in hf.state_dict().items()
-          if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)}
+  want = {
+      k: v.numpy()
+      for k, v in hf.state_dict().items()
+      if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)
+  }
   assert sorted(got) == sorted(want)
   embed_id = ours.tokenizer.embed_token_id
   for name, w in want.items():

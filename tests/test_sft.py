@@ -1,38 +1,62 @@
 """Stage-1 batches and the sharded train step on a tiny prime-sized model."""
 
+from conftest import make_tiny_hf_dir
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from conftest import make_tiny_hf_dir
 from search_r3_jax import SearchR3
 from search_r3_jax.training import stage1 as sft
 from search_r3_jax.training import train_state as ts
 
 EXAMPLES = [
-    {"query": "capital of france", "positive": "paris is the capital city",
-     "negatives": ["rome is a city", "berlin river"]},
-    {"query": "who is in berlin", "positive": "berlin is a city in a river",
-     "negatives": ["the document", "what query"]},
-    {"query": "where is rome", "positive": "rome city of an embedding",
-     "negatives": ["search a query", "paris and berlin"]},
-    {"query": "the river", "positive": "a river in the city",
-     "negatives": ["capital of france", "who what where"]},
+    {
+        "query": "capital of france",
+        "positive": "paris is the capital city",
+        "negatives": ["rome is a city", "berlin river"],
+    },
+    {
+        "query": "who is in berlin",
+        "positive": "berlin is a city in a river",
+        "negatives": ["the document", "what query"],
+    },
+    {
+        "query": "where is rome",
+        "positive": "rome city of an embedding",
+        "negatives": ["search a query", "paris and berlin"],
+    },
+    {
+        "query": "the river",
+        "positive": "a river in the city",
+        "negatives": ["capital of france", "who what where"],
+    },
 ]
 
 
 def _opt_cfg(**kw):
-  c = ml_collections.ConfigDict(dict(
-      learning_rate=3e-3, warmup_steps=2, total_steps=40, weight_decay=0.01,
-      b1=0.9, b2=0.95, clip_norm=1.0, grad_accum_steps=1))
+  c = ml_collections.ConfigDict(
+      dict(
+          learning_rate=3e-3,
+          warmup_steps=2,
+          total_steps=40,
+          weight_decay=0.01,
+          b1=0.9,
+          b2=0.95,
+          clip_norm=1.0,
+          grad_accum_steps=1,
+      )
+  )
   c.update(kw)
   return c
 
 
-LOSS_CFG = {"weights": {"sft": 1.0, "kl": 1.0, "infonce": 1.0,
-                        "triplet": 1.0},
-            "tau": 0.05, "margin": 0.2, "in_batch": True}
+LOSS_CFG = {
+    "weights": {"sft": 1.0, "kl": 1.0, "infonce": 1.0, "triplet": 1.0},
+    "tau": 0.05,
+    "margin": 0.2,
+    "in_batch": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +68,18 @@ def _setup(tiny_dir, mesh, opt=None):
   m = SearchR3.from_pretrained(str(tiny_dir), mesh=mesh)
   tx, schedule = ts.make_optimizer(opt or _opt_cfg())
   graphdef, state, shardings = ts.create_train_state(m.model, tx, mesh)
-  step, batch_sh = sft.make_sft_step(graphdef, tx, schedule, LOSS_CFG, mesh,
-                                     shardings, batch_size=len(EXAMPLES))
-  batcher = sft.Batcher(m.tokenizer, m.prompts, query_len=29, doc_len=31,
-                        num_negatives=2)
+  step, batch_sh = sft.make_sft_step(
+      graphdef,
+      tx,
+      schedule,
+      LOSS_CFG,
+      mesh,
+      shardings,
+      batch_size=len(EXAMPLES),
+  )
+  batcher = sft.Batcher(
+      m.tokenizer, m.prompts, query_len=29, doc_len=31, num_negatives=2
+  )
   return m, state, step, batch_sh, batcher
 
 
@@ -70,16 +102,18 @@ def test_batcher_layout(tiny_dir, one_device_mesh):
     assert resp[0] < b["q_embed_pos"][i] < resp[-1] == n - 1
     for j in range(3):
       assert b["d_tokens"][i, j, b["d_lengths"][i, j] - 1] == tok.embed_token_id
-  assert batcher.tokens_per_batch(b) == b["q_lengths"].sum() + b[
-      "d_lengths"].sum()
+  assert (
+      batcher.tokens_per_batch(b) == b["q_lengths"].sum() + b["d_lengths"].sum()
+  )
   with pytest.raises(ValueError, match="has 1 negatives, the config asks"):
     batcher([dict(EXAMPLES[0], negatives=["one"])])
   with pytest.raises(ValueError, match="leaves no room for text"):
     sft.Batcher(tok, m.prompts, query_len=5, doc_len=31, num_negatives=2)
 
 
-def test_step_on_eight_devices_equals_one(tiny_dir, one_device_mesh,
-                                          eight_device_mesh):
+def test_step_on_eight_devices_equals_one(
+    tiny_dir, one_device_mesh, eight_device_mesh
+):
   results = []
   for mesh in (one_device_mesh, eight_device_mesh):
     _, state, step, batch_sh, batcher = _setup(tiny_dir, mesh)
@@ -109,34 +143,47 @@ def test_overfitting_one_batch_lowers_the_loss(tiny_dir, one_device_mesh):
   assert float(metrics["pos_top1"]) == 1.0
 
 
-def test_gradient_accumulation_updates_every_k_steps(tiny_dir,
-                                                     one_device_mesh):
+def test_gradient_accumulation_updates_every_k_steps(tiny_dir, one_device_mesh):
   _, state, step, batch_sh, batcher = _setup(
-      tiny_dir, one_device_mesh, _opt_cfg(grad_accum_steps=2))
+      tiny_dir, one_device_mesh, _opt_cfg(grad_accum_steps=2)
+  )
   batch = _device_batch(batcher, batch_sh)
   before = jax.device_get(state.params)
   state, _ = step(state, batch, jax.random.key(0))
   mid = jax.device_get(state.params)
   state, _ = step(state, batch, jax.random.key(0))
   after = jax.device_get(state.params)
-  same = [np.array_equal(a, b) for a, b in
-          zip(jax.tree.leaves(before), jax.tree.leaves(mid))]
-  moved = [not np.array_equal(a, b) for a, b in
-           zip(jax.tree.leaves(mid), jax.tree.leaves(after))]
+  same = [
+      np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(mid))
+  ]
+  moved = [
+      not np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(mid), jax.tree.leaves(after))
+  ]
   assert all(same) and any(moved)
 
 
 def test_bf16_compute_step_runs_and_learns(tiny_dir, one_device_mesh):
-  m = SearchR3.from_pretrained(str(tiny_dir), mesh=one_device_mesh,
-                               compute_dtype="bfloat16")
+  m = SearchR3.from_pretrained(
+      str(tiny_dir), mesh=one_device_mesh, compute_dtype="bfloat16"
+  )
   tx, schedule = ts.make_optimizer(_opt_cfg())
-  graphdef, state, shardings = ts.create_train_state(m.model, tx,
-                                                     one_device_mesh)
-  step, batch_sh = sft.make_sft_step(graphdef, tx, schedule, LOSS_CFG,
-                                     one_device_mesh, shardings,
-                                     batch_size=len(EXAMPLES))
-  batcher = sft.Batcher(m.tokenizer, m.prompts, query_len=29, doc_len=31,
-                        num_negatives=2)
+  graphdef, state, shardings = ts.create_train_state(
+      m.model, tx, one_device_mesh
+  )
+  step, batch_sh = sft.make_sft_step(
+      graphdef,
+      tx,
+      schedule,
+      LOSS_CFG,
+      one_device_mesh,
+      shardings,
+      batch_size=len(EXAMPLES),
+  )
+  batcher = sft.Batcher(
+      m.tokenizer, m.prompts, query_len=29, doc_len=31, num_negatives=2
+  )
   batch = _device_batch(batcher, batch_sh)
   losses = []
   for _ in range(8):
@@ -148,7 +195,8 @@ def test_bf16_compute_step_runs_and_learns(tiny_dir, one_device_mesh):
 
 
 def test_optimizer_moments_are_sharded_like_their_parameters(
-    tiny_dir, eight_device_mesh):
+    tiny_dir, eight_device_mesh
+):
   _, state, _, _, _ = _setup(tiny_dir, eight_device_mesh)
   params = dict(jax.tree_util.tree_leaves_with_path(state.params))
   adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's ScaleByAdamState

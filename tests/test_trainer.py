@@ -3,29 +3,43 @@ changed setting by name, and every registry a config names is checked."""
 
 import ml_collections
 import pytest
+from test_rl import tiny_config
 
 from search_r3_jax import config_blocks
-from search_r3_jax.training import stage2, trainer
+from search_r3_jax.training import stage2
+from search_r3_jax.training import trainer
 from search_r3_jax.training.stage1 import Stage1
 from search_r3_jax.training.stage2 import Stage2
-from test_rl import tiny_config
 
 
 def test_flatten_names_every_leaf():
   assert trainer.flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": {}}) == {
-      "a.b": 1, "a.c.d": [2], "e": {}}
+      "a.b": 1,
+      "a.c.d": [2],
+      "e": {},
+  }
 
 
 def test_resume_applies_what_it_can_and_names_what_it_refuses():
-  saved = {"seed": 0, "total_steps": 8, "workdir": "a",
-           "optimizer": {"learning_rate": 1e-4},
-           "data": {"name": "wiki_fanout", "path": None}}
-  now = {"seed": 0, "total_steps": 10, "workdir": "b",
-         "optimizer": {"learning_rate": 3e-4},
-         "data": {"name": "wiki_fanout", "path": None}}
+  saved = {
+      "seed": 0,
+      "total_steps": 8,
+      "workdir": "a",
+      "optimizer": {"learning_rate": 1e-4},
+      "data": {"name": "wiki_fanout", "path": None},
+  }
+  now = {
+      "seed": 0,
+      "total_steps": 10,
+      "workdir": "b",
+      "optimizer": {"learning_rate": 3e-4},
+      "data": {"name": "wiki_fanout", "path": None},
+  }
   changed = trainer.check_resume(saved, now, Stage1.resume_refuses)
-  assert changed == {"optimizer.learning_rate": (1e-4, 3e-4),
-                     "total_steps": (8, 10)}  # the workdir is not a setting
+  assert changed == {
+      "optimizer.learning_rate": (1e-4, 3e-4),
+      "total_steps": (8, 10),
+  }  # the workdir is not a setting
   now["seed"], now["data"]["path"] = 3, "/elsewhere"
   with pytest.raises(trainer.ResumeConfigError) as e:
     trainer.check_resume(saved, now, Stage1.resume_refuses)
@@ -34,35 +48,45 @@ def test_resume_applies_what_it_can_and_names_what_it_refuses():
   assert "seed: saved 0, now 3" in msg
   assert "learning_rate" not in msg  # applied fields are not in the refusal
   # A prefix refuses its whole block, but not a field that only starts alike.
-  assert trainer.check_resume({"database": 1}, {"database": 2},
-                              ("data",)) == {"database": (1, 2)}
+  assert trainer.check_resume({"database": 1}, {"database": 2}, ("data",)) == {
+      "database": (1, 2)
+  }
 
 
 def test_stage2_resume_takes_refresh_settings_and_refuses_index_structure():
   saved = {"env": config_blocks.env().to_dict()}
-  now = {"env": config_blocks.env(refresh_every=7,
-                                  drift_threshold=0.1).to_dict()}
+  now = {
+      "env": config_blocks.env(refresh_every=7, drift_threshold=0.1).to_dict()
+  }
   assert set(trainer.check_resume(saved, now, Stage2.resume_refuses)) == {
-      "env.refresh_every", "env.drift_threshold"}
+      "env.refresh_every",
+      "env.drift_threshold",
+  }
   for field in ("engine", "graph_k", "num_regions", "kmeans_iters", "seed"):
     changed = {"env": dict(saved["env"], **{field: "x"})}
     with pytest.raises(trainer.ResumeConfigError, match=f"env.{field}"):
       trainer.check_resume(saved, changed, Stage2.resume_refuses)
   # The environment's corpus is the evaluation corpus: fixed on resume.
   with pytest.raises(trainer.ResumeConfigError, match="eval.corpus_size"):
-    trainer.check_resume({"eval": {"corpus_size": 500}},
-                         {"eval": {"corpus_size": 0}}, Stage2.resume_refuses)
+    trainer.check_resume(
+        {"eval": {"corpus_size": 500}},
+        {"eval": {"corpus_size": 0}},
+        Stage2.resume_refuses,
+    )
 
 
 def _rl_config(**changes):
   return tiny_config(changes)  # configs/rl.py:tiny with `changes` applied
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("rl.advantage", "ppo", r"rl.advantage: unknown advantage estimator"),
-    ("loss.policy", "reinforce", r"loss.policy: unknown loss"),
-    ("rewards", {"dcg_rank": 1.0, "bleu": 1.0}, r"rewards: unknown reward"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("rl.advantage", "ppo", r"rl.advantage: unknown advantage estimator"),
+        ("loss.policy", "reinforce", r"loss.policy: unknown loss"),
+        ("rewards", {"dcg_rank": 1.0, "bleu": 1.0}, r"rewards: unknown reward"),
+    ],
+)
 def test_stage2_refuses_unregistered_names(field, value, message):
   cfg = _rl_config()
   if field == "rewards":
@@ -75,16 +99,20 @@ def test_stage2_refuses_unregistered_names(field, value, message):
 
 
 def test_stage1_refuses_an_unregistered_loss_before_loading_anything():
-  cfg = ml_collections.ConfigDict(dict(
-      batch_size=4, loss=dict(weights=dict(sft=1.0, contrastive=1.0))))
-  with pytest.raises(ValueError, match=r"loss.weights: unknown loss.*"
-                     r"\['contrastive'\].*infonce"):
+  cfg = ml_collections.ConfigDict(
+      dict(batch_size=4, loss=dict(weights=dict(sft=1.0, contrastive=1.0)))
+  )
+  with pytest.raises(
+      ValueError,
+      match=r"loss.weights: unknown loss.*" r"\['contrastive'\].*infonce",
+  ):
     Stage1(cfg)
 
 
 def test_config_blocks_take_their_defaults_from_the_dataclasses():
-  from search_r3_jax.retrieval.environment import EnvConfig  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.training.rewards import DEFAULT_WEIGHTS  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.retrieval.environment import EnvConfig
+  from search_r3_jax.training.rewards import DEFAULT_WEIGHTS
+
   assert EnvConfig.from_mapping(config_blocks.env().to_dict()) == EnvConfig()
   assert config_blocks.rewards() == DEFAULT_WEIGHTS
   with pytest.raises(ValueError, match="unknown environment setting"):

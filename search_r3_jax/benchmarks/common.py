@@ -12,8 +12,9 @@ from absl import flags
 flags.disclaim_key_flags()
 
 
-def median_time(fn: Callable[[], object], repeats: int
-                ) -> tuple[float, list[float]]:
+def median_time(
+    fn: Callable[[], object], repeats: int
+) -> tuple[float, list[float]]:
   """Runs `fn` `repeats` times; returns (median seconds, all times)."""
   times = []
   for _ in range(repeats):
@@ -25,14 +26,18 @@ def median_time(fn: Callable[[], object], repeats: int
 
 def repo_config(name: str, arg: str = ""):
   """`get_config(arg)` of the repository's `configs/<name>.py`."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                      "configs", f"{name}.py")
+  import importlib.util
+  import os
+
+  path = os.path.join(
+      os.path.dirname(__file__), os.pardir, os.pardir, "configs", f"{name}.py"
+  )
   path = os.path.normpath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config {path} not found; run the benchmark "
-                            "from a checkout of the repository")
+    raise FileNotFoundError(
+        f"config {path} not found; run the benchmark "
+        "from a checkout of the repository"
+    )
   spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -42,13 +47,14 @@ def repo_config(name: str, arg: str = ""):
 def left_pad(rows, pad: int):
   """Left-padded int64 ids and attention mask ([B, T] numpy) of token-id
   rows, as transformers `generate` takes them."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
+
   p = max(len(r) for r in rows)
   ids = np.full((len(rows), p), pad, np.int64)
   mask = np.zeros((len(rows), p), np.int64)
   for i, r in enumerate(rows):
-    ids[i, p - len(r):] = r
-    mask[i, p - len(r):] = 1
+    ids[i, p - len(r) :] = r
+    mask[i, p - len(r) :] = 1
   return ids, mask
 
 
@@ -57,8 +63,11 @@ def torch_flags():
   flags of the calling benchmark (this module disclaims its definitions, so
   the benchmark's --help lists them); returns their holders."""
   device = flags.DEFINE_enum(
-      "torch_device", "auto", ["auto", "cpu", "cuda"],
-      "Where the reference runs; auto = cuda when JAX runs on a GPU.")
+      "torch_device",
+      "auto",
+      ["auto", "cpu", "cuda"],
+      "Where the reference runs; auto = cuda when JAX runs on a GPU.",
+  )
   skip = flags.DEFINE_bool("skip_torch", False, "Measure this project only.")
   return device, skip
 
@@ -68,7 +77,11 @@ def torch_device(choice: str) -> str:
   GPU and torch sees one, else cpu."""
   if choice != "auto":
     return choice
-  import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  return ("cuda" if jax.default_backend() == "gpu"
-          and torch.cuda.is_available() else "cpu")
+  import jax
+  import torch
+
+  return (
+      "cuda"
+      if jax.default_backend() == "gpu" and torch.cuda.is_available()
+      else "cpu"
+  )

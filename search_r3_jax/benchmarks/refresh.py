@@ -51,44 +51,64 @@ import os
 import platform
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 import numpy as np
 
 from search_r3_jax.core.ops import l2_normalize
 
 QUICK = flags.DEFINE_bool("quick", False, "A small run (a few minutes).")
 CORPUS_SIZE = flags.DEFINE_integer(
-    "corpus_size", 2500, "Documents (gold pages + distractors); 0: all.")
+    "corpus_size", 2500, "Documents (gold pages + distractors); 0: all."
+)
 DOC_LEN = flags.DEFINE_integer("doc_len", 64, "Tokens per document.")
-MAX_QUERIES = flags.DEFINE_integer("max_queries", 0,
-                                   "dev_sub questions for fidelity (0: all).")
+MAX_QUERIES = flags.DEFINE_integer(
+    "max_queries", 0, "dev_sub questions for fidelity (0: all)."
+)
 REFRESHES = flags.DEFINE_integer("refreshes", 3, "Refreshes to run.")
-STEPS_BETWEEN = flags.DEFINE_integer("steps_between", 2,
-                                     "Optimizer steps before each refresh.")
+STEPS_BETWEEN = flags.DEFINE_integer(
+    "steps_between", 2, "Optimizer steps before each refresh."
+)
 BATCH = flags.DEFINE_integer("batch_size", 8, "Training examples per step.")
 LR = flags.DEFINE_float(
-    "learning_rate", 3e-6, "Learning rate: between GRPO's usual 1e-6 and the "
-    "1e-5 that stage 1's schedule ends at (its peak is 1e-4).")
-THRESHOLD = flags.DEFINE_float("drift_threshold", None,
-                               "Region drift threshold (default: EnvConfig).")
-PROBES = flags.DEFINE_integer("probes_per_region", None,
-                              "Probes per region (default: EnvConfig).")
-SYNTH_N = flags.DEFINE_integer("synthetic_n", 100_000,
-                               "Synthetic vectors for part 2 (0 skips it).")
-SYNTH_DIM = flags.DEFINE_integer("synthetic_dim", 128,
-                                 "Dimension of the synthetic vectors.")
+    "learning_rate",
+    3e-6,
+    "Learning rate: between GRPO's usual 1e-6 and the "
+    "1e-5 that stage 1's schedule ends at (its peak is 1e-4).",
+)
+THRESHOLD = flags.DEFINE_float(
+    "drift_threshold", None, "Region drift threshold (default: EnvConfig)."
+)
+PROBES = flags.DEFINE_integer(
+    "probes_per_region", None, "Probes per region (default: EnvConfig)."
+)
+SYNTH_N = flags.DEFINE_integer(
+    "synthetic_n", 100_000, "Synthetic vectors for part 2 (0 skips it)."
+)
+SYNTH_DIM = flags.DEFINE_integer(
+    "synthetic_dim", 128, "Dimension of the synthetic vectors."
+)
 ENCODE_BATCH = flags.DEFINE_integer("encode_batch", 32, "Encoding batch.")
 FIDELITY_EVERY = flags.DEFINE_integer(
-    "fidelity_every", 1, "Measure fidelity (a full re-encode) after every "
-    "this many refreshes, and after the last; 0: after the last only.")
+    "fidelity_every",
+    1,
+    "Measure fidelity (a full re-encode) after every "
+    "this many refreshes, and after the last; 0: after the last only.",
+)
 INIT_FROM = flags.DEFINE_string(
-    "init_from", None, "Start from this model (a stage-1 workdir, HF dir or "
-    ".gguf) instead of the embedded default.")
+    "init_from",
+    None,
+    "Start from this model (a stage-1 workdir, HF dir or "
+    ".gguf) instead of the embedded default.",
+)
 
 
 def _overlap_at_10(a_rows: np.ndarray, b_rows: np.ndarray) -> float:
-  return float(np.mean([len(set(x[:10]) & set(y[:10])) / 10
-                        for x, y in zip(a_rows, b_rows)]))
+  return float(
+      np.mean(
+          [len(set(x[:10]) & set(y[:10])) / 10 for x, y in zip(a_rows, b_rows)]
+      )
+  )
 
 
 def _timed(fn) -> float:
@@ -101,20 +121,30 @@ def _say(msg: str) -> None:
   print(msg, flush=True)
 
 
-def environment_part(corpus_size: int, doc_len: int, max_queries: int,
-                     refreshes: int, steps_between: int, batch_size: int,
-                     env_overrides: dict, lr: float | None,
-                     init_from: str | None, fidelity_every: int) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.retrieval import evaluation  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.training import stage1 as sft  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.core import sharding as shd  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.data import sources as data_lib  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.retrieval.environment import (  # pylint: disable=g-import-not-at-top
-      EnvConfig, RetrievalEnvironment, document_encoder)
-  from search_r3_jax.retrieval.index import VectorIndex  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.benchmarks.common import repo_config  # pylint: disable=g-import-not-at-top
+def environment_part(
+    corpus_size: int,
+    doc_len: int,
+    max_queries: int,
+    refreshes: int,
+    steps_between: int,
+    batch_size: int,
+    env_overrides: dict,
+    lr: float | None,
+    init_from: str | None,
+    fidelity_every: int,
+) -> dict:
+  import jax
+
+  from search_r3_jax import SearchR3
+  from search_r3_jax.benchmarks.common import repo_config
+  from search_r3_jax.core import sharding as shd
+  from search_r3_jax.data import sources as data_lib
+  from search_r3_jax.retrieval import evaluation
+  from search_r3_jax.retrieval.environment import document_encoder
+  from search_r3_jax.retrieval.environment import EnvConfig
+  from search_r3_jax.retrieval.environment import RetrievalEnvironment
+  from search_r3_jax.retrieval.index import VectorIndex
+  from search_r3_jax.training import stage1 as sft
 
   cfg = repo_config("sft")
   cfg.batch_size = batch_size
@@ -126,8 +156,10 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
   corpus, splits = evaluation.subset(corpus, splits, corpus_size, max_queries)
   queries = splits["dev_sub"].queries
   qids = list(queries)
-  _say(f"corpus {len(corpus)} documents (cut to {doc_len} tokens), "
-       f"{len(qids)} dev_sub questions")
+  _say(
+      f"corpus {len(corpus)} documents (cut to {doc_len} tokens), "
+      f"{len(qids)} dev_sub questions"
+  )
 
   mesh = shd.make_mesh(tuple(cfg.mesh))
   model = SearchR3.from_pretrained(init_from or cfg.model, mesh=mesh)
@@ -137,13 +169,16 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
     return model.policy.with_params(params)
 
   def encoder(m):
-    return document_encoder(m, max_length=doc_len,
-                            batch_size=ENCODE_BATCH.value)
+    return document_encoder(
+        m, max_length=doc_len, batch_size=ENCODE_BATCH.value
+    )
 
   graphdef, state, step_fn, batch_sh, batcher = sft.stage1_step(
-      cfg, model, mesh)
-  loader = data_lib.train_loader(cfg.data, batch_size=cfg.batch_size,
-                                 seed=cfg.seed)
+      cfg, model, mesh
+  )
+  loader = data_lib.train_loader(
+      cfg.data, batch_size=cfg.batch_size, seed=cfg.seed
+  )
 
   t = time.perf_counter()
   enc0 = encoder(current_model(state.params))
@@ -171,10 +206,14 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
       step += 1
       # What a stage-2 step touches: gold pages and the top-k retrieved.
       m = current_model(state.params)
-      q = m.encode_queries([e["query"] for e in examples], progress=False,
-                           batch_size=len(examples))
-      gold = [e["positive_id"] for e in examples
-              if e.get("positive_id") in corpus]
+      q = m.encode_queries(
+          [e["query"] for e in examples],
+          progress=False,
+          batch_size=len(examples),
+      )
+      gold = [
+          e["positive_id"] for e in examples if e.get("positive_id") in corpus
+      ]
       selective.observe(gold, selective.search(q).ids)
       _say(f"step {step}: loss {loss:.4f}")
     m = current_model(state.params)
@@ -199,17 +238,23 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
     if last or (fidelity_every and (r + 1) % fidelity_every == 0):
       # The full refresh, timed; its fresh vectors are the ground truth.
       rep_full = full.refresh(step, enc, full=True)
-      q = m.encode_queries([queries[i] for i in qids], progress=False,
-                           batch_size=ENCODE_BATCH.value)
+      q = m.encode_queries(
+          [queries[i] for i in qids],
+          progress=False,
+          batch_size=ENCODE_BATCH.value,
+      )
       truth = full.index.search(q, 10, exact=True).rows
       # Rows are document positions in all three stores (corpus order).
       row.update(
           full_seconds=rep_full["time_total"],
           fidelity_recall_at_10=_overlap_at_10(
-              selective.search(q, 10).rows, truth),
+              selective.search(q, 10).rows, truth
+          ),
           stale_recall_at_10=_overlap_at_10(stale.search(q, 10).rows, truth),
-          scann_recall_at_10_fresh=_overlap_at_10(full.search(q, 10).rows,
-                                                  truth))
+          scann_recall_at_10_fresh=_overlap_at_10(
+              full.search(q, 10).rows, truth
+          ),
+      )
     rows.append(row)
     _say("refresh " + json.dumps(row))
   measured = [x for x in rows if "fidelity_recall_at_10" in x]
@@ -232,14 +277,18 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
       "stale_recall_at_10": rows[-1]["stale_recall_at_10"],
       "scann_recall_at_10_fresh": rows[-1]["scann_recall_at_10_fresh"],
       "full_refreshes_by_selective": sum(
-          x["selective_kind"] == "full" for x in rows),
+          x["selective_kind"] == "full" for x in rows
+      ),
       "selective_docs_per_step": sel / total_steps,
       "full_docs_per_step": ful / total_steps,
-      "selective_seconds_per_step": sum(
-          x["selective_seconds"] for x in rows) / total_steps,
+      "selective_seconds_per_step": sum(x["selective_seconds"] for x in rows)
+      / total_steps,
       # Every refresh of the full strategy costs what the measured ones did.
-      "full_seconds_per_step": float(np.mean(
-          [x["full_seconds"] for x in measured])) * refreshes / total_steps,
+      "full_seconds_per_step": float(
+          np.mean([x["full_seconds"] for x in measured])
+      )
+      * refreshes
+      / total_steps,
       "train_seconds_per_step": train_seconds / total_steps,
       "initial_encode_seconds": t_initial,
       "per_refresh": rows,
@@ -247,27 +296,31 @@ def environment_part(corpus_size: int, doc_len: int, max_queries: int,
 
 
 def index_part(n: int, dim: int, seed: int = 0) -> dict:
-  from search_r3_jax.retrieval.index import VectorIndex  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.retrieval.index import VectorIndex
+
   rng = np.random.default_rng(seed)
   centres = rng.normal(size=(1000, dim)).astype(np.float32)
 
   def points(m):
     x = centres[rng.integers(0, len(centres), m)] + rng.normal(
-        size=(m, dim)).astype(np.float32)
+        size=(m, dim)
+    ).astype(np.float32)
     return l2_normalize(x).astype(np.float32)
 
   x, q = points(n), points(1000)
   ids = [f"v{i}" for i in range(n)]
   exact = VectorIndex.build(ids, x, engine="exact")
   truth = exact.search(q, 10).rows  # compiles
-  t_exact = float(np.median([
-      _timed(lambda: exact.search(q, 10)) for _ in range(3)]))
+  t_exact = float(
+      np.median([_timed(lambda: exact.search(q, 10)) for _ in range(3)])
+  )
   t = time.perf_counter()
   scann = VectorIndex.build(ids, x, engine="scann")
   t_build = time.perf_counter() - t
   got = scann.search(q, 10).rows
-  t_scann = float(np.median([
-      _timed(lambda: scann.search(q, 10)) for _ in range(3)]))
+  t_scann = float(
+      np.median([_timed(lambda: scann.search(q, 10)) for _ in range(3)])
+  )
   recall = _overlap_at_10(got, truth)
   # Upsert 1%: moved vectors under their own ids.
   m = max(1, n // 100)
@@ -278,7 +331,9 @@ def index_part(n: int, dim: int, seed: int = 0) -> dict:
   t_upsert = time.perf_counter() - t
   found = scann.search(moved[:100], 1).rows[:, 0]
   return {
-      "n": n, "dim": dim, "params": scann.params,
+      "n": n,
+      "dim": dim,
+      "params": scann.params,
       "scann_recall_at_10": recall,
       "scann_qps": len(q) / t_scann,
       "exact_qps": len(q) / t_exact,
@@ -293,11 +348,11 @@ def index_part(n: int, dim: int, seed: int = 0) -> dict:
 def main(argv):
   del argv
   quick = QUICK.value
-  corpus_size = (500 if quick and CORPUS_SIZE.value == 2500
-                 else CORPUS_SIZE.value)
+  corpus_size = (
+      500 if quick and CORPUS_SIZE.value == 2500 else CORPUS_SIZE.value
+  )
   doc_len = 48 if quick and DOC_LEN.value == 64 else DOC_LEN.value
-  max_queries = (200 if quick and not MAX_QUERIES.value
-                 else MAX_QUERIES.value)
+  max_queries = 200 if quick and not MAX_QUERIES.value else MAX_QUERIES.value
   refreshes = 2 if quick and REFRESHES.value == 3 else REFRESHES.value
   overrides = {}
   if THRESHOLD.value is not None:
@@ -305,14 +360,26 @@ def main(argv):
   if PROBES.value is not None:
     overrides["probes_per_region"] = PROBES.value
   synth_n = 20_000 if quick and SYNTH_N.value == 100_000 else SYNTH_N.value
-  out = {"benchmark": "refresh", "quick": quick,
-         "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+  out = {
+      "benchmark": "refresh",
+      "quick": quick,
+      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+  }
   if synth_n:
     out["index"] = index_part(synth_n, SYNTH_DIM.value)
     _say("index " + json.dumps(out["index"]))
-  env = environment_part(corpus_size, doc_len, max_queries, refreshes,
-                         STEPS_BETWEEN.value, BATCH.value, overrides, LR.value,
-                         INIT_FROM.value, FIDELITY_EVERY.value)
+  env = environment_part(
+      corpus_size,
+      doc_len,
+      max_queries,
+      refreshes,
+      STEPS_BETWEEN.value,
+      BATCH.value,
+      overrides,
+      LR.value,
+      INIT_FROM.value,
+      FIDELITY_EVERY.value,
+  )
   out.update(env)
   print(json.dumps(out))
 

@@ -62,41 +62,65 @@ import platform
 import statistics
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 import numpy as np
 
-from search_r3_jax.benchmarks.common import (left_pad, median_time, repo_config,
-                                             torch_device, torch_flags)
+from search_r3_jax.benchmarks.common import left_pad
+from search_r3_jax.benchmarks.common import median_time
+from search_r3_jax.benchmarks.common import repo_config
+from search_r3_jax.benchmarks.common import torch_device
+from search_r3_jax.benchmarks.common import torch_flags
 
 QUICK = flags.DEFINE_bool(
-    "quick", False, "1 timed step, 1 repeat, a 300-document environment.")
+    "quick", False, "1 timed step, 1 repeat, a 300-document environment."
+)
 CONFIG_VARIANT = flags.DEFINE_string(
-    "config_variant", "", "Variant of configs/rl.py (e.g. tiny).")
+    "config_variant", "", "Variant of configs/rl.py (e.g. tiny)."
+)
 STEPS = flags.DEFINE_integer("steps", 3, "Timed loop steps (median).")
 WARMUP_STEPS = flags.DEFINE_integer(
-    "warmup_steps", 1, "Untimed loop steps first (the first one compiles).")
-REPEATS = flags.DEFINE_integer("repeats", 3,
-                               "Timed generation runs per side (median).")
+    "warmup_steps", 1, "Untimed loop steps first (the first one compiles)."
+)
+REPEATS = flags.DEFINE_integer(
+    "repeats", 3, "Timed generation runs per side (median)."
+)
 CORPUS_SIZE = flags.DEFINE_integer(
-    "corpus_size", None, "Environment documents (default: the config's, "
-    "at most 300 with --quick).")
-GROUP_SIZE = flags.DEFINE_integer("group_size", None,
-                                  "Rollouts per query (default: config).")
-QUERIES = flags.DEFINE_integer("queries_per_step", None,
-                               "Queries per step (default: config).")
+    "corpus_size",
+    None,
+    "Environment documents (default: the config's, "
+    "at most 300 with --quick).",
+)
+GROUP_SIZE = flags.DEFINE_integer(
+    "group_size", None, "Rollouts per query (default: config)."
+)
+QUERIES = flags.DEFINE_integer(
+    "queries_per_step", None, "Queries per step (default: config)."
+)
 MAX_NEW_TOKENS = flags.DEFINE_integer(
-    "max_new_tokens", None, "Reasoning budget per rollout (default: config).")
+    "max_new_tokens", None, "Reasoning budget per rollout (default: config)."
+)
 REFRESH_EVERY = flags.DEFINE_integer(
-    "refresh_every", 1, "Environment refresh period in steps (1: every "
-    "timed step refreshes; the training config's own period is coarser).")
+    "refresh_every",
+    1,
+    "Environment refresh period in steps (1: every "
+    "timed step refreshes; the training config's own period is coarser).",
+)
 INIT_FROM = flags.DEFINE_string(
-    "init_from", None, "A stage-1 workdir or checkpoint to start from "
-    "(default: the base model).")
+    "init_from",
+    None,
+    "A stage-1 workdir or checkpoint to start from "
+    "(default: the base model).",
+)
 TORCH_DEVICE, SKIP_TORCH = torch_flags()
 
-PHASES = (("rollout", "time_rollout"), ("forward", "time_forward"),
-          ("search_and_reward", "time_reward"), ("update", "time_update"),
-          ("refresh", "time_refresh"))
+PHASES = (
+    ("rollout", "time_rollout"),
+    ("forward", "time_forward"),
+    ("search_and_reward", "time_reward"),
+    ("update", "time_update"),
+    ("refresh", "time_refresh"),
+)
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -123,8 +147,11 @@ def make_config():
       corpus = min(corpus or 300, 300)
   cfg.eval.corpus_size = corpus
   cfg.eval.at_start = False
-  for flag, key in ((GROUP_SIZE, "group_size"), (QUERIES, "queries_per_step"),
-                    (MAX_NEW_TOKENS, "max_new_tokens")):
+  for flag, key in (
+      (GROUP_SIZE, "group_size"),
+      (QUERIES, "queries_per_step"),
+      (MAX_NEW_TOKENS, "max_new_tokens"),
+  ):
     if flag.value is not None:
       cfg.rl[key] = flag.value
   cfg.env.refresh_every = REFRESH_EVERY.value
@@ -139,8 +166,9 @@ def _steps() -> int:
 
 def bench_loop(cfg, warmup_steps: int, steps: int) -> dict:
   """Builds the loop and its environment, runs untimed then timed steps."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.training.stage2 import Stage2  # pylint: disable=g-import-not-at-top
+  import jax
+
+  from search_r3_jax.training.stage2 import Stage2
 
   t = time.perf_counter()
   loop = Stage2(cfg)
@@ -148,9 +176,11 @@ def bench_loop(cfg, warmup_steps: int, steps: int) -> dict:
   t = time.perf_counter()
   loop.build_env()
   env_s = time.perf_counter() - t
-  print(f"loop ready in {load_s:.1f} s; environment of {len(loop.corpus)} "
-        f"documents encoded in {env_s:.1f} s; {len(loop.stream.pairs)} "
-        "training queries")
+  print(
+      f"loop ready in {load_s:.1f} s; environment of {len(loop.corpus)} "
+      f"documents encoded in {env_s:.1f} s; {len(loop.stream.pairs)} "
+      "training queries"
+  )
 
   def check(values):
     if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
@@ -170,22 +200,36 @@ def bench_loop(cfg, warmup_steps: int, steps: int) -> dict:
     for step in range(warmup_steps, warmup_steps + steps):
       last = loop.run_step(step, check)
       rows.append(last.values)
-      print(f"timed step {step}: {rows[-1]['step_seconds']:.1f} s, "
-            f"{rows[-1]['rollout_tokens']:.0f} rollout tokens")
+      print(
+          f"timed step {step}: {rows[-1]['step_seconds']:.1f} s, "
+          f"{rows[-1]['rollout_tokens']:.0f} rollout tokens"
+      )
   finally:
     clock.active = False
     jax.monitoring.unregister_event_duration_listener(clock)
-  return dict(loop=loop, rows=rows, last=last, load_s=load_s, env_s=env_s,
-              warmup_s=warmup_s, compile_s=clock.seconds,
-              compiles=clock.count)
+  return dict(
+      loop=loop,
+      rows=rows,
+      last=last,
+      load_s=load_s,
+      env_s=env_s,
+      warmup_s=warmup_s,
+      compile_s=clock.seconds,
+      compiles=clock.count,
+  )
 
 
 def bench_ours_generate(loop, prompts, new_tokens: int, repeats: int) -> dict:
   """Full-length sampling of `prompts` by this project's sampler."""
   rl, m = loop.cfg.rl, loop.policy()
   run = lambda seed: m.generate_ids(
-      prompts, max_new_tokens=new_tokens, temperature=rl.temperature,
-      top_p=rl.top_p, seed=seed, stop_ids=())
+      prompts,
+      max_new_tokens=new_tokens,
+      temperature=rl.temperature,
+      top_p=rl.top_p,
+      seed=seed,
+      stop_ids=(),
+  )
   t = time.perf_counter()
   gen = run(0)
   compile_s = time.perf_counter() - t
@@ -201,38 +245,52 @@ def torch_from_policy(loop):
   parameters: its architecture from our `ModelConfig`, every tensor copied
   from ours (the inverse of `weights.convert`'s layout change), the padded
   vocabulary rows included."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.benchmarks.torch_ref import torch_model  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.core.weights import convert  # pylint: disable=g-import-not-at-top
+  import transformers
+
+  from search_r3_jax.benchmarks.torch_ref import torch_model
+  from search_r3_jax.core.weights import convert
 
   model = loop.policy().model()
   c = model.cfg
   common = dict(
-      vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-      intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
-      num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-      rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+      vocab_size=c.vocab_size,
+      hidden_size=c.hidden_size,
+      intermediate_size=c.intermediate_size,
+      num_hidden_layers=c.num_layers,
+      num_attention_heads=c.num_heads,
+      num_key_value_heads=c.num_kv_heads,
+      rope_theta=c.rope_theta,
+      rms_norm_eps=c.rms_norm_eps,
       tie_word_embeddings=c.tie_word_embeddings,
-      max_position_embeddings=c.max_position_embeddings, hidden_act="silu")
+      max_position_embeddings=c.max_position_embeddings,
+      hidden_act="silu",
+  )
   if c.arch == "llama":
-    config = transformers.LlamaConfig(head_dim=c.head_dim,
-                                      attention_bias=c.attention_bias,
-                                      mlp_bias=False, **common)
+    config = transformers.LlamaConfig(
+        head_dim=c.head_dim,
+        attention_bias=c.attention_bias,
+        mlp_bias=False,
+        **common,
+    )
   elif c.arch == "qwen2":
     if c.head_dim * c.num_heads != c.hidden_size:
-      raise ValueError("Qwen2 in transformers derives head_dim from "
-                       f"hidden_size / heads; ours is {c.head_dim}")
+      raise ValueError(
+          "Qwen2 in transformers derives head_dim from "
+          f"hidden_size / heads; ours is {c.head_dim}"
+      )
     config = transformers.Qwen2Config(**common)
   else:
     raise ValueError(f"no torch reference for architecture {c.arch!r}")
-  return torch_model(config, convert.hf_tensors(model),
-                     source="policy -> torch")
+  return torch_model(
+      config, convert.hf_tensors(model), source="policy -> torch"
+  )
 
 
-def bench_torch(loop, prompts, new_tokens: int, repeats: int,
-                device: str) -> dict:
+def bench_torch(
+    loop, prompts, new_tokens: int, repeats: int, device: str
+) -> dict:
   """transformers `generate` on the same parameters and prompts."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
@@ -247,8 +305,10 @@ def bench_torch(loop, prompts, new_tokens: int, repeats: int,
   diff = float(np.abs(got - want).max())
   print(f"torch copy of the policy: max |logit difference| {diff:.2e}")
   if not diff < 1e-2:
-    raise AssertionError(f"the torch model's logits differ from ours by "
-                         f"{diff}: the parameter copy is wrong")
+    raise AssertionError(
+        f"the torch model's logits differ from ours by "
+        f"{diff}: the parameter copy is wrong"
+    )
 
   model = model.to(device)
   ids, mask = left_pad(prompts, tok.pad_id)
@@ -259,44 +319,62 @@ def bench_torch(loop, prompts, new_tokens: int, repeats: int,
   def run(n):
     with torch.no_grad():
       out = model.generate(
-          input_ids=ids, attention_mask=mask, do_sample=True,
-          temperature=rl.temperature, top_p=rl.top_p, top_k=0,
-          max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_id,
-          eos_token_id=list(tok.eos_ids))
+          input_ids=ids,
+          attention_mask=mask,
+          do_sample=True,
+          temperature=rl.temperature,
+          top_p=rl.top_p,
+          top_k=0,
+          max_new_tokens=n,
+          min_new_tokens=n,
+          pad_token_id=tok.pad_id,
+          eos_token_id=list(tok.eos_ids),
+      )
     sync()
     if out.shape[1] != ids.shape[1] + n:
-      raise AssertionError(f"torch generated {out.shape[1] - ids.shape[1]} "
-                           f"tokens, {n} expected")
+      raise AssertionError(
+          f"torch generated {out.shape[1] - ids.shape[1]} "
+          f"tokens, {n} expected"
+      )
     return out
 
   t = time.perf_counter()
   run(new_tokens)  # warm-up, the same work as a timed run
   warmup_s = time.perf_counter() - t
   gen_s, times = median_time(lambda: run(new_tokens), repeats)
-  return dict(gen_s=gen_s, times=times, warmup_s=warmup_s,
-              logits_max_abs_diff=diff)
+  return dict(
+      gen_s=gen_s, times=times, warmup_s=warmup_s, logits_max_abs_diff=diff
+  )
 
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   steps = _steps()
   repeats = 1 if QUICK.value else REPEATS.value
   warmup_steps = WARMUP_STEPS.value
   if steps < 1 or repeats < 1 or warmup_steps < 0:
-    raise app.UsageError("--steps and --repeats must be >= 1, "
-                         "--warmup_steps >= 0")
+    raise app.UsageError(
+        "--steps and --repeats must be >= 1, " "--warmup_steps >= 0"
+    )
   cfg = make_config()
   rl = cfg.rl
-  q, g, new_tokens = int(rl.queries_per_step), int(rl.group_size), int(
-      rl.max_new_tokens)
+  q, g, new_tokens = (
+      int(rl.queries_per_step),
+      int(rl.group_size),
+      int(rl.max_new_tokens),
+  )
   init = cfg.init_from or (
-      f"random {cfg.model} ({dict(cfg.random_init)})" if cfg.random_init
-      else f"{cfg.model} (base, from the embedded GGUF)")
-  print(f"stage 2 on {init}: {q} queries x {g} rollouts, {new_tokens} new "
-        f"tokens at most, environment of {cfg.eval.corpus_size or 'all'} "
-        f"documents; {warmup_steps} warm-up + {steps} timed steps")
+      f"random {cfg.model} ({dict(cfg.random_init)})"
+      if cfg.random_init
+      else f"{cfg.model} (base, from the embedded GGUF)"
+  )
+  print(
+      f"stage 2 on {init}: {q} queries x {g} rollouts, {new_tokens} new "
+      f"tokens at most, environment of {cfg.eval.corpus_size or 'all'} "
+      f"documents; {warmup_steps} warm-up + {steps} timed steps"
+  )
 
   res = bench_loop(cfg, warmup_steps, steps)
   loop, rows = res["loop"], res["rows"]
@@ -312,42 +390,57 @@ def main(argv):
   for name, _ in PHASES:
     print(f"{name:<20}{med[name]:>10.3f}{fractions[name]:>9.1%}")
   print(f"{'step':<20}{step_s:>10.3f}{1:>9.1%}")
-  print(f"warm-up ({warmup_steps} step(s), compiles): {res['warmup_s']:.1f} s;"
-        f" compiles inside the timed steps: {res['compiles']} "
-        f"({res['compile_s']:.1f} s)")
-  print(f"in-loop rollout: {loop_tokens:.0f} tokens in "
-        f"{totals['rollout']:.2f} s = {loop_tok_s:.1f} tok/s (rows stop at "
-        "eos / the embed token)")
+  print(
+      f"warm-up ({warmup_steps} step(s), compiles): {res['warmup_s']:.1f} s;"
+      f" compiles inside the timed steps: {res['compiles']} "
+      f"({res['compile_s']:.1f} s)"
+  )
+  print(
+      f"in-loop rollout: {loop_tokens:.0f} tokens in "
+      f"{totals['rollout']:.2f} s = {loop_tok_s:.1f} tok/s (rows stop at "
+      "eos / the embed token)"
+  )
 
   prompts = [list(p) for p in res["last"].rollouts.prompts]
   work = len(prompts) * new_tokens
   ours = bench_ours_generate(loop, prompts, new_tokens, repeats)
   ours_tok_s = work / ours["gen_s"]
-  print(f"\nsame-shape rollout: {len(prompts)} rows x {new_tokens} tokens, "
-        "no early stop")
-  print(f"ours : {ours_tok_s:.1f} tok/s ({ours['gen_s']:.2f} s; compile "
-        f"{ours['compile_s']:.1f} s)")
+  print(
+      f"\nsame-shape rollout: {len(prompts)} rows x {new_tokens} tokens, "
+      "no early stop"
+  )
+  print(
+      f"ours : {ours_tok_s:.1f} tok/s ({ours['gen_s']:.2f} s; compile "
+      f"{ours['compile_s']:.1f} s)"
+  )
 
   last = rows[-1]
   backend = jax.default_backend()
   result = {
-      "benchmark": "rl_step", "quick": QUICK.value,
+      "benchmark": "rl_step",
+      "quick": QUICK.value,
       "machine": f"{platform.machine()} {os.cpu_count()} cpu",
       "jax_backend": backend,
       "jax_device": str(jax.devices()[0].device_kind),
       "jax_devices": jax.device_count(),
-      "model": init, "config_variant": CONFIG_VARIANT.value,
+      "model": init,
+      "config_variant": CONFIG_VARIANT.value,
       "dtype": cfg.compute_dtype,
-      "config": {"queries_per_step": q, "group_size": g, "rows": q * g,
-                 "max_new_tokens": new_tokens,
-                 "temperature": float(rl.temperature),
-                 "top_p": float(rl.top_p),
-                 "corpus_size": len(loop.corpus),
-                 "env_engine": loop.env_cfg.engine,
-                 "refresh_every": loop.env_cfg.refresh_every,
-                 "inner_epochs": int(rl.inner_epochs),
-                 "init": cfg.init_from or "base"},
-      "warmup_steps": warmup_steps, "timed_steps": steps,
+      "config": {
+          "queries_per_step": q,
+          "group_size": g,
+          "rows": q * g,
+          "max_new_tokens": new_tokens,
+          "temperature": float(rl.temperature),
+          "top_p": float(rl.top_p),
+          "corpus_size": len(loop.corpus),
+          "env_engine": loop.env_cfg.engine,
+          "refresh_every": loop.env_cfg.refresh_every,
+          "inner_epochs": int(rl.inner_epochs),
+          "init": cfg.init_from or "base",
+      },
+      "warmup_steps": warmup_steps,
+      "timed_steps": steps,
       "setup_seconds": round(res["load_s"], 2),
       "env_build_seconds": round(res["env_s"], 2),
       "warmup_seconds": round(res["warmup_s"], 2),
@@ -365,8 +458,7 @@ def main(argv):
       "rollout_seconds": round(ours["gen_s"], 4),
       "rollout_compile_seconds": round(ours["compile_s"], 2),
       "repeats": repeats,
-      "reward_mean": round(float(np.mean([r["reward_mean"] for r in rows])),
-                           4),
+      "reward_mean": round(float(np.mean([r["reward_mean"] for r in rows])), 4),
       "embed_rate": round(float(np.mean([r["embed_rate"] for r in rows])), 4),
       "refresh_reencoded": int(last.get("refresh_reencoded", 0)),
   }
@@ -374,17 +466,24 @@ def main(argv):
     device = torch_device(TORCH_DEVICE.value)
     ref = bench_torch(loop, prompts, new_tokens, repeats, device)
     torch_tok_s = work / ref["gen_s"]
-    print(f"torch: {torch_tok_s:.1f} tok/s ({ref['gen_s']:.2f} s; warm-up "
-          f"{ref['warmup_s']:.1f} s)")
+    print(
+        f"torch: {torch_tok_s:.1f} tok/s ({ref['gen_s']:.2f} s; warm-up "
+        f"{ref['warmup_s']:.1f} s)"
+    )
     print(f"ratio (ours / torch): {ours_tok_s / torch_tok_s:.3f}")
-    result.update({
-        "torch_device": device, "torch_threads": os.cpu_count(),
-        "torch_tokens_per_s": round(torch_tok_s, 2),
-        "torch_seconds": round(ref["gen_s"], 4),
-        "torch_warmup_seconds": round(ref["warmup_s"], 2),
-        "torch_logits_max_abs_diff": float(f"{ref['logits_max_abs_diff']:.3e}"),
-        "ratio": round(ours_tok_s / torch_tok_s, 3),
-    })
+    result.update(
+        {
+            "torch_device": device,
+            "torch_threads": os.cpu_count(),
+            "torch_tokens_per_s": round(torch_tok_s, 2),
+            "torch_seconds": round(ref["gen_s"], 4),
+            "torch_warmup_seconds": round(ref["warmup_s"], 2),
+            "torch_logits_max_abs_diff": float(
+                f"{ref['logits_max_abs_diff']:.3e}"
+            ),
+            "ratio": round(ours_tok_s / torch_tok_s, 3),
+        }
+    )
   print(json.dumps(result))
 
 

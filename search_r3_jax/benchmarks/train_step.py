@@ -42,45 +42,118 @@ import os
 import platform
 import time
 
-from absl import app, flags
-
-from search_r3_jax.benchmarks.common import median_time, torch_device, torch_flags
+from absl import app
+from absl import flags
 import numpy as np
 
-QUICK = flags.DEFINE_bool("quick", False,
-                          "4 examples, 2 timed steps (about 2 minutes).")
+from search_r3_jax.benchmarks.common import median_time
+from search_r3_jax.benchmarks.common import torch_device
+from search_r3_jax.benchmarks.common import torch_flags
+
+QUICK = flags.DEFINE_bool(
+    "quick", False, "4 examples, 2 timed steps (about 2 minutes)."
+)
 EXAMPLES = flags.DEFINE_integer("examples", 8, "Examples per step (B).")
-NUM_NEGATIVES = flags.DEFINE_integer("num_negatives", 1,
-                                     "Hard negatives per example.")
+NUM_NEGATIVES = flags.DEFINE_integer(
+    "num_negatives", 1, "Hard negatives per example."
+)
 QUERY_LEN = flags.DEFINE_integer("query_len", 48, "Query sequence length.")
 DOC_LEN = flags.DEFINE_integer("doc_len", 104, "Document sequence length.")
 STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per side (median).")
 TORCH_DEVICE, SKIP_TORCH = torch_flags()
 
-LOSS_CFG = {"weights": {"sft": 1.0, "kl": 1.0, "infonce": 1.0,
-                        "triplet": 1.0},
-            "tau": 0.05, "margin": 0.2, "in_batch": True}
-OPT_CFG = dict(learning_rate=2e-5, warmup_steps=10, total_steps=1000,
-               weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
-               grad_accum_steps=1)
+LOSS_CFG = {
+    "weights": {"sft": 1.0, "kl": 1.0, "infonce": 1.0, "triplet": 1.0},
+    "tau": 0.05,
+    "margin": 0.2,
+    "in_batch": True,
+}
+OPT_CFG = dict(
+    learning_rate=2e-5,
+    warmup_steps=10,
+    total_steps=1000,
+    weight_decay=0.01,
+    b1=0.9,
+    b2=0.95,
+    clip_norm=1.0,
+    grad_accum_steps=1,
+)
 LOSS_NAMES = ("sft", "kl", "infonce", "triplet")
 
 # -- synthetic examples --------------------------------------------------------
 
-_NOUNS = ["bridge", "castle", "library", "cathedral", "harbour", "museum",
-          "railway station", "university", "market hall", "theatre",
-          "botanical garden", "lighthouse", "observatory", "city wall"]
-_PLACES = ["Lisbon", "Kyoto", "Oslo", "Cairo", "Lima", "Dublin", "Hanoi",
-           "Quebec", "Nairobi", "Vienna", "Perth", "Bergen", "Porto", "Krakow"]
-_ADJS = ["old", "famous", "small", "northern", "medieval", "modern", "busy",
-         "royal", "ancient", "eastern"]
-_BUILDERS = ["local merchants", "a French engineer", "the city council",
-             "a group of monks", "a railway company", "the navy",
-             "an Italian architect", "a wealthy banker", "the king"]
-_CENTURIES = ["twelfth", "fourteenth", "sixteenth", "seventeenth",
-              "eighteenth", "nineteenth", "twentieth"]
-_EVENTS = ["a great fire", "a flood", "an earthquake", "a long war",
-           "a storm", "years of neglect"]
+_NOUNS = [
+    "bridge",
+    "castle",
+    "library",
+    "cathedral",
+    "harbour",
+    "museum",
+    "railway station",
+    "university",
+    "market hall",
+    "theatre",
+    "botanical garden",
+    "lighthouse",
+    "observatory",
+    "city wall",
+]
+_PLACES = [
+    "Lisbon",
+    "Kyoto",
+    "Oslo",
+    "Cairo",
+    "Lima",
+    "Dublin",
+    "Hanoi",
+    "Quebec",
+    "Nairobi",
+    "Vienna",
+    "Perth",
+    "Bergen",
+    "Porto",
+    "Krakow",
+]
+_ADJS = [
+    "old",
+    "famous",
+    "small",
+    "northern",
+    "medieval",
+    "modern",
+    "busy",
+    "royal",
+    "ancient",
+    "eastern",
+]
+_BUILDERS = [
+    "local merchants",
+    "a French engineer",
+    "the city council",
+    "a group of monks",
+    "a railway company",
+    "the navy",
+    "an Italian architect",
+    "a wealthy banker",
+    "the king",
+]
+_CENTURIES = [
+    "twelfth",
+    "fourteenth",
+    "sixteenth",
+    "seventeenth",
+    "eighteenth",
+    "nineteenth",
+    "twentieth",
+]
+_EVENTS = [
+    "a great fire",
+    "a flood",
+    "an earthquake",
+    "a long war",
+    "a storm",
+    "years of neglect",
+]
 _FILLER = [
     "Today it is one of the most visited places in the region.",
     "Its walls are made of grey stone brought from a quarry nearby.",
@@ -91,17 +164,21 @@ _FILLER = [
     "Several paintings in the national gallery show it at sunset.",
     "Every summer a festival of music and dance is held in front of it.",
 ]
-_QUESTIONS = ["When was the {adj} {noun} in {place} built, and by whom?",
-              "Who built the {noun} of {place}?",
-              "What happened to the {adj} {noun} in {place} after {event}?",
-              "History of the {noun} in {place} built by {who}"]
+_QUESTIONS = [
+    "When was the {adj} {noun} in {place} built, and by whom?",
+    "Who built the {noun} of {place}?",
+    "What happened to the {adj} {noun} in {place} after {event}?",
+    "History of the {noun} in {place} built by {who}",
+]
 
 
 def _document(rng, noun, place):
   adj, who = rng.choice(_ADJS), rng.choice(_BUILDERS)
   century, event = rng.choice(_CENTURIES), rng.choice(_EVENTS)
-  text = (f"The {adj} {noun} of {place} was built by {who} in the {century} "
-          f"century. After {event} it was restored and opened to the public. ")
+  text = (
+      f"The {adj} {noun} of {place} was built by {who} in the {century} "
+      f"century. After {event} it was restored and opened to the public. "
+  )
   text += " ".join(rng.choice(_FILLER, size=5, replace=False))
   return text, dict(adj=adj, noun=noun, place=place, who=who, event=event)
 
@@ -125,8 +202,14 @@ def synthetic_examples(n: int, num_negatives: int, seed: int = 0):
       else:
         other = (rng.choice([x for x in _NOUNS if x != noun]), place)
       negatives.append(_document(rng, *other)[0])
-    out.append({"id": f"synthetic-{i}", "query": query, "positive": positive,
-                "negatives": negatives})
+    out.append(
+        {
+            "id": f"synthetic-{i}",
+            "query": query,
+            "positive": positive,
+            "negatives": negatives,
+        }
+    )
   return out
 
 
@@ -135,25 +218,30 @@ def synthetic_examples(n: int, num_negatives: int, seed: int = 0):
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
   """Best-of-`repeats` fp32 n^3 matmul throughput of jitted JAX, GFLOP/s."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+
   key_a, key_b = jax.random.split(jax.random.key(0))
   a = jax.random.normal(key_a, (n, n), jnp.float32)
   b = jax.random.normal(key_b, (n, n), jnp.float32)
   mm = jax.jit(jnp.matmul)
   mm(a, b).block_until_ready()
-  best = min(median_time(lambda: mm(a, b).block_until_ready(), 1)[0]
-             for _ in range(repeats))
-  return 2 * n ** 3 / best / 1e9
+  best = min(
+      median_time(lambda: mm(a, b).block_until_ready(), 1)[0]
+      for _ in range(repeats)
+  )
+  return 2 * n**3 / best / 1e9
 
 
 def torch_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
+
   a, b = torch.randn(n, n), torch.randn(n, n)
   torch.matmul(a, b)
-  best = min(median_time(lambda: torch.matmul(a, b), 1)[0]
-             for _ in range(repeats))
-  return 2 * n ** 3 / best / 1e9
+  best = min(
+      median_time(lambda: torch.matmul(a, b), 1)[0] for _ in range(repeats)
+  )
+  return 2 * n**3 / best / 1e9
 
 
 # -- this project ---------------------------------------------------------------
@@ -161,18 +249,21 @@ def torch_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 def bench_ours(m, host_batch, steps):
   """Compiles and runs our step; returns timings and the per-step losses."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.training import stage1 as sft  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.training import train_state as ts  # pylint: disable=g-import-not-at-top
+  import jax
+  import ml_collections
+
+  from search_r3_jax.training import stage1 as sft
+  from search_r3_jax.training import train_state as ts
 
   tx, schedule = ts.make_optimizer(ml_collections.ConfigDict(OPT_CFG))
   graphdef, state, shardings = ts.create_train_state(m.model, tx, m.mesh)
   b = host_batch["q_tokens"].shape[0]
-  step, batch_sh = sft.make_sft_step(graphdef, tx, schedule, LOSS_CFG, m.mesh,
-                                     shardings, batch_size=b)
-  put = lambda: {k: jax.device_put(v, batch_sh[k])
-                 for k, v in host_batch.items()}
+  step, batch_sh = sft.make_sft_step(
+      graphdef, tx, schedule, LOSS_CFG, m.mesh, shardings, batch_size=b
+  )
+  put = lambda: {
+      k: jax.device_put(v, batch_sh[k]) for k, v in host_batch.items()
+  }
   rng = jax.random.key(0)
   t = time.perf_counter()
   compiled = step.lower(state, put(), rng).compile()
@@ -192,9 +283,15 @@ def bench_ours(m, host_batch, steps):
     jax.block_until_ready(metrics["loss"])
 
   step_s, times = median_time(one, steps)
-  return dict(compile_s=compile_s, first_step_s=first_step_s, step_s=step_s,
-              times=times, first={k: float(first[k]) for k in LOSS_NAMES},
-              losses=[float(x) for x in history], schedule=schedule)
+  return dict(
+      compile_s=compile_s,
+      first_step_s=first_step_s,
+      step_s=step_s,
+      times=times,
+      first={k: float(first[k]) for k in LOSS_NAMES},
+      losses=[float(x) for x in history],
+      schedule=schedule,
+  )
 
 
 # -- the transformers + torch reference ----------------------------------------
@@ -202,7 +299,8 @@ def bench_ours(m, host_batch, steps):
 
 def _grow_vocab(model, vocab_size):
   """Pads the (tied) embedding to `vocab_size` rows, each the mean row."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
+
   emb = model.get_input_embeddings().weight
   old = emb.shape[0]
   if vocab_size == old:
@@ -221,13 +319,15 @@ def _unit(x):
 
 def torch_losses(model, ref, batch, loss_cfg):
   """The stage-1 loss, written independently of `losses.py`."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch
+  import torch.nn.functional as F
+
   q, q_len = batch["q_tokens"], batch["q_lengths"]
   b, t = q.shape
   q_attn = (torch.arange(t, device=q.device)[None] < q_len[:, None]).long()
-  h = model.model(input_ids=q, attention_mask=q_attn,
-                  use_cache=False).last_hidden_state
+  h = model.model(
+      input_ids=q, attention_mask=q_attn, use_cache=False
+  ).last_hidden_state
   logits = model.lm_head(h).float()
   q_emb = h[torch.arange(b), batch["q_embed_pos"]]
 
@@ -235,8 +335,9 @@ def torch_losses(model, ref, batch, loss_cfg):
   _, k, td = d.shape
   flat, lengths = d.reshape(b * k, td), d_len.reshape(b * k)
   d_attn = (torch.arange(td, device=d.device)[None] < lengths[:, None]).long()
-  dh = model.model(input_ids=flat, attention_mask=d_attn,
-                   use_cache=False).last_hidden_state
+  dh = model.model(
+      input_ids=flat, attention_mask=d_attn, use_cache=False
+  ).last_hidden_state
   d_emb = dh[torch.arange(b * k), lengths - 1].reshape(b, k, -1)
 
   mask = batch["q_mask"][:, 1:].float()
@@ -246,8 +347,9 @@ def torch_losses(model, ref, batch, loss_cfg):
   sft = (nll * mask).sum() / denom
 
   with torch.no_grad():
-    ref_h = ref.model(input_ids=q, attention_mask=q_attn,
-                      use_cache=False).last_hidden_state
+    ref_h = ref.model(
+        input_ids=q, attention_mask=q_attn, use_cache=False
+    ).last_hidden_state
     logq = F.log_softmax(ref.lm_head(ref_h).float()[:, :-1], -1)
   kl = ((logp.exp() * (logp - logq)).sum(-1) * mask).sum() / denom
 
@@ -267,8 +369,9 @@ def torch_losses(model, ref, batch, loss_cfg):
 
 
 def bench_torch(host_batch, vocab_size, lrs, steps, device):
-  import torch  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.benchmarks.torch_ref import load_torch_gguf  # pylint: disable=g-import-not-at-top
+  import torch
+
+  from search_r3_jax.benchmarks.torch_ref import load_torch_gguf
 
   torch.set_num_threads(os.cpu_count() or 1)
   model = load_torch_gguf()
@@ -277,16 +380,25 @@ def bench_torch(host_batch, vocab_size, lrs, steps, device):
   ref = copy.deepcopy(model).eval().requires_grad_(False)
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(
-      [{"params": [p for p in params if p.ndim > 1],
-        "weight_decay": OPT_CFG["weight_decay"]},
-       {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-      lr=lrs[0], betas=(OPT_CFG["b1"], OPT_CFG["b2"]), eps=1e-8)
+      [
+          {
+              "params": [p for p in params if p.ndim > 1],
+              "weight_decay": OPT_CFG["weight_decay"],
+          },
+          {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+      ],
+      lr=lrs[0],
+      betas=(OPT_CFG["b1"], OPT_CFG["b2"]),
+      eps=1e-8,
+  )
   sync = torch.cuda.synchronize if device == "cuda" else lambda: None
   history, it = [], iter(range(len(lrs)))
 
   def one():
-    batch = {k: torch.from_numpy(v).to(device, torch.long)
-             for k, v in host_batch.items()}
+    batch = {
+        k: torch.from_numpy(v).to(device, torch.long)
+        for k, v in host_batch.items()
+    }
     opt.zero_grad(set_to_none=True)
     loss, parts = torch_losses(model, ref, batch, LOSS_CFG)
     loss.backward()
@@ -303,9 +415,13 @@ def bench_torch(host_batch, vocab_size, lrs, steps, device):
   first = one()
   first_step_s = time.perf_counter() - t
   step_s, times = median_time(one, steps)
-  return dict(first_step_s=first_step_s, step_s=step_s, times=times,
-              first={k: v.item() for k, v in first.items()},
-              losses=history)
+  return dict(
+      first_step_s=first_step_s,
+      step_s=step_s,
+      times=times,
+      first={k: v.item() for k, v in first.items()},
+      losses=history,
+  )
 
 
 # -- main ------------------------------------------------------------------------
@@ -313,22 +429,29 @@ def bench_torch(host_batch, vocab_size, lrs, steps, device):
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
-  from search_r3_jax import SearchR3  # pylint: disable=g-import-not-at-top
-  from search_r3_jax.training import stage1 as sft  # pylint: disable=g-import-not-at-top
+  import jax
+
+  from search_r3_jax import SearchR3
+  from search_r3_jax.training import stage1 as sft
 
   examples = 4 if QUICK.value else EXAMPLES.value
   steps = 2 if QUICK.value else STEPS.value
   m = SearchR3.from_pretrained("smollm2-135m")
-  batcher = sft.Batcher(m.tokenizer, m.prompts, query_len=QUERY_LEN.value,
-                        doc_len=DOC_LEN.value,
-                        num_negatives=NUM_NEGATIVES.value)
+  batcher = sft.Batcher(
+      m.tokenizer,
+      m.prompts,
+      query_len=QUERY_LEN.value,
+      doc_len=DOC_LEN.value,
+      num_negatives=NUM_NEGATIVES.value,
+  )
   host_batch = batcher(synthetic_examples(examples, NUM_NEGATIVES.value))
   real = batcher.tokens_per_batch(host_batch)
   padded = int(host_batch["q_tokens"].size + host_batch["d_tokens"].size)
   k = 1 + NUM_NEGATIVES.value
-  print(f"batch: {examples} examples x (query {QUERY_LEN.value} + {k} docs x "
-        f"{DOC_LEN.value}) = {padded} padded, {real} real tokens per step")
+  print(
+      f"batch: {examples} examples x (query {QUERY_LEN.value} + {k} docs x "
+      f"{DOC_LEN.value}) = {padded} padded, {real} real tokens per step"
+  )
 
   peak = matmul_peak_gflops(repeats=3 if QUICK.value else 5)
   print(f"fp32 matmul 2048^3 (jax): {peak:.1f} GFLOP/s")
@@ -336,24 +459,36 @@ def main(argv):
   ours = bench_ours(m, host_batch, steps)
   n_params = m.cfg.num_params()
   ours_gflops = 6 * n_params * real / ours["step_s"] / 1e9
-  print(f"ours : {ours['step_s']:.2f} s/step, {real / ours['step_s']:.1f} "
-        f"tok/s, {ours_gflops:.1f} GFLOP/s (compile {ours['compile_s']:.1f} s)"
-        f"; first-step losses {ours['first']}")
+  print(
+      f"ours : {ours['step_s']:.2f} s/step, {real / ours['step_s']:.1f} "
+      f"tok/s, {ours_gflops:.1f} GFLOP/s (compile {ours['compile_s']:.1f} s)"
+      f"; first-step losses {ours['first']}"
+  )
   result = {
-      "benchmark": "train_step", "quick": QUICK.value,
+      "benchmark": "train_step",
+      "quick": QUICK.value,
       "machine": f"{platform.machine()} {os.cpu_count()} cpu",
       "jax_device": str(jax.devices()[0].device_kind),
       "model": "smollm2-135m (GGUF Q4_1, dequantized to fp32)",
-      "dtype": "float32", "num_params": n_params,
+      "dtype": "float32",
+      "num_params": n_params,
       "vocab_rows": m.cfg.vocab_size,
-      "batch": {"examples": examples, "num_negatives": NUM_NEGATIVES.value,
-                "docs_per_example": k, "query_len": QUERY_LEN.value,
-                "doc_len": DOC_LEN.value, "sequences": examples * (1 + k)},
+      "batch": {
+          "examples": examples,
+          "num_negatives": NUM_NEGATIVES.value,
+          "docs_per_example": k,
+          "query_len": QUERY_LEN.value,
+          "doc_len": DOC_LEN.value,
+          "sequences": examples * (1 + k),
+      },
       "tokens_definition": "real = unpadded tokens of the query and document "
-                           "sequences per step (Batcher.tokens_per_batch); "
-                           "padded = B*(Tq+K*Td)",
-      "real_tokens_per_step": real, "padded_tokens_per_step": padded,
-      "losses": LOSS_CFG, "optimizer": OPT_CFG, "timed_steps": steps,
+      "sequences per step (Batcher.tokens_per_batch); "
+      "padded = B*(Tq+K*Td)",
+      "real_tokens_per_step": real,
+      "padded_tokens_per_step": padded,
+      "losses": LOSS_CFG,
+      "optimizer": OPT_CFG,
+      "timed_steps": steps,
       "ours_step_s": round(ours["step_s"], 4),
       "ours_step_times_s": [round(x, 3) for x in ours["times"]],
       "ours_compile_s": round(ours["compile_s"], 2),
@@ -373,28 +508,38 @@ def main(argv):
     ref = bench_torch(host_batch, m.cfg.vocab_size, lrs, steps, device)
     torch_peak = torch_matmul_gflops(repeats=3) if device == "cpu" else None
     rel = abs(ref["losses"][0] - ours["losses"][0]) / abs(ref["losses"][0])
-    print(f"torch: {ref['step_s']:.2f} s/step, {real / ref['step_s']:.1f} "
-          f"tok/s (first step {ref['first_step_s']:.1f} s); first-step "
-          f"losses {ref['first']}")
-    print(f"first-step loss: ours {ours['losses'][0]:.6f} torch "
-          f"{ref['losses'][0]:.6f} (relative difference {rel:.2e}); last: "
-          f"ours {ours['losses'][-1]:.6f} torch {ref['losses'][-1]:.6f}")
-    result.update({
-        "torch_device": device,
-        "torch_threads": os.cpu_count(),
-        "torch_step_s": round(ref["step_s"], 4),
-        "torch_step_times_s": [round(x, 3) for x in ref["times"]],
-        "torch_first_step_s": round(ref["first_step_s"], 3),
-        "torch_tokens_s": round(real / ref["step_s"], 2),
-        "torch_padded_tokens_s": round(padded / ref["step_s"], 2),
-        "torch_gflops": round(6 * n_params * real / ref["step_s"] / 1e9, 1),
-        "torch_matmul_gflops": (round(torch_peak, 1) if torch_peak else None),
-        "ratio": round(ref["step_s"] / ours["step_s"], 3),
-        "first_loss_torch": round(ref["losses"][0], 6),
-        "first_parts_torch": {k: round(v, 6) for k, v in ref["first"].items()},
-        "first_loss_rel_diff": float(f"{rel:.3g}"),
-        "losses_torch": [round(x, 5) for x in ref["losses"]],
-    })
+    print(
+        f"torch: {ref['step_s']:.2f} s/step, {real / ref['step_s']:.1f} "
+        f"tok/s (first step {ref['first_step_s']:.1f} s); first-step "
+        f"losses {ref['first']}"
+    )
+    print(
+        f"first-step loss: ours {ours['losses'][0]:.6f} torch "
+        f"{ref['losses'][0]:.6f} (relative difference {rel:.2e}); last: "
+        f"ours {ours['losses'][-1]:.6f} torch {ref['losses'][-1]:.6f}"
+    )
+    result.update(
+        {
+            "torch_device": device,
+            "torch_threads": os.cpu_count(),
+            "torch_step_s": round(ref["step_s"], 4),
+            "torch_step_times_s": [round(x, 3) for x in ref["times"]],
+            "torch_first_step_s": round(ref["first_step_s"], 3),
+            "torch_tokens_s": round(real / ref["step_s"], 2),
+            "torch_padded_tokens_s": round(padded / ref["step_s"], 2),
+            "torch_gflops": round(6 * n_params * real / ref["step_s"] / 1e9, 1),
+            "torch_matmul_gflops": (
+                round(torch_peak, 1) if torch_peak else None
+            ),
+            "ratio": round(ref["step_s"] / ours["step_s"], 3),
+            "first_loss_torch": round(ref["losses"][0], 6),
+            "first_parts_torch": {
+                k: round(v, 6) for k, v in ref["first"].items()
+            },
+            "first_loss_rel_diff": float(f"{rel:.3g}"),
+            "losses_torch": [round(x, 5) for x in ref["losses"]],
+        }
+    )
   print(json.dumps(result))
 
 

@@ -31,7 +31,8 @@ def dtype_of(name: str):
     return _DTYPES[name]
   except KeyError:
     raise ConfigError(
-        f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+        f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}"
+    ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +80,26 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.arch not in SUPPORTED_ARCHS:
-      raise ConfigError(f"unknown architecture {self.arch!r}; supported: "
-                        f"{', '.join(SUPPORTED_ARCHS)}")
-    for name in ("vocab_size", "hidden_size", "intermediate_size",
-                 "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+      raise ConfigError(
+          f"unknown architecture {self.arch!r}; supported: "
+          f"{', '.join(SUPPORTED_ARCHS)}"
+      )
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+    ):
       if int(getattr(self, name)) <= 0:
         raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-          f"({self.num_kv_heads})")
+          f"({self.num_kv_heads})"
+      )
     if self.head_dim % 2:
       raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
     dtype_of(self.param_dtype)
@@ -115,8 +126,9 @@ class ModelConfig:
     return self.num_layers * block + self.vocab_size * d + d + head
 
   @classmethod
-  def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json",
-              **overrides) -> "ModelConfig":
+  def from_hf(
+      cls, hf: Mapping[str, Any], source: str = "config.json", **overrides
+  ) -> "ModelConfig":
     """Builds a config from an HF `config.json` dict.
 
     Args:
@@ -132,7 +144,8 @@ class ModelConfig:
       raise ConfigError(
           f"{source}: unknown architecture model_type={arch!r} "
           f"(architectures={hf.get('architectures')}); supported: "
-          f"{', '.join(SUPPORTED_ARCHS)}")
+          f"{', '.join(SUPPORTED_ARCHS)}"
+      )
 
     def need(key):
       if key not in hf or hf[key] is None:
@@ -141,19 +154,25 @@ class ModelConfig:
 
     scaling = hf.get("rope_scaling")
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (
-        None, "default"):
+        None,
+        "default",
+    ):
       raise ConfigError(
           f"{source}: rope_scaling={scaling!r} is not supported (only plain "
-          "RoPE)")
+          "RoPE)"
+      )
     params = hf.get("rope_parameters") or {}
     theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
     if params.get("rope_type", "default") not in (None, "default"):
       raise ConfigError(
           f"{source}: rope_parameters={params!r} is not supported (only plain "
-          "RoPE)")
+          "RoPE)"
+      )
     if arch == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-      raise ConfigError(f"{source}: attention_bias/mlp_bias on a llama model "
-                        "is not supported")
+      raise ConfigError(
+          f"{source}: attention_bias/mlp_bias on a llama model "
+          "is not supported"
+      )
     hidden = int(need("hidden_size"))
     heads = int(need("num_attention_heads"))
     head_dim = hf.get("head_dim") or hidden // heads

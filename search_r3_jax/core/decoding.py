@@ -17,9 +17,9 @@ import dataclasses
 import functools
 from typing import NamedTuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from search_r3_jax.core.model import KVCache
 
@@ -80,7 +80,9 @@ def _bisect_threshold(x: jax.Array, enough, iters: int = 40) -> jax.Array:
   return jnp.min(jnp.where(live & (x >= lo), x, jnp.inf), -1, keepdims=True)
 
 
-def categorical(rng: jax.Array, logits: jax.Array, block: int = 128) -> jax.Array:
+def categorical(
+    rng: jax.Array, logits: jax.Array, block: int = 128
+) -> jax.Array:
   """Draws one index per row from softmax(logits) by two-level inverse CDF.
 
   Equivalent in distribution to `jax.random.categorical`, but it needs two
@@ -140,8 +142,9 @@ def _nucleus(values: jax.Array, top_p: float) -> jax.Array:
   return values >= cut
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array,
-                  sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+def sample_logits(
+    logits: jax.Array, rng: jax.Array, sp: SamplingParams
+) -> tuple[jax.Array, jax.Array]:
   """Picks one token per row and its log-probability.
 
   The log-probability is taken under the distribution the token was drawn
@@ -175,8 +178,9 @@ def sample_logits(logits: jax.Array, rng: jax.Array,
       if sp.top_p < 1.0:
         probs = jax.nn.softmax(masked, -1)
         cut = _bisect_threshold(
-            masked, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), -1)
-            >= sp.top_p)
+            masked,
+            lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), -1) >= sp.top_p,
+        )
         masked = jnp.where(masked >= cut, masked, _NEG)
       tok = categorical(rng, masked)
   tok = tok.astype(jnp.int32)
@@ -194,6 +198,7 @@ class Generation(NamedTuple):
   stop_hidden: [B, D] final hidden state at the stop token (zeros where the
     row did not stop or capture was off).
   """
+
   tokens: jax.Array
   logprobs: jax.Array
   lengths: jax.Array
@@ -205,9 +210,9 @@ class _Carry(NamedTuple):
   i: jax.Array
   cache: KVCache
   key_valid: jax.Array
-  tok: jax.Array        # token fed at step i (the i-th new token)
-  gen_done: jax.Array   # row has sampled its stop token
-  captured: jax.Array   # row has fed its stop token (capture mode)
+  tok: jax.Array  # token fed at step i (the i-th new token)
+  gen_done: jax.Array  # row has sampled its stop token
+  captured: jax.Array  # row has fed its stop token (capture mode)
   tokens: jax.Array
   logprobs: jax.Array
   hidden: jax.Array
@@ -223,14 +228,33 @@ def _mask_vocab(logits, valid_vocab):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "sampling", "stop_ids",
-                     "valid_vocab", "pad_id", "capture_stop_hidden",
-                     "batch_axes"))
-def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
-             rng: jax.Array, *, max_new_tokens: int, sampling: SamplingParams,
-             stop_ids: tuple[int, ...], valid_vocab: int, pad_id: int,
-             capture_stop_hidden: bool = False,
-             batch_axes=None, quantized=None) -> Generation:
+    static_argnames=(
+        "graphdef",
+        "max_new_tokens",
+        "sampling",
+        "stop_ids",
+        "valid_vocab",
+        "pad_id",
+        "capture_stop_hidden",
+        "batch_axes",
+    ),
+)
+def generate(
+    graphdef,
+    state,
+    prompt: jax.Array,
+    prompt_valid: jax.Array,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_ids: tuple[int, ...],
+    valid_vocab: int,
+    pad_id: int,
+    capture_stop_hidden: bool = False,
+    batch_axes=None,
+    quantized=None,
+) -> Generation:
   """Generates up to `max_new_tokens` tokens for a left-padded batch.
 
   Args:
@@ -257,35 +281,51 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
   size = p + m
   plen = prompt_valid.sum(-1).astype(jnp.int32)
   positions = jnp.maximum(jnp.cumsum(prompt_valid, -1) - 1, 0)
-  key_valid = jnp.concatenate(
-      [prompt_valid, jnp.zeros((b, m), bool)], axis=1)
+  key_valid = jnp.concatenate([prompt_valid, jnp.zeros((b, m), bool)], axis=1)
   cache = KVCache.zeros(cfg, b, size)
   if batch_axes is not None:
     spec = jax.sharding.PartitionSpec(None, batch_axes)
-    cache = KVCache(*(jax.lax.with_sharding_constraint(c, spec)
-                      for c in cache))
+    cache = KVCache(*(jax.lax.with_sharding_constraint(c, spec) for c in cache))
   # Logits only at the last slot: with left padding it is every row's last
   # prompt token, and the [B, P, V] logits would cost a vocab-wide matmul.
-  _, hidden, cache = model(prompt, positions, key_valid, cache, 0,
-                           return_logits=False, quantized=quantized)
-  last = _mask_vocab(model.logits_from_hidden(hidden[:, -1:], quantized)[:, 0],
-                     valid_vocab)
+  _, hidden, cache = model(
+      prompt,
+      positions,
+      key_valid,
+      cache,
+      0,
+      return_logits=False,
+      quantized=quantized,
+  )
+  last = _mask_vocab(
+      model.logits_from_hidden(hidden[:, -1:], quantized)[:, 0], valid_vocab
+  )
   stop = jnp.asarray(stop_ids, jnp.int32)
   tok0, lp0 = sample_logits(last, jax.random.fold_in(rng, 0), sampling)
   tokens = jnp.full((b, m + 1), pad_id, jnp.int32).at[:, 0].set(tok0)
   logprobs = jnp.zeros((b, m + 1), jnp.float32).at[:, 0].set(lp0)
   is_stop = lambda t: jnp.any(t[:, None] == stop[None, :], -1)
   carry = _Carry(
-      i=jnp.zeros((), jnp.int32), cache=cache, key_valid=key_valid, tok=tok0,
-      gen_done=is_stop(tok0), captured=jnp.zeros((b,), bool), tokens=tokens,
+      i=jnp.zeros((), jnp.int32),
+      cache=cache,
+      key_valid=key_valid,
+      tok=tok0,
+      gen_done=is_stop(tok0),
+      captured=jnp.zeros((b,), bool),
+      tokens=tokens,
       logprobs=logprobs,
-      hidden=jnp.zeros((b, cfg.hidden_size), jnp.float32), rng=rng)
+      hidden=jnp.zeros((b, cfg.hidden_size), jnp.float32),
+      rng=rng,
+  )
 
   # The output head as one contiguous [D, V] array, made once per call rather
   # than transposed from the tied embedding at every step.
   packed_head = quantized is not None and "head" in quantized.mats
-  head = None if packed_head else jax.lax.optimization_barrier(
-      model.head_weight().astype(cfg.dtype))
+  head = (
+      None
+      if packed_head
+      else jax.lax.optimization_barrier(model.head_weight().astype(cfg.dtype))
+  )
 
   def finished(c: _Carry):
     return c.captured if capture_stop_hidden else c.gen_done
@@ -299,33 +339,55 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
     slot = p + c.i
     key_valid = c.key_valid.at[:, slot].set(True)
     pos = (plen + c.i)[:, None]
-    _, hidden, cache = model(c.tok[:, None], pos, key_valid, c.cache, slot,
-                             return_logits=False, quantized=quantized)
+    _, hidden, cache = model(
+        c.tok[:, None],
+        pos,
+        key_valid,
+        c.cache,
+        slot,
+        return_logits=False,
+        quantized=quantized,
+    )
     if packed_head:
       logits = model.logits_from_hidden(hidden, quantized)
     else:
-      logits = jnp.einsum("btd,dv->btv", hidden.astype(head.dtype), head,
-                          preferred_element_type=jnp.float32)
+      logits = jnp.einsum(
+          "btd,dv->btv",
+          hidden.astype(head.dtype),
+          head,
+          preferred_element_type=jnp.float32,
+      )
     feeding_stop = is_stop(c.tok) & ~c.captured
     if not capture_stop_hidden:
       feeding_stop = jnp.zeros_like(feeding_stop)
-    hid = jnp.where(feeding_stop[:, None], hidden[:, 0].astype(jnp.float32),
-                    c.hidden)
+    hid = jnp.where(
+        feeding_stop[:, None], hidden[:, 0].astype(jnp.float32), c.hidden
+    )
     # The step that feeds a row's stop token must not emit anything for it.
     done_before = c.gen_done
-    nxt, lp = sample_logits(_mask_vocab(logits[:, 0], valid_vocab),
-                            jax.random.fold_in(c.rng, c.i + 1), sampling)
+    nxt, lp = sample_logits(
+        _mask_vocab(logits[:, 0], valid_vocab),
+        jax.random.fold_in(c.rng, c.i + 1),
+        sampling,
+    )
     nxt = jnp.where(done_before, pad_id, nxt)
     lp = jnp.where(done_before, 0.0, lp)
     tokens = jax.lax.dynamic_update_slice(c.tokens, nxt[:, None], (0, c.i + 1))
-    logprobs = jax.lax.dynamic_update_slice(c.logprobs, lp[:, None],
-                                            (0, c.i + 1))
+    logprobs = jax.lax.dynamic_update_slice(
+        c.logprobs, lp[:, None], (0, c.i + 1)
+    )
     return _Carry(
-        i=c.i + 1, cache=cache, key_valid=key_valid,
+        i=c.i + 1,
+        cache=cache,
+        key_valid=key_valid,
         tok=jnp.where(done_before, pad_id, nxt),
         gen_done=done_before | is_stop(nxt),
-        captured=c.captured | feeding_stop, tokens=tokens, logprobs=logprobs,
-        hidden=hid, rng=c.rng)
+        captured=c.captured | feeding_stop,
+        tokens=tokens,
+        logprobs=logprobs,
+        hidden=hid,
+        rng=c.rng,
+    )
 
   c = jax.lax.while_loop(cond, body, carry)
   tokens, logprobs = c.tokens[:, :m], c.logprobs[:, :m]
@@ -338,5 +400,10 @@ def generate(graphdef, state, prompt: jax.Array, prompt_valid: jax.Array,
   inside = col < lengths[:, None]
   tokens = jnp.where(inside, tokens, pad_id)
   logprobs = jnp.where(inside, logprobs, 0.0)
-  return Generation(tokens, logprobs, lengths, stopped,
-                    jnp.where(c.captured[:, None], c.hidden, 0.0))
+  return Generation(
+      tokens,
+      logprobs,
+      lengths,
+      stopped,
+      jnp.where(c.captured[:, None], c.hidden, 0.0),
+  )

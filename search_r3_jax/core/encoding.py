@@ -6,15 +6,16 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from search_r3_jax.core.ops import l2_normalize
 
 
-def right_padded_forward(model, tokens: jax.Array, lengths: jax.Array,
-                         return_logits: bool = True):
+def right_padded_forward(
+    model, tokens: jax.Array, lengths: jax.Array, return_logits: bool = True
+):
   """`model` over a right-padded batch: rows hold `lengths` real tokens
   from position 0. Returns the model's (logits, hidden, cache)."""
   t = tokens.shape[1]
@@ -30,8 +31,9 @@ def hidden_at(hidden: jax.Array, pos: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def embed_last(graphdef, state, tokens: jax.Array,
-               lengths: jax.Array) -> jax.Array:
+def embed_last(
+    graphdef, state, tokens: jax.Array, lengths: jax.Array
+) -> jax.Array:
   """L2-normalized final hidden state at each row's last token.
 
   Args:
@@ -41,15 +43,17 @@ def embed_last(graphdef, state, tokens: jax.Array,
     [B, D] float32 unit vectors.
   """
   model = nnx.merge(graphdef, state)
-  _, hidden, _ = right_padded_forward(model, tokens, lengths,
-                                      return_logits=False)
+  _, hidden, _ = right_padded_forward(
+      model, tokens, lengths, return_logits=False
+  )
   h = hidden_at(hidden, jnp.maximum(lengths - 1, 0))
   return l2_normalize(h)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def forward_logits(graphdef, state, tokens: jax.Array,
-                   lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+def forward_logits(
+    graphdef, state, tokens: jax.Array, lengths: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Logits [B, T, V] float32 and final hidden [B, T, D] of a right-padded
   batch (positions past `lengths` hold padding)."""
   model = nnx.merge(graphdef, state)
@@ -61,9 +65,12 @@ def forward_logits(graphdef, state, tokens: jax.Array,
 _NEG = -1e30
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array,
-                   temperature: float = 1.0,
-                   valid_vocab: Optional[int] = None) -> jax.Array:
+def token_logprobs(
+    logits: jax.Array,
+    tokens: jax.Array,
+    temperature: float = 1.0,
+    valid_vocab: Optional[int] = None,
+) -> jax.Array:
   """log p(tokens[:, t] | prefix) from `logits[:, t-1]`: [B, T-1] float32,
   under the distribution the sampler draws from at `temperature`:
   softmax(logits / temperature) over the first `valid_vocab` columns (the
@@ -78,11 +85,17 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array,
   return jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("graphdef", "temperature", "valid_vocab"))
-def logprobs(graphdef, state, tokens: jax.Array, lengths: jax.Array,
-             temperature: float = 1.0,
-             valid_vocab: Optional[int] = None) -> jax.Array:
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "temperature", "valid_vocab")
+)
+def logprobs(
+    graphdef,
+    state,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    temperature: float = 1.0,
+    valid_vocab: Optional[int] = None,
+) -> jax.Array:
   """[B, T-1] log-probabilities of `tokens[:, 1:]` of a right-padded batch
   (see `token_logprobs`)."""
   model = nnx.merge(graphdef, state)

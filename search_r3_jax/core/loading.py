@@ -41,6 +41,7 @@ class LoadedDecoder:
       own (a row re-initialised for `<|embed_token|>` is not): what a packed
       copy of the file's quantized head may cover.
   """
+
   model: Decoder
   tokenizer: Tokenizer
   mesh: Mesh
@@ -48,16 +49,26 @@ class LoadedDecoder:
   file_head_rows: int = 0
 
 
-def load_decoder(name_or_path: str, *, model_dir: Optional[str] = None,
-                 compute_dtype: str = "float32", param_dtype: str = "float32",
-                 mesh: Optional[Mesh] = None,
-                 mesh_shape=(1, -1, 1), rules: shd.Rules = shd.DEFAULT_RULES,
-                 scan_layers: bool = True) -> LoadedDecoder:
+def load_decoder(
+    name_or_path: str,
+    *,
+    model_dir: Optional[str] = None,
+    compute_dtype: str = "float32",
+    param_dtype: str = "float32",
+    mesh: Optional[Mesh] = None,
+    mesh_shape=(1, -1, 1),
+    rules: shd.Rules = shd.DEFAULT_RULES,
+    scan_layers: bool = True,
+) -> LoadedDecoder:
   """Reads a preset, an HF directory or a `.gguf` file onto the mesh."""
   ckpt = load_checkpoint(name_or_path, model_dir=model_dir)
-  cfg = ModelConfig.from_hf(ckpt.hf_config, source=ckpt.source,
-                            compute_dtype=compute_dtype,
-                            param_dtype=param_dtype, scan_layers=scan_layers)
+  cfg = ModelConfig.from_hf(
+      ckpt.hf_config,
+      source=ckpt.source,
+      compute_dtype=compute_dtype,
+      param_dtype=param_dtype,
+      scan_layers=scan_layers,
+  )
   had_embed = ckpt.tokenizer.token_to_id(EMBED_TOKEN) is not None
   source_vocab = cfg.vocab_size
   tok, cfg = tokenizer_and_config(ckpt, cfg)
@@ -66,16 +77,22 @@ def load_decoder(name_or_path: str, *, model_dir: Optional[str] = None,
     convert.set_rows(host, {tok.embed_token_id: "mean"})
   mesh = mesh or shd.make_mesh(mesh_shape)
   model = convert.model_from_host(host, cfg, mesh, rules)
-  head_rows = source_vocab if had_embed else min(source_vocab,
-                                                 tok.embed_token_id)
+  head_rows = (
+      source_vocab if had_embed else min(source_vocab, tok.embed_token_id)
+  )
   return LoadedDecoder(model, tok, mesh, ckpt, head_rows)
 
 
-def random_decoder(base: str = "smollm2-135m", *, seed: int = 0,
-                   model_dir: Optional[str] = None,
-                   mesh: Optional[Mesh] = None, mesh_shape=(1, -1, 1),
-                   rules: shd.Rules = shd.DEFAULT_RULES,
-                   **config_overrides) -> LoadedDecoder:
+def random_decoder(
+    base: str = "smollm2-135m",
+    *,
+    seed: int = 0,
+    model_dir: Optional[str] = None,
+    mesh: Optional[Mesh] = None,
+    mesh_shape=(1, -1, 1),
+    rules: shd.Rules = shd.DEFAULT_RULES,
+    **config_overrides,
+) -> LoadedDecoder:
   """A randomly initialised decoder with `base`'s tokenizer and template,
   its config changed by `config_overrides` (e.g. `num_layers=2`);
   parameters are created sharded on the mesh."""
@@ -86,13 +103,18 @@ def random_decoder(base: str = "smollm2-135m", *, seed: int = 0,
   return LoadedDecoder(convert.init_model(cfg, mesh, seed, rules), tok, mesh)
 
 
-def tokenizer_and_config(ckpt: Checkpoint, cfg: ModelConfig
-                         ) -> tuple[Tokenizer, ModelConfig]:
+def tokenizer_and_config(
+    ckpt: Checkpoint, cfg: ModelConfig
+) -> tuple[Tokenizer, ModelConfig]:
   """The checkpoint's tokenizer (with `<|embed_token|>` added when absent)
   and `cfg` with enough embedding rows for it, padded to VOCAB_MULTIPLE."""
-  tok = Tokenizer(ckpt.tokenizer, ckpt.chat_template,
-                  eos_token=ckpt.eos_token, bos_token=ckpt.bos_token,
-                  pad_token=ckpt.pad_token)
+  tok = Tokenizer(
+      ckpt.tokenizer,
+      ckpt.chat_template,
+      eos_token=ckpt.eos_token,
+      bos_token=ckpt.bos_token,
+      pad_token=ckpt.pad_token,
+  )
   if tok.vocab_size > cfg.vocab_size:
     cfg = cfg.replace(vocab_size=round_up(tok.vocab_size, VOCAB_MULTIPLE))
   return tok, cfg

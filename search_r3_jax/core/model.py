@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Protocol
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from search_r3_jax.core.config import ModelConfig
 
@@ -29,9 +29,12 @@ class QuantizedWeights(Protocol):
   mats: dict
   max_rows: int
 
-  def width(self, name: str) -> int: ...
+  def width(self, name: str) -> int:
+    ...
 
-  def matmul(self, x: jax.Array, name: str, layer=0) -> jax.Array: ...
+  def matmul(self, x: jax.Array, name: str, layer=0) -> jax.Array:
+    ...
+
 
 # Large negative used instead of -inf so fully masked rows (left padding)
 # give a uniform softmax instead of NaN.
@@ -41,28 +44,55 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # `layers` axis is added for every block parameter.
 _BLOCK_PARAMS = {
     "attn_norm": (lambda c: (c.hidden_size,), ("norm",), "ones"),
-    "wq": (lambda c: (c.hidden_size, c.num_heads, c.head_dim),
-           ("embed", "heads", "head_dim"), "normal"),
-    "wk": (lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim),
-           ("embed", "kv_heads", "head_dim"), "normal"),
-    "wv": (lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim),
-           ("embed", "kv_heads", "head_dim"), "normal"),
-    "wo": (lambda c: (c.num_heads, c.head_dim, c.hidden_size),
-           ("heads", "head_dim", "embed"), "normal"),
+    "wq": (
+        lambda c: (c.hidden_size, c.num_heads, c.head_dim),
+        ("embed", "heads", "head_dim"),
+        "normal",
+    ),
+    "wk": (
+        lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim),
+        ("embed", "kv_heads", "head_dim"),
+        "normal",
+    ),
+    "wv": (
+        lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim),
+        ("embed", "kv_heads", "head_dim"),
+        "normal",
+    ),
+    "wo": (
+        lambda c: (c.num_heads, c.head_dim, c.hidden_size),
+        ("heads", "head_dim", "embed"),
+        "normal",
+    ),
     "mlp_norm": (lambda c: (c.hidden_size,), ("norm",), "ones"),
-    "w_gate": (lambda c: (c.hidden_size, c.intermediate_size),
-               ("embed", "mlp"), "normal"),
-    "w_up": (lambda c: (c.hidden_size, c.intermediate_size),
-             ("embed", "mlp"), "normal"),
-    "w_down": (lambda c: (c.intermediate_size, c.hidden_size),
-               ("mlp", "embed"), "normal"),
+    "w_gate": (
+        lambda c: (c.hidden_size, c.intermediate_size),
+        ("embed", "mlp"),
+        "normal",
+    ),
+    "w_up": (
+        lambda c: (c.hidden_size, c.intermediate_size),
+        ("embed", "mlp"),
+        "normal",
+    ),
+    "w_down": (
+        lambda c: (c.intermediate_size, c.hidden_size),
+        ("mlp", "embed"),
+        "normal",
+    ),
 }
 _BIAS_PARAMS = {
     "bq": (lambda c: (c.num_heads, c.head_dim), ("heads", "head_dim"), "zeros"),
-    "bk": (lambda c: (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"),
-           "zeros"),
-    "bv": (lambda c: (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"),
-           "zeros"),
+    "bk": (
+        lambda c: (c.num_kv_heads, c.head_dim),
+        ("kv_heads", "head_dim"),
+        "zeros",
+    ),
+    "bv": (
+        lambda c: (c.num_kv_heads, c.head_dim),
+        ("kv_heads", "head_dim"),
+        "zeros",
+    ),
 }
 
 
@@ -71,12 +101,15 @@ def block_param_specs(cfg: ModelConfig) -> dict:
   specs = dict(_BLOCK_PARAMS)
   if cfg.attention_bias:
     specs.update(_BIAS_PARAMS)
-  return {k: ((cfg.num_layers,) + f(cfg), ("layers",) + ax, init)
-          for k, (f, ax, init) in specs.items()}
+  return {
+      k: ((cfg.num_layers,) + f(cfg), ("layers",) + ax, init)
+      for k, (f, ax, init) in specs.items()
+  }
 
 
 class KVCache(NamedTuple):
   """Static-size key/value cache, `[L, B, S, K, H]` each."""
+
   k: jax.Array
   v: jax.Array
 
@@ -92,8 +125,9 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
   return w.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_angles(positions: jax.Array, head_dim: int,
-                theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_angles(
+    positions: jax.Array, head_dim: int, theta: float
+) -> tuple[jax.Array, jax.Array]:
   """cos and sin of the RoPE angles, [B, T, 1, H/2] float32 each.
 
   Computed once per forward and shared by every block.
@@ -112,9 +146,17 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
-def block(cfg: ModelConfig, p: dict, x: jax.Array, angles: tuple,
-          mask: jax.Array, cache_kv: Optional[tuple], cache_index,
-          qw: Optional[QuantizedWeights] = None, layer=None):
+def block(
+    cfg: ModelConfig,
+    p: dict,
+    x: jax.Array,
+    angles: tuple,
+    mask: jax.Array,
+    cache_kv: Optional[tuple],
+    cache_index,
+    qw: Optional[QuantizedWeights] = None,
+    layer=None,
+):
   """One decoder block. Returns (x, (k, v)) where k, v fill the cache slot.
 
   Args:
@@ -137,8 +179,8 @@ def block(cfg: ModelConfig, p: dict, x: jax.Array, angles: tuple,
     nk = cfg.num_kv_heads * cfg.head_dim
     qkv = qw.matmul(h, "qkv", layer).astype(dt)
     q = qkv[..., :nq].reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = qkv[..., nq:nq + nk].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = qkv[..., nq + nk:].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    k = qkv[..., nq : nq + nk].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = qkv[..., nq + nk :].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   else:
     q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
     k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))
@@ -151,16 +193,19 @@ def block(cfg: ModelConfig, p: dict, x: jax.Array, angles: tuple,
   k = rope(k, *angles)
   if cache_kv is not None:
     ck, cv = cache_kv
-    k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype),
-                                     (0, cache_index, 0, 0))
-    v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype),
-                                     (0, cache_index, 0, 0))
+    k = jax.lax.dynamic_update_slice(
+        ck, k.astype(ck.dtype), (0, cache_index, 0, 0)
+    )
+    v = jax.lax.dynamic_update_slice(
+        cv, v.astype(cv.dtype), (0, cache_index, 0, 0)
+    )
   kv_heads = cfg.num_kv_heads
   g = cfg.num_heads // kv_heads
   q = q.reshape(b, t, kv_heads, g, cfg.head_dim)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(dt),
-                      preferred_element_type=jnp.float32)
-  scores = scores * (cfg.head_dim ** -0.5)
+  scores = jnp.einsum(
+      "btkgh,bskh->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32
+  )
+  scores = scores * (cfg.head_dim**-0.5)
   scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
   o = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt))
@@ -202,19 +247,26 @@ class Decoder(nnx.Module):
     def param(shape, axes, kind):
       # Logical names only: `sharding.state_shardings` resolves them against
       # the mesh, so creation itself never needs a mesh context.
-      return nnx.Param(_init(kind, rngs.params(), shape, pd),
-                       out_sharding=axes, eager_sharding=False)
+      return nnx.Param(
+          _init(kind, rngs.params(), shape, pd),
+          out_sharding=axes,
+          eager_sharding=False,
+      )
 
-    self.embed = param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                       "normal")
-    self.blocks = nnx.Dict({
-        name: param(shape, axes, kind)
-        for name, (shape, axes, kind) in block_param_specs(cfg).items()
-    })
+    self.embed = param(
+        (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal"
+    )
+    self.blocks = nnx.Dict(
+        {
+            name: param(shape, axes, kind)
+            for name, (shape, axes, kind) in block_param_specs(cfg).items()
+        }
+    )
     self.final_norm = param((cfg.hidden_size,), ("norm",), "ones")
     if not cfg.tie_word_embeddings:
-      self.lm_head = param((cfg.hidden_size, cfg.vocab_size),
-                           ("embed", "vocab"), "normal")
+      self.lm_head = param(
+          (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal"
+      )
 
   def head_weight(self) -> jax.Array:
     """Output projection as `[D, V]`."""
@@ -222,27 +274,36 @@ class Decoder(nnx.Module):
       return self.embed[...].T
     return self.lm_head[...]
 
-  def logits_from_hidden(self, hidden: jax.Array,
-                         qw: Optional[QuantizedWeights] = None) -> jax.Array:
+  def logits_from_hidden(
+      self, hidden: jax.Array, qw: Optional[QuantizedWeights] = None
+  ) -> jax.Array:
     """[B, T, D] -> float32 logits [B, T, V]; `qw`'s packed head, when it
     has one, gives the checkpoint's rows and the float32 head the rest."""
     w = self.head_weight().astype(self.cfg.dtype)
     hidden = hidden.astype(self.cfg.dtype)
     if qw is None or "head" not in qw.mats:
-      return jnp.einsum("btd,dv->btv", hidden, w,
-                        preferred_element_type=jnp.float32)
+      return jnp.einsum(
+          "btd,dv->btv", hidden, w, preferred_element_type=jnp.float32
+      )
     rows = qw.width("head")
     logits = qw.matmul(hidden, "head")
     if rows < w.shape[1]:
-      extra = jnp.einsum("btd,dv->btv", hidden, w[:, rows:],
-                         preferred_element_type=jnp.float32)
+      extra = jnp.einsum(
+          "btd,dv->btv", hidden, w[:, rows:], preferred_element_type=jnp.float32
+      )
       logits = jnp.concatenate([logits, extra], -1)
     return logits
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array,
-               key_valid: jax.Array, cache: Optional[KVCache] = None,
-               cache_index=0, return_logits: bool = True,
-               quantized: Optional[QuantizedWeights] = None):
+  def __call__(
+      self,
+      tokens: jax.Array,
+      positions: jax.Array,
+      key_valid: jax.Array,
+      cache: Optional[KVCache] = None,
+      cache_index=0,
+      return_logits: bool = True,
+      quantized: Optional[QuantizedWeights] = None,
+  ):
     """Runs the decoder.
 
     Args:
@@ -269,8 +330,11 @@ class Decoder(nnx.Module):
     mask = (k_slot[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :]
     params = {name: var[...] for name, var in self.blocks.items()}
     angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-    qw = (quantized if quantized is not None
-          and tokens.size <= quantized.max_rows else None)
+    qw = (
+        quantized
+        if quantized is not None and tokens.size <= quantized.max_rows
+        else None
+    )
 
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
 
@@ -285,16 +349,26 @@ class Decoder(nnx.Module):
       # whole cache in or out of the loop.
       x, ck, cv = carry
       p, index = layer
-      x, (k, v) = block(cfg, p, x, angles, mask, (ck[index], cv[index]),
-                        cache_index, qw, index)
+      x, (k, v) = block(
+          cfg,
+          p,
+          x,
+          angles,
+          mask,
+          (ck[index], cv[index]),
+          cache_index,
+          qw,
+          index,
+      )
       new = lambda a: jax.lax.dynamic_slice_in_dim(a, cache_index, t, 1)[None]
       at = (index, 0, cache_index, 0, 0)
       ck = jax.lax.dynamic_update_slice(ck, new(k).astype(ck.dtype), at)
       cv = jax.lax.dynamic_update_slice(cv, new(v).astype(cv.dtype), at)
       return (x, ck, cv), None
 
-    fn, carry = ((body, x) if cache is None else
-                 (cached_body, (x, cache.k, cache.v)))
+    fn, carry = (
+        (body, x) if cache is None else (cached_body, (x, cache.k, cache.v))
+    )
     if cfg.scan_layers:
       carry, _ = jax.lax.scan(fn, carry, (params, layers))
     else:

@@ -47,9 +47,14 @@ def _top_k(scores, k):
   return jax.lax.top_k(scores, k)
 
 
-def exact_top_k(queries: np.ndarray, docs, k: int, *,
-                alive: Optional[jax.Array] = None, chunk: int = 2048
-                ) -> tuple[np.ndarray, np.ndarray]:
+def exact_top_k(
+    queries: np.ndarray,
+    docs,
+    k: int,
+    *,
+    alive: Optional[jax.Array] = None,
+    chunk: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
   """Exact maximum inner product search (cosine for unit vectors), jitted.
 
   Args:
@@ -68,13 +73,14 @@ def exact_top_k(queries: np.ndarray, docs, k: int, *,
   queries = np.asarray(queries, np.float32)
   out_s, out_i = [], []
   for s in range(0, queries.shape[0], chunk):
-    part = queries[s:s + chunk]
-    padded = np.zeros((pow2_bucket(len(part), chunk), docs.shape[1]),
-                      np.float32)
-    padded[:len(part)] = part
+    part = queries[s : s + chunk]
+    padded = np.zeros(
+        (pow2_bucket(len(part), chunk), docs.shape[1]), np.float32
+    )
+    padded[: len(part)] = part
     v, i = _top_k(_scores(jnp.asarray(padded), docs, alive), k)
-    out_s.append(np.asarray(v)[:len(part)])
-    out_i.append(np.asarray(i, np.int64)[:len(part)])
+    out_s.append(np.asarray(v)[: len(part)])
+    out_i.append(np.asarray(i, np.int64)[: len(part)])
   if not out_s:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
   return np.concatenate(out_s), np.concatenate(out_i)

@@ -15,5 +15,8 @@ DATA_DIR_ENV = "SEARCH_R3_DATA_DIR"
 def cache_root() -> pathlib.Path:
   """$SEARCH_R3_DATA_DIR, or ~/.cache/search_r3_jax."""
   env = os.environ.get(DATA_DIR_ENV)
-  return pathlib.Path(env) if env else (
-      pathlib.Path.home() / ".cache" / "search_r3_jax")
+  return (
+      pathlib.Path(env)
+      if env
+      else (pathlib.Path.home() / ".cache" / "search_r3_jax")
+  )

@@ -17,18 +17,22 @@ import dataclasses
 import functools
 from typing import Any, Optional, Sequence, Union
 
+from flax import nnx
 import jax
+from jax.sharding import Mesh
 import numpy as np
 import tqdm
-from flax import nnx
-from jax.sharding import Mesh
 
-from search_r3_jax.core import decoding, encoding
+from search_r3_jax.core import decoding
+from search_r3_jax.core import encoding
 from search_r3_jax.core import sharding as shd
 from search_r3_jax.core.config import ModelConfig
-from search_r3_jax.core.ops import l2_normalize, pow2_bucket, round_up
+from search_r3_jax.core.ops import l2_normalize
+from search_r3_jax.core.ops import pow2_bucket
+from search_r3_jax.core.ops import round_up
 from search_r3_jax.core.prompts import PromptConfig
-from search_r3_jax.core.tokenizer import Tokenizer, embed_suffix_ids
+from search_r3_jax.core.tokenizer import embed_suffix_ids
+from search_r3_jax.core.tokenizer import Tokenizer
 
 # Padded lengths are rounded up to multiples of this, so a stream of batches
 # compiles a handful of shapes rather than one per batch.
@@ -46,6 +50,7 @@ class QueryReasoning:
       without it (end of turn, or `max_new_tokens`) and the embed suffix
       was appended.
   """
+
   analysis: str
   emitted: bool
 
@@ -64,6 +69,7 @@ class Policy:
     quantized: packed GGUF blocks standing for these very parameters, for
       the CPU decode kernels (`quantized.py`), or None.
   """
+
   graphdef: Any
   params: Any
   tokenizer: Tokenizer
@@ -73,13 +79,26 @@ class Policy:
   quantized: Optional[Any] = None
 
   @classmethod
-  def from_model(cls, model, tokenizer: Tokenizer, mesh: Mesh, *,
-                 prompts: Optional[PromptConfig] = None,
-                 rules: shd.Rules = shd.DEFAULT_RULES,
-                 quantized=None) -> "Policy":
+  def from_model(
+      cls,
+      model,
+      tokenizer: Tokenizer,
+      mesh: Mesh,
+      *,
+      prompts: Optional[PromptConfig] = None,
+      rules: shd.Rules = shd.DEFAULT_RULES,
+      quantized=None,
+  ) -> "Policy":
     graphdef, params = nnx.split(model)
-    return cls(graphdef, params, tokenizer, prompts or PromptConfig(), mesh,
-               tuple(rules), quantized)
+    return cls(
+        graphdef,
+        params,
+        tokenizer,
+        prompts or PromptConfig(),
+        mesh,
+        tuple(rules),
+        quantized,
+    )
 
   def with_params(self, params) -> "Policy":
     """The same policy with other parameters (e.g. after an update); the
@@ -120,13 +139,21 @@ class Policy:
     if isinstance(msgs, str):
       msgs = [{"role": "user", "content": msgs}]
     return self.tokenizer.encode(
-        self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+        self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    )
 
-  def generate_ids(self, prompts: Sequence[Sequence[int]], *,
-                   max_new_tokens: int = 64, temperature: float = 0.0,
-                   top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                   stop_ids: Optional[Sequence[int]] = None,
-                   capture_stop_hidden: bool = False) -> decoding.Generation:
+  def generate_ids(
+      self,
+      prompts: Sequence[Sequence[int]],
+      *,
+      max_new_tokens: int = 64,
+      temperature: float = 0.0,
+      top_p: float = 1.0,
+      top_k: int = 0,
+      seed: int = 0,
+      stop_ids: Optional[Sequence[int]] = None,
+      capture_stop_hidden: bool = False,
+  ) -> decoding.Generation:
     """Generates from token-id prompts; returns host numpy arrays.
 
     Args:
@@ -154,24 +181,39 @@ class Policy:
     valid = np.zeros((b, p), bool)
     for i in range(b):
       row = prompts[min(i, n - 1)]  # padding rows repeat the last prompt
-      ids[i, p - len(row):] = row
-      valid[i, p - len(row):] = True
+      ids[i, p - len(row) :] = row
+      valid[i, p - len(row) :] = True
     stop = tuple(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
     with jax.set_mesh(self.mesh):
       out = decoding.generate(
-          self.graphdef, self.params, self._put(ids), self._put(valid),
-          self._rng(seed), max_new_tokens=max_new_tokens,
-          sampling=sampling, stop_ids=stop,
-          valid_vocab=self.tokenizer.vocab_size, pad_id=pad,
+          self.graphdef,
+          self.params,
+          self._put(ids),
+          self._put(valid),
+          self._rng(seed),
+          max_new_tokens=max_new_tokens,
+          sampling=sampling,
+          stop_ids=stop,
+          valid_vocab=self.tokenizer.vocab_size,
+          pad_id=pad,
           capture_stop_hidden=capture_stop_hidden,
-          batch_axes=self._batch_axes(), quantized=self.quantized)
+          batch_axes=self._batch_axes(),
+          quantized=self.quantized,
+      )
     out = jax.device_get(out)
     return decoding.Generation(*(np.asarray(a)[:n] for a in out))
 
-  def generate(self, texts: Sequence[Union[str, list]], *,
-               max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-               chat: bool = True) -> list[str]:
+  def generate(
+      self,
+      texts: Sequence[Union[str, list]],
+      *,
+      max_new_tokens: int = 64,
+      temperature: float = 0.0,
+      top_p: float = 1.0,
+      top_k: int = 0,
+      seed: int = 0,
+      chat: bool = True,
+  ) -> list[str]:
     """Generates a continuation per input.
 
     Args:
@@ -185,18 +227,31 @@ class Policy:
     """
     if isinstance(texts, str):
       raise TypeError("generate takes a list of texts")
-    prompts = [self.chat_prompt(t) if chat else self.tokenizer.encode(t)
-               for t in texts]
-    gen = self.generate_ids(prompts, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed)
-    return [self.tokenizer.decode(row[:n]) for row, n in
-            zip(gen.tokens, gen.lengths)]
+    prompts = [
+        self.chat_prompt(t) if chat else self.tokenizer.encode(t) for t in texts
+    ]
+    gen = self.generate_ids(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+    )
+    return [
+        self.tokenizer.decode(row[:n])
+        for row, n in zip(gen.tokens, gen.lengths)
+    ]
 
   # -- embeddings ------------------------------------------------------------
 
-  def embed_ids(self, rows: list[list[int]], batch_size: int = 16,
-                progress: bool = False, desc: str = "") -> np.ndarray:
+  def embed_ids(
+      self,
+      rows: list[list[int]],
+      batch_size: int = 16,
+      progress: bool = False,
+      desc: str = "",
+  ) -> np.ndarray:
     """[n, d] unit embeddings at each row's last token (the embed token),
     in input order."""
     # Longest first: the early batches compile the large shapes and later
@@ -204,17 +259,18 @@ class Policy:
     order = np.argsort([len(r) for r in rows], kind="stable")[::-1]
     out = np.zeros((len(rows), self.cfg.hidden_size), np.float32)
     starts = range(0, len(rows), batch_size)
-    bar = tqdm.tqdm(starts, desc=desc, unit="batch",
-                    disable=not progress or len(starts) < 2)
+    bar = tqdm.tqdm(
+        starts, desc=desc, unit="batch", disable=not progress or len(starts) < 2
+    )
     pending = None  # the previous batch, fetched after the next dispatch
 
     def fetch(item):
       idx, emb = item
-      out[idx] = np.asarray(jax.device_get(emb))[:len(idx)]
+      out[idx] = np.asarray(jax.device_get(emb))[: len(idx)]
 
     with jax.set_mesh(self.mesh):
       for s in bar:
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         # Power-of-two row buckets: a ragged last batch reuses a compiled
         # shape instead of compiling its own.
         b = self.pad_batch(pow2_bucket(len(idx), batch_size))
@@ -222,10 +278,11 @@ class Policy:
         ids = np.full((b, t), self.tokenizer.pad_id, np.int32)
         lengths = np.ones((b,), np.int32)
         for j, i in enumerate(idx):
-          ids[j, :len(rows[i])] = rows[i]
+          ids[j, : len(rows[i])] = rows[i]
           lengths[j] = len(rows[i])
-        emb = encoding.embed_last(self.graphdef, self.params, self._put(ids),
-                                  self._put(lengths))
+        emb = encoding.embed_last(
+            self.graphdef, self.params, self._put(ids), self._put(lengths)
+        )
         if pending is not None:
           fetch(pending)
         pending = (idx, emb)
@@ -233,9 +290,14 @@ class Policy:
         fetch(pending)
     return out
 
-  def encode_documents(self, texts: Sequence[str], *, batch_size: int = 16,
-                       max_length: int = 512,
-                       progress: bool = True) -> np.ndarray:
+  def encode_documents(
+      self,
+      texts: Sequence[str],
+      *,
+      batch_size: int = 16,
+      max_length: int = 512,
+      progress: bool = True,
+  ) -> np.ndarray:
     """Embeds documents with the document prompt.
 
     Args:
@@ -244,17 +306,28 @@ class Policy:
     Returns:
       [n, d] float32, L2-normalized.
     """
-    rows = [self.tokenizer.embedding_prompt(self.prompts, "document", t,
-                                            max_text_tokens=max_length)
-            for t in check_texts(texts, "documents")]
+    rows = [
+        self.tokenizer.embedding_prompt(
+            self.prompts, "document", t, max_text_tokens=max_length
+        )
+        for t in check_texts(texts, "documents")
+    ]
     return self.embed_ids(rows, batch_size, progress, "encode documents")
 
-  def encode_queries(self, texts: Sequence[str], *, reasoning: bool = False,
-                     batch_size: int = 16, max_new_tokens: int = 128,
-                     temperature: float = 0.0, seed: int = 0,
-                     max_length: int = 512, progress: bool = True,
-                     return_reasoning: bool = False,
-                     return_details: bool = False):
+  def encode_queries(
+      self,
+      texts: Sequence[str],
+      *,
+      reasoning: bool = False,
+      batch_size: int = 16,
+      max_new_tokens: int = 128,
+      temperature: float = 0.0,
+      seed: int = 0,
+      max_length: int = 512,
+      progress: bool = True,
+      return_reasoning: bool = False,
+      return_details: bool = False,
+  ):
     """Embeds queries, optionally after the model reasons about them.
 
     With `reasoning`, the model writes an analysis and emits
@@ -273,24 +346,32 @@ class Policy:
     if return_reasoning and return_details:
       raise ValueError("pass return_reasoning or return_details, not both")
     texts = check_texts(texts, "queries")
-    rows = [self.tokenizer.embedding_prompt(self.prompts, "query", t,
-                                            reasoning=reasoning,
-                                            max_text_tokens=max_length)
-            for t in texts]
+    rows = [
+        self.tokenizer.embedding_prompt(
+            self.prompts,
+            "query",
+            t,
+            reasoning=reasoning,
+            max_text_tokens=max_length,
+        )
+        for t in texts
+    ]
     if not reasoning:
       emb = self.embed_ids(rows, batch_size, progress, "encode queries")
       details = [QueryReasoning("", False) for _ in texts]
     else:
-      emb, details = self._reason_and_embed(rows, batch_size, max_new_tokens,
-                                            temperature, seed, progress)
+      emb, details = self._reason_and_embed(
+          rows, batch_size, max_new_tokens, temperature, seed, progress
+      )
     if return_details:
       return emb, details
     if return_reasoning:
       return emb, [d.analysis for d in details]
     return emb
 
-  def _reason_and_embed(self, rows, batch_size, max_new_tokens, temperature,
-                        seed, progress):
+  def _reason_and_embed(
+      self, rows, batch_size, max_new_tokens, temperature, seed, progress
+  ):
     """Generates each query's analysis and takes the embedding at the token
     the model emits, or after the appended suffix where it emits none."""
     tok = self.tokenizer
@@ -298,13 +379,21 @@ class Policy:
     details, fallback = [], []
     suffix = embed_suffix_ids(tok, self.prompts, leading_space=True)
     starts = range(0, len(rows), batch_size)
-    for s in tqdm.tqdm(starts, desc="reason+encode queries", unit="batch",
-                       disable=not progress or len(starts) < 2):
-      batch = rows[s:s + batch_size]
+    for s in tqdm.tqdm(
+        starts,
+        desc="reason+encode queries",
+        unit="batch",
+        disable=not progress or len(starts) < 2,
+    ):
+      batch = rows[s : s + batch_size]
       gen = self.generate_ids(
-          batch, max_new_tokens=max_new_tokens, temperature=temperature,
-          seed=seed + s, stop_ids=tuple(tok.eos_ids) + (tok.embed_token_id,),
-          capture_stop_hidden=True)
+          batch,
+          max_new_tokens=max_new_tokens,
+          temperature=temperature,
+          seed=seed + s,
+          stop_ids=tuple(tok.eos_ids) + (tok.embed_token_id,),
+          capture_stop_hidden=True,
+      )
       for j, (row, n) in enumerate(zip(gen.tokens, gen.lengths)):
         new = [int(x) for x in row[:n]]
         emitted = bool(gen.stopped[j]) and new[-1] == tok.embed_token_id
@@ -325,8 +414,10 @@ class Policy:
     """Logits of an unpadded [B, T] int batch as float32 numpy [B, T, V]."""
     ids = np.asarray(token_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f"logits expects a [B, T] integer array, got shape "
-                       f"{ids.shape} dtype {ids.dtype}")
+      raise ValueError(
+          f"logits expects a [B, T] integer array, got shape "
+          f"{ids.shape} dtype {ids.dtype}"
+      )
     vocab = self.cfg.vocab_size
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
       raise ValueError(f"token ids must be in [0, {vocab})")
@@ -336,12 +427,16 @@ class Policy:
     padded[:n] = ids
     with jax.set_mesh(self.mesh):
       logits, _ = encoding.forward_logits(
-          self.graphdef, self.params, self._put(padded),
-          self._put(np.full((b,), t, np.int32)))
+          self.graphdef,
+          self.params,
+          self._put(padded),
+          self._put(np.full((b,), t, np.int32)),
+      )
     return np.array(jax.device_get(logits), np.float32)[:n]
 
-  def logprobs(self, tokens: np.ndarray, lengths: np.ndarray, *,
-               temperature: float = 1.0) -> np.ndarray:
+  def logprobs(
+      self, tokens: np.ndarray, lengths: np.ndarray, *, temperature: float = 1.0
+  ) -> np.ndarray:
     """[B, T-1] float32 log p(tokens[:, t] | prefix) of a right-padded batch
     under the distribution `generate_ids` samples from at `temperature`
     (softmax(logits / temperature) over the tokenizer's ids); positions past
@@ -354,9 +449,14 @@ class Policy:
     lens = np.ones((b,), np.int32)
     lens[:n] = lengths
     with jax.set_mesh(self.mesh):
-      out = encoding.logprobs(self.graphdef, self.params, self._put(padded),
-                              self._put(lens), temperature=float(temperature),
-                              valid_vocab=self.tokenizer.vocab_size)
+      out = encoding.logprobs(
+          self.graphdef,
+          self.params,
+          self._put(padded),
+          self._put(lens),
+          temperature=float(temperature),
+          valid_vocab=self.tokenizer.vocab_size,
+      )
     return np.asarray(jax.device_get(out))[:n]
 
 

@@ -22,14 +22,16 @@ class PromptConfig:
   reasoning_system: str = (
       "Analyse the user's search query briefly: what it asks for and which "
       "facts, names or terms a relevant document would contain. Then finish "
-      "with exactly: The embedding is " + EMBED_TOKEN + ".")
+      "with exactly: The embedding is " + EMBED_TOKEN + "."
+  )
   embed_suffix: str = "The embedding is " + EMBED_TOKEN + "."
 
   def __post_init__(self):
     if self.embed_suffix.count(EMBED_TOKEN) != 1:
       raise ValueError(
           f"PromptConfig.embed_suffix must contain {EMBED_TOKEN} exactly once, "
-          f"got {self.embed_suffix!r}")
+          f"got {self.embed_suffix!r}"
+      )
 
   def system(self, kind: str, reasoning: bool = False) -> str:
     if kind == "query":
@@ -38,8 +40,9 @@ class PromptConfig:
       return self.document_system
     raise ValueError(f"prompt kind must be 'query' or 'document', got {kind!r}")
 
-  def messages(self, kind: str, text: str, reasoning: bool = False,
-               answer: bool = True) -> list[dict]:
+  def messages(
+      self, kind: str, text: str, reasoning: bool = False, answer: bool = True
+  ) -> list[dict]:
     """Chat messages for one query or document.
 
     Args:
@@ -49,8 +52,10 @@ class PromptConfig:
       answer: append the assistant turn `embed_suffix` (no-reasoning
         encoding); False leaves the turn for the model to write.
     """
-    msgs = [{"role": "system", "content": self.system(kind, reasoning)},
-            {"role": "user", "content": text}]
+    msgs = [
+        {"role": "system", "content": self.system(kind, reasoning)},
+        {"role": "user", "content": text},
+    ]
     if answer:
       msgs.append({"role": "assistant", "content": self.embed_suffix})
     return msgs

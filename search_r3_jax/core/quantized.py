@@ -36,7 +36,8 @@ import numpy as np
 
 from search_r3_jax.core import kernels
 from search_r3_jax.core.config import ModelConfig
-from search_r3_jax.core.kernels import BLOCK, LANES
+from search_r3_jax.core.kernels import BLOCK
+from search_r3_jax.core.kernels import LANES
 
 # Block layouts of the supported GGUF types: bytes per block of 32 weights.
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -46,8 +47,11 @@ MAX_ROWS = 64
 
 # Packed group -> the HF tensor suffixes fused into it, in output order.
 GROUPS = {
-    "qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight"),
+    "qkv": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
     "wo": ("self_attn.o_proj.weight",),
     "gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "w_down": ("mlp.down_proj.weight",),
@@ -60,13 +64,17 @@ class PackedMatrix(NamedTuple):
   qs: u8 [L, N/16, K/32, 256] (Q4_1 layout) or s8 [L, N/16, K/32, 512] (Q8_0).
   d: f32 [L, N/16, K/32, 16]; m: the same (Q4_1) or None (Q8_0).
   """
+
   qs: object
   d: object
   m: object
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["mats"], meta_fields=["outputs"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["mats"],
+    meta_fields=["outputs"],
+)
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeights:
   """The packed groups of one model.
@@ -77,6 +85,7 @@ class QuantizedWeights:
     outputs: ((group, N), ...) the real output width of each group (the
       packed one is rounded up to whole tiles).
   """
+
   mats: dict
   outputs: tuple
 
@@ -92,13 +101,15 @@ class QuantizedWeights:
     """x [..., K] float32 times layer `layer` of group `name` -> [..., N]."""
     pm = self.mats[name]
     lead = x.shape[:-1]
-    y = kernels.qmatmul(x.reshape(-1, x.shape[-1]).astype(jnp.float32),
-                        pm.qs, pm.d, pm.m, layer)
-    return y[:, :self.width(name)].reshape(*lead, -1)
+    y = kernels.qmatmul(
+        x.reshape(-1, x.shape[-1]).astype(jnp.float32), pm.qs, pm.d, pm.m, layer
+    )
+    return y[:, : self.width(name)].reshape(*lead, -1)
 
 
-def unpack_gguf_rows(kind: str, raw: np.ndarray, cols: int
-                     ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def unpack_gguf_rows(
+    kind: str, raw: np.ndarray, cols: int
+) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
   """GGUF blocks of a [rows, cols] tensor -> integer codes and scales.
 
   Args:
@@ -126,8 +137,9 @@ def unpack_gguf_rows(kind: str, raw: np.ndarray, cols: int
   return q.reshape(rows, cols).astype(np.uint8), d, m
 
 
-def pack_rows(q: np.ndarray, d: np.ndarray, m: Optional[np.ndarray]
-              ) -> PackedMatrix:
+def pack_rows(
+    q: np.ndarray, d: np.ndarray, m: Optional[np.ndarray]
+) -> PackedMatrix:
   """Codes of one [N, K] matrix (rows are outputs) -> the kernel layout.
 
   N is padded to whole tiles of 16 with zero weights.
@@ -142,16 +154,19 @@ def pack_rows(q: np.ndarray, d: np.ndarray, m: Optional[np.ndarray]
       m = np.concatenate([m, np.zeros((pad, kb), np.float32)])
   nt = (n + pad) // LANES
   tiles = lambda a: np.ascontiguousarray(
-      a.reshape(nt, LANES, kb).transpose(0, 2, 1), np.float32)
+      a.reshape(nt, LANES, kb).transpose(0, 2, 1), np.float32
+  )
   if m is None:  # Q8_0: [NT, lane, KB, 32] -> [NT, KB, 32, lane]
     qs = q.reshape(nt, LANES, kb, BLOCK).transpose(0, 2, 3, 1)
-    return PackedMatrix(np.ascontiguousarray(qs).reshape(nt, kb, 512),
-                        tiles(d), None)
+    return PackedMatrix(
+        np.ascontiguousarray(qs).reshape(nt, kb, 512), tiles(d), None
+    )
   # Q4_1: weights 2j and 2j + 1 of a block share byte j of each lane.
   qs = q.reshape(nt, LANES, kb, BLOCK // 2, 2).transpose(0, 2, 3, 1, 4)
   qs = qs[..., 0] | (qs[..., 1] << 4)
-  return PackedMatrix(np.ascontiguousarray(qs).reshape(nt, kb, 256),
-                      tiles(d), tiles(m))
+  return PackedMatrix(
+      np.ascontiguousarray(qs).reshape(nt, kb, 256), tiles(d), tiles(m)
+  )
 
 
 def dequantize(pm: PackedMatrix, layer: int = 0) -> np.ndarray:
@@ -172,17 +187,20 @@ def dequantize(pm: PackedMatrix, layer: int = 0) -> np.ndarray:
 
 def _stack(mats: list[PackedMatrix]) -> PackedMatrix:
   m = None if mats[0].m is None else np.stack([p.m for p in mats])
-  return PackedMatrix(np.stack([p.qs for p in mats]),
-                      np.stack([p.d for p in mats]), m)
+  return PackedMatrix(
+      np.stack([p.qs for p in mats]), np.stack([p.d for p in mats]), m
+  )
 
 
 def _layout(kind: str) -> str:
   return "Q8_0" if kind == "Q8_0" else "Q4_1"
 
 
-def pack_checkpoint(get_blocks: Callable[[str], Optional[tuple]],
-                    cfg: ModelConfig, head_rows: int
-                    ) -> Optional[QuantizedWeights]:
+def pack_checkpoint(
+    get_blocks: Callable[[str], Optional[tuple]],
+    cfg: ModelConfig,
+    head_rows: int,
+) -> Optional[QuantizedWeights]:
   """Packs every group whose tensors are all of a supported GGUF type.
 
   Args:
@@ -210,9 +228,13 @@ def pack_checkpoint(get_blocks: Callable[[str], Optional[tuple]],
       parts = []
       for suffix in suffixes:
         name = f"model.layers.{i}.{suffix}"
-        cols = (cfg.intermediate_size if suffix.startswith("mlp.down")
-                else cfg.num_heads * cfg.head_dim if "o_proj" in suffix
-                else cfg.hidden_size)
+        cols = (
+            cfg.intermediate_size
+            if suffix.startswith("mlp.down")
+            else cfg.num_heads * cfg.head_dim
+            if "o_proj" in suffix
+            else cfg.hidden_size
+        )
         parts.append(codes(name, cols))
       if any(p is None for p in parts):
         break
@@ -222,20 +244,33 @@ def pack_checkpoint(get_blocks: Callable[[str], Optional[tuple]],
       if len(kinds) != 1 or kinds != {layout or next(iter(kinds))}:
         break
       layout = next(iter(kinds))
-      cat = lambda j: (None if parts[0][1][j] is None else
-                       np.concatenate([c[j] for _, c in parts]))
+      cat = lambda j: (
+          None
+          if parts[0][1][j] is None
+          else np.concatenate([c[j] for _, c in parts])
+      )
       layers.append(pack_rows(cat(0), cat(1), cat(2)))
       width = sum(c[0].shape[0] for _, c in parts)
     if len(layers) == cfg.num_layers:
       mats[group] = _stack(layers)
       outputs.append((group, width))
-  head_name = ("model.embed_tokens.weight" if cfg.tie_word_embeddings
-               else "lm_head.weight")
+  head_name = (
+      "model.embed_tokens.weight"
+      if cfg.tie_word_embeddings
+      else "lm_head.weight"
+  )
   head = codes(head_name, cfg.hidden_size)
   if head is not None and 0 < head_rows <= head[1][0].shape[0]:
     _, (q, d, m) = head
-    mats["head"] = _stack([pack_rows(
-        q[:head_rows], d[:head_rows], None if m is None else m[:head_rows])])
+    mats["head"] = _stack(
+        [
+            pack_rows(
+                q[:head_rows],
+                d[:head_rows],
+                None if m is None else m[:head_rows],
+            )
+        ]
+    )
     outputs.append(("head", head_rows))
   if not mats:
     return None
@@ -245,10 +280,15 @@ def pack_checkpoint(get_blocks: Callable[[str], Optional[tuple]],
 def to_device(qw: QuantizedWeights, device=None) -> QuantizedWeights:
   put = lambda a: None if a is None else jax.device_put(a, device)
   return QuantizedWeights(
-      {k: PackedMatrix(put(p.qs), put(p.d), put(p.m))
-       for k, p in qw.mats.items()}, qw.outputs)
+      {
+          k: PackedMatrix(put(p.qs), put(p.d), put(p.m))
+          for k, p in qw.mats.items()
+      },
+      qw.outputs,
+  )
 
 
 def nbytes(qw: QuantizedWeights) -> int:
-  return sum(int(np.prod(a.shape)) * a.dtype.itemsize
-             for a in jax.tree.leaves(qw))
+  return sum(
+      int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(qw)
+  )

@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Optional, Sequence, Union
 
-import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -36,9 +38,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 Rules = Sequence[tuple[str, Any]]
 
 
-def make_mesh(shape: Union[Sequence[int], dict] = (1, -1, 1),
-              axis_names: Sequence[str] = MESH_AXES,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(
+    shape: Union[Sequence[int], dict] = (1, -1, 1),
+    axis_names: Sequence[str] = MESH_AXES,
+    devices: Optional[Sequence[jax.Device]] = None,
+) -> Mesh:
   """Builds a mesh; one entry of `shape` may be -1, meaning "the rest".
 
   Args:
@@ -49,8 +53,10 @@ def make_mesh(shape: Union[Sequence[int], dict] = (1, -1, 1),
   if isinstance(shape, dict):
     unknown = set(shape) - set(axis_names)
     if unknown:
-      raise ValueError(f"mesh shape names unknown axes {sorted(unknown)}; "
-                       f"axes are {list(axis_names)}")
+      raise ValueError(
+          f"mesh shape names unknown axes {sorted(unknown)}; "
+          f"axes are {list(axis_names)}"
+      )
     shape = [shape.get(a, 1) for a in axis_names]
   shape = [int(s) for s in shape]
   if len(shape) != len(axis_names):
@@ -65,8 +71,9 @@ def make_mesh(shape: Union[Sequence[int], dict] = (1, -1, 1),
       raise ValueError(f"mesh shape {shape} does not divide {n} devices")
     shape[shape.index(-1)] = n // known
   if math.prod(shape) != n:
-    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, "
-                     f"have {n}")
+    raise ValueError(
+        f"mesh shape {shape} needs {math.prod(shape)} devices, " f"have {n}"
+    )
   arr = np.asarray(devices).reshape(shape)
   return Mesh(arr, tuple(axis_names))
 
@@ -79,8 +86,12 @@ def _axes_of(rule_value) -> tuple[str, ...]:
   return tuple(rule_value)
 
 
-def logical_to_spec(logical: Iterable[Optional[str]], shape: Sequence[int],
-                    mesh: Mesh, rules: Rules = DEFAULT_RULES) -> P:
+def logical_to_spec(
+    logical: Iterable[Optional[str]],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+) -> P:
   """Maps logical axis names of an array of `shape` to a PartitionSpec.
 
   A mesh axis is used at most once, only if it has size > 1, and only where it
@@ -100,13 +111,18 @@ def logical_to_spec(logical: Iterable[Optional[str]], shape: Sequence[int],
       chosen.append(ax)
       size *= mesh.shape[ax]
     used.update(chosen)
-    spec.append(None if not chosen else
-                chosen[0] if len(chosen) == 1 else tuple(chosen))
+    spec.append(
+        None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen)
+    )
   return P(*spec)
 
 
-def named(mesh: Mesh, logical: Iterable[Optional[str]], shape: Sequence[int],
-          rules: Rules = DEFAULT_RULES) -> NamedSharding:
+def named(
+    mesh: Mesh,
+    logical: Iterable[Optional[str]],
+    shape: Sequence[int],
+    rules: Rules = DEFAULT_RULES,
+) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules))
 
 
@@ -123,15 +139,19 @@ def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
   def one(var):
     if isinstance(var, nnx.Variable):
       return var.replace(
-          named(mesh, variable_logical_axes(var), var.shape, rules))
+          named(mesh, variable_logical_axes(var), var.shape, rules)
+      )
     return NamedSharding(mesh, P())
 
-  return jax.tree.map(one, state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES,
-                   batch_size: Optional[int] = None) -> NamedSharding:
+def batch_sharding(
+    mesh: Mesh,
+    ndim: int,
+    rules: Rules = DEFAULT_RULES,
+    batch_size: Optional[int] = None,
+) -> NamedSharding:
   """Sharding of an activation or input whose leading axis is the batch."""
   axes = _axes_of(dict(rules).get("batch"))
   axes = tuple(a for a in axes if a in mesh.shape)

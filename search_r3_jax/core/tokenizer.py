@@ -8,14 +8,16 @@ import jinja2
 import jinja2.sandbox
 import tokenizers
 
-from search_r3_jax.core.prompts import EMBED_TOKEN, PromptConfig
+from search_r3_jax.core.prompts import EMBED_TOKEN
+from search_r3_jax.core.prompts import PromptConfig
 
 # Fallback for checkpoints without a template: the ChatML layout that both
 # SmolLM2 and Qwen2.5 use.
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
     "<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 _STOP_CANDIDATES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
 
@@ -33,27 +35,39 @@ class Tokenizer:
     pad_id: id used for padding (never attended).
   """
 
-  def __init__(self, tok: tokenizers.Tokenizer, chat_template: Optional[str],
-               eos_token: Optional[str] = None, bos_token: Optional[str] = None,
-               pad_token: Optional[str] = None, embed_token_id: Optional[int] = None):
+  def __init__(
+      self,
+      tok: tokenizers.Tokenizer,
+      chat_template: Optional[str],
+      eos_token: Optional[str] = None,
+      bos_token: Optional[str] = None,
+      pad_token: Optional[str] = None,
+      embed_token_id: Optional[int] = None,
+  ):
     self.tok = tok
     self.bos_token = bos_token
     self.eos_token = eos_token
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True)
+        trim_blocks=True, lstrip_blocks=True
+    )
     env.globals["raise_exception"] = _raise
     self.chat_template = chat_template or CHATML_TEMPLATE
     self._template = env.from_string(self.chat_template)
     if tok.token_to_id(EMBED_TOKEN) is None:
       if embed_token_id is not None:
-        raise ValueError(f"{EMBED_TOKEN} is absent from the tokenizer but an "
-                         f"id ({embed_token_id}) was given for it")
-      tok.add_special_tokens([tokenizers.AddedToken(EMBED_TOKEN, special=True,
-                                                    normalized=False)])
+        raise ValueError(
+            f"{EMBED_TOKEN} is absent from the tokenizer but an "
+            f"id ({embed_token_id}) was given for it"
+        )
+      tok.add_special_tokens(
+          [tokenizers.AddedToken(EMBED_TOKEN, special=True, normalized=False)]
+      )
     self.embed_token_id = tok.token_to_id(EMBED_TOKEN)
     if embed_token_id is not None and embed_token_id != self.embed_token_id:
-      raise ValueError(f"{EMBED_TOKEN} has id {self.embed_token_id}, "
-                       f"expected {embed_token_id}")
+      raise ValueError(
+          f"{EMBED_TOKEN} has id {self.embed_token_id}, "
+          f"expected {embed_token_id}"
+      )
     eos = {tok.token_to_id(t) for t in (eos_token, *_STOP_CANDIDATES) if t}
     self.eos_ids = tuple(sorted(i for i in eos if i is not None))
     if not self.eos_ids:
@@ -70,35 +84,52 @@ class Tokenizer:
     return self.tok.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self.tok.encode_batch(list(texts),
-                                                 add_special_tokens=False)]
+    return [
+        e.ids
+        for e in self.tok.encode_batch(list(texts), add_special_tokens=False)
+    ]
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-  def apply_chat_template(self, messages: list[dict],
-                          add_generation_prompt: bool = False) -> str:
+  def apply_chat_template(
+      self, messages: list[dict], add_generation_prompt: bool = False
+  ) -> str:
     return self._template.render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
-        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=self.bos_token or "",
+        eos_token=self.eos_token or "",
+    )
 
-  def _head_body_tail(self, prompts: PromptConfig, kind: str, text: str,
-                      reasoning: bool, max_text_tokens: Optional[int]):
+  def _head_body_tail(
+      self,
+      prompts: PromptConfig,
+      kind: str,
+      text: str,
+      reasoning: bool,
+      max_text_tokens: Optional[int],
+  ):
     marker = "\x00TEXT\x00"
     msgs = prompts.messages(kind, marker, reasoning=reasoning, answer=False)
     rendered = self.apply_chat_template(msgs, add_generation_prompt=True)
     if rendered.count(marker) != 1:
-      raise ValueError("the chat template does not render the user message "
-                       "verbatim")
+      raise ValueError(
+          "the chat template does not render the user message " "verbatim"
+      )
     head, tail = rendered.split(marker)
     body = self.encode(text)
     if max_text_tokens is not None:
       body = body[:max_text_tokens]
     return self.encode(head) + body + self.encode(tail)
 
-  def training_example(self, prompts: PromptConfig, kind: str, text: str,
-                       max_text_tokens: Optional[int] = None
-                       ) -> tuple[list[int], int, int]:
+  def training_example(
+      self,
+      prompts: PromptConfig,
+      kind: str,
+      text: str,
+      max_text_tokens: Optional[int] = None,
+  ) -> tuple[list[int], int, int]:
     """A full no-reasoning turn for supervised training.
 
     Returns:
@@ -117,9 +148,14 @@ class Tokenizer:
     tid = self.tok.token_to_id(self.eos_token) if self.eos_token else None
     return tid if tid is not None else self.eos_ids[0]
 
-  def embedding_prompt(self, prompts: PromptConfig, kind: str, text: str,
-                       reasoning: bool = False,
-                       max_text_tokens: Optional[int] = None) -> list[int]:
+  def embedding_prompt(
+      self,
+      prompts: PromptConfig,
+      kind: str,
+      text: str,
+      reasoning: bool = False,
+      max_text_tokens: Optional[int] = None,
+  ) -> list[int]:
     """Token ids of one query/document prompt.
 
     Without reasoning the ids end with the embed token (the assistant turn is
@@ -127,17 +163,17 @@ class Tokenizer:
     the assistant header, for the model to continue. The text is tokenized on
     its own so that `max_text_tokens` truncates the text, never the template.
     """
-    ids = self._head_body_tail(prompts, kind, text, reasoning,
-                               max_text_tokens)
+    ids = self._head_body_tail(prompts, kind, text, reasoning, max_text_tokens)
     if not reasoning:
       ids += embed_suffix_ids(self, prompts)
     return ids
 
 
-def embed_suffix_ids(tokenizer, prompts: PromptConfig,
-                     leading_space: bool = False) -> list[int]:
+def embed_suffix_ids(
+    tokenizer, prompts: PromptConfig, leading_space: bool = False
+) -> list[int]:
   """Ids of `prompts.embed_suffix` cut after `<|embed_token|>`: the end of
   a no-reasoning prompt, or (with `leading_space`) what ends an analysis
   that did not emit the token."""
   ids = tokenizer.encode((" " if leading_space else "") + prompts.embed_suffix)
-  return ids[:ids.index(tokenizer.embed_token_id) + 1]
+  return ids[: ids.index(tokenizer.embed_token_id) + 1]

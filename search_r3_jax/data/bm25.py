@@ -25,7 +25,8 @@ from scipy import sparse
 # Lucene's EnglishAnalyzer default stop set (ENGLISH_STOP_WORDS_SET).
 STOPWORDS = frozenset(
     "a an and are as at be but by for if in into is it no not of on or such "
-    "that the their then there these they this to was will with".split())
+    "that the their then there these they this to was will with".split()
+)
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -65,19 +66,25 @@ class BM25:
     cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
     # Duplicate (doc, term) entries are summed by the COO->CSR conversion,
     # which turns token occurrences into term frequencies.
-    tf = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)),
-                           shape=(n_docs, n_terms)).tocsr()
+    tf = sparse.coo_matrix(
+        (np.ones(len(rows)), (rows, cols)), shape=(n_docs, n_terms)
+    ).tocsr()
     tf.sum_duplicates()
     df = np.bincount(tf.indices, minlength=n_terms).astype(np.float64)
     self.idf = np.log1p((n_docs - df + 0.5) / (df + 0.5))
     avgdl = lengths.mean() if n_docs else 1.0
     norm = self.k1 * (1.0 - self.b + self.b * lengths / max(avgdl, 1e-9))
     doc_of_entry = np.repeat(np.arange(n_docs), np.diff(tf.indptr))
-    w = (tf.data * (self.k1 + 1.0) / (tf.data + norm[doc_of_entry])
-         * self.idf[tf.indices])
+    w = (
+        tf.data
+        * (self.k1 + 1.0)
+        / (tf.data + norm[doc_of_entry])
+        * self.idf[tf.indices]
+    )
     # Stored terms x docs, so a batch of queries scores as one sparse matmul.
-    self._weights = sparse.csr_matrix((w, tf.indices, tf.indptr),
-                                      shape=(n_docs, n_terms)).T.tocsr()
+    self._weights = sparse.csr_matrix(
+        (w, tf.indices, tf.indptr), shape=(n_docs, n_terms)
+    ).T.tocsr()
     self.n_docs = n_docs
 
   def _query_matrix(self, queries: Sequence[str]) -> sparse.csr_matrix:
@@ -88,16 +95,23 @@ class BM25:
         if j is not None:  # a term no document has scores nothing
           rows.append(i)
           cols.append(j)
-    return sparse.coo_matrix((np.ones(len(rows)), (rows, cols)),
-                             shape=(len(queries), len(self.vocab))).tocsr()
+    return sparse.coo_matrix(
+        (np.ones(len(rows)), (rows, cols)),
+        shape=(len(queries), len(self.vocab)),
+    ).tocsr()
 
   def scores(self, queries: Sequence[str]) -> np.ndarray:
     """Dense scores [len(queries), n_docs]."""
     return (self._query_matrix(queries) @ self._weights).toarray()
 
-  def search(self, queries: Sequence[str], k: int, *,
-             exclude: Optional[Sequence[Iterable[int]]] = None,
-             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  def search(
+      self,
+      queries: Sequence[str],
+      k: int,
+      *,
+      exclude: Optional[Sequence[Iterable[int]]] = None,
+      batch_size: int = 256,
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k documents per query, best first.
 
     Ties are broken by the lower document index, so results are reproducible.
@@ -118,7 +132,7 @@ class BM25:
     top_i = np.full((n, k), -1, np.int64)
     top_s = np.full((n, k), -np.inf)
     for start in range(0, n if k else 0, batch_size):
-      block = self.scores(queries[start:start + batch_size])
+      block = self.scores(queries[start : start + batch_size])
       for r, row in enumerate(block):
         q = start + r
         if exclude is not None:
@@ -132,6 +146,6 @@ class BM25:
           cand = np.arange(len(row))
         order = cand[np.lexsort((cand, -row[cand]))][:k]
         order = order[np.isfinite(row[order])]
-        top_i[q, :len(order)] = order
-        top_s[q, :len(order)] = row[order]
+        top_i[q, : len(order)] = order
+        top_s[q, : len(order)] = row[order]
     return top_i, top_s

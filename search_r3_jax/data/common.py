@@ -28,7 +28,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
-from search_r3_jax.core.paths import DATA_DIR_ENV, cache_root  # noqa: F401  pylint: disable=unused-import
+from search_r3_jax.core.paths import cache_root
+from search_r3_jax.core.paths import DATA_DIR_ENV
 
 CORPUS_FIELDS = ("doc_id", "title", "text")
 QUERY_FIELDS = ("query_id", "query", "doc_ids", "scores")
@@ -54,7 +55,8 @@ _FEATURES = {
     "query_kind": tfds.features.Text,
 }
 _LIST_FIELDS = frozenset(
-    ("doc_ids", "scores", "negatives", "missing_doc_ids", "negative_ids"))
+    ("doc_ids", "scores", "negatives", "missing_doc_ids", "negative_ids")
+)
 
 
 class DataError(ValueError):
@@ -83,8 +85,10 @@ def split_fields(info: tfds.core.DatasetInfo, split: str) -> tuple[str, ...]:
   """The fields that belong to `split`, as the builder recorded them."""
   recorded = (info.metadata or {}).get("split_fields", {})
   if split not in recorded:
-    raise KeyError(f"{info.full_name} has no split {split!r}; "
-                   f"splits: {sorted(recorded)}")
+    raise KeyError(
+        f"{info.full_name} has no split {split!r}; "
+        f"splits: {sorted(recorded)}"
+    )
   return tuple(recorded[split])
 
 
@@ -92,9 +96,13 @@ def _where(path: os.PathLike | str, line: int) -> str:
   return f"{path}:{line}"
 
 
-def iter_jsonl(path: pathlib.Path, required: Sequence[str],
-               nonempty: Sequence[str] = (), ids: Sequence[str] = (),
-               lists: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(
+    path: pathlib.Path,
+    required: Sequence[str],
+    nonempty: Sequence[str] = (),
+    ids: Sequence[str] = (),
+    lists: Sequence[str] = (),
+) -> Iterator[tuple[int, dict]]:
   """Yields (line number, object) for each non-blank line of a JSONL file.
 
   Args:
@@ -119,39 +127,52 @@ def iter_jsonl(path: pathlib.Path, required: Sequence[str],
       try:
         obj = json.loads(raw)
       except json.JSONDecodeError as e:
-        raise DataError(f"{_where(path, n)}: malformed JSON: {e.msg} "
-                        f"(column {e.colno})") from None
+        raise DataError(
+            f"{_where(path, n)}: malformed JSON: {e.msg} " f"(column {e.colno})"
+        ) from None
       if not isinstance(obj, dict):
-        raise DataError(f"{_where(path, n)}: expected a JSON object, "
-                        f"got {type(obj).__name__}")
+        raise DataError(
+            f"{_where(path, n)}: expected a JSON object, "
+            f"got {type(obj).__name__}"
+        )
       for field in required:
         if field not in obj:
           raise DataError(f"{_where(path, n)}: missing field {field!r}")
         value = obj[field]
-        if field in ids and isinstance(value, int) and not isinstance(
-            value, bool):
+        if (
+            field in ids
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+        ):
           obj[field] = value = str(value)
         if field in lists:
           check_text_list(path, n, field, value)
           continue
         if not isinstance(value, str):
-          raise DataError(f"{_where(path, n)}: field {field!r} must be a "
-                          f"string, got {type(value).__name__}")
+          raise DataError(
+              f"{_where(path, n)}: field {field!r} must be a "
+              f"string, got {type(value).__name__}"
+          )
         if field in nonempty and not value.strip():
           raise DataError(f"{_where(path, n)}: empty field {field!r}")
       yield n, obj
 
 
-def check_text_list(path: pathlib.Path, line: int, field: str,
-                    value: Any) -> list[str]:
+def check_text_list(
+    path: pathlib.Path, line: int, field: str, value: Any
+) -> list[str]:
   """`value` as a list of non-empty strings, else a `path:line:` DataError."""
   if not isinstance(value, list):
-    raise DataError(f"{_where(path, line)}: field {field!r} must be a list "
-                    f"of strings, got {type(value).__name__}")
+    raise DataError(
+        f"{_where(path, line)}: field {field!r} must be a list "
+        f"of strings, got {type(value).__name__}"
+    )
   for i, item in enumerate(value):
     if not isinstance(item, str):
-      raise DataError(f"{_where(path, line)}: {field}[{i}] must be a string, "
-                      f"got {type(item).__name__}")
+      raise DataError(
+          f"{_where(path, line)}: {field}[{i}] must be a string, "
+          f"got {type(item).__name__}"
+      )
     if not item.strip():
       raise DataError(f"{_where(path, line)}: empty {field}[{i}]")
   return value
@@ -176,16 +197,19 @@ def read_qrels(path: pathlib.Path) -> Iterator[tuple[int, str, str, int]]:
       if n == 1 and cols[0].strip() == "query-id":
         continue
       if len(cols) != 3:
-        raise DataError(f"{_where(path, n)}: expected 3 tab-separated columns "
-                        f"(query-id, corpus-id, score), got {len(cols)}")
+        raise DataError(
+            f"{_where(path, n)}: expected 3 tab-separated columns "
+            f"(query-id, corpus-id, score), got {len(cols)}"
+        )
       qid, did, score = (c.strip() for c in cols)
       if not qid or not did:
         raise DataError(f"{_where(path, n)}: empty query-id or corpus-id")
       try:
         value = int(score)
       except ValueError:
-        raise DataError(f"{_where(path, n)}: score {score!r} is not an "
-                        "integer") from None
+        raise DataError(
+            f"{_where(path, n)}: score {score!r} is not an " "integer"
+        ) from None
       yield n, qid, did, value
 
 
@@ -195,8 +219,11 @@ def to_python(value: Any) -> Any:
   if isinstance(value, bytes):
     return value.decode("utf-8")
   if isinstance(value, np.ndarray):
-    return [to_python(v) for v in value.tolist()] if value.ndim else (
-        to_python(value.item()))
+    return (
+        [to_python(v) for v in value.tolist()]
+        if value.ndim
+        else (to_python(value.item()))
+    )
   if isinstance(value, np.generic):
     return value.item()
   if isinstance(value, (list, tuple)):
@@ -240,16 +267,21 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=self.DESCRIPTION,
-        features=features(self.FIELDS), disable_shuffling=True,
-        homepage=self.HOMEPAGE, license=self.LICENSE,
-        metadata=tfds.core.MetadataDict())
+        builder=self,
+        description=self.DESCRIPTION,
+        features=features(self.FIELDS),
+        disable_shuffling=True,
+        homepage=self.HOMEPAGE,
+        license=self.LICENSE,
+        metadata=tfds.core.MetadataDict(),
+    )
 
   def _generate_examples(self, records: Iterator[tuple[Any, dict]]):
     yield from records
 
-  def _record_splits(self, kinds: Mapping[str, Sequence[str]],
-                     **metadata: Any) -> None:
+  def _record_splits(
+      self, kinds: Mapping[str, Sequence[str]], **metadata: Any
+  ) -> None:
     """Stores split -> fields and any counts in the dataset's metadata."""
     self.info.metadata["split_fields"] = {s: list(f) for s, f in kinds.items()}
     self.info.metadata.update(metadata)

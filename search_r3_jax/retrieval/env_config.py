@@ -34,6 +34,7 @@ class EnvConfig:
       (the gold documents'), "all" (gold and retrieved) or "none".
     seed: probe sampling and k-means initialisation.
   """
+
   engine: str = "scann"
   k: int = 10
   num_regions: int = 0
@@ -53,8 +54,10 @@ class EnvConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-      raise ValueError(f"unknown environment setting(s) {unknown}; known: "
-                       f"{sorted(known)}")
+      raise ValueError(
+          f"unknown environment setting(s) {unknown}; known: "
+          f"{sorted(known)}"
+      )
     cfg = cls(**dict(values))
     cfg.check()
     return cfg
@@ -69,14 +72,20 @@ class EnvConfig:
       if getattr(self, name) < 0:
         raise ValueError(f"env.{name} must be >= 0, got {getattr(self, name)}")
     if self.touch_neighbors not in ("gold", "all", "none"):
-      raise ValueError(f"env.touch_neighbors: {self.touch_neighbors!r} is "
-                       "not gold, all or none")
+      raise ValueError(
+          f"env.touch_neighbors: {self.touch_neighbors!r} is "
+          "not gold, all or none"
+      )
     if self.drift_scale not in ("neighbourhood", "absolute"):
-      raise ValueError(f"env.drift_scale: {self.drift_scale!r} is not "
-                       "neighbourhood or absolute")
+      raise ValueError(
+          f"env.drift_scale: {self.drift_scale!r} is not "
+          "neighbourhood or absolute"
+      )
     if math.isnan(self.drift_threshold) or self.drift_threshold < 0:
-      raise ValueError(f"env.drift_threshold must be >= 0, got "
-                       f"{self.drift_threshold}")
+      raise ValueError(
+          f"env.drift_threshold must be >= 0, got " f"{self.drift_threshold}"
+      )
     if not 0 <= self.rebuild_fraction:
-      raise ValueError(f"env.rebuild_fraction must be >= 0, got "
-                       f"{self.rebuild_fraction}")
+      raise ValueError(
+          f"env.rebuild_fraction must be >= 0, got " f"{self.rebuild_fraction}"
+      )

@@ -60,26 +60,37 @@ import numpy as np
 
 from search_r3_jax.core.ops import l2_normalize
 from search_r3_jax.retrieval.env_config import EnvConfig
-from search_r3_jax.retrieval.index import (IndexInputError, SearchResult,
-                                           VectorIndex, read_meta,
-                                           replace_dir)
-from search_r3_jax.retrieval.regions import kmeans, nearest_region
+from search_r3_jax.retrieval.index import IndexInputError
+from search_r3_jax.retrieval.index import read_meta
+from search_r3_jax.retrieval.index import replace_dir
+from search_r3_jax.retrieval.index import SearchResult
+from search_r3_jax.retrieval.index import VectorIndex
+from search_r3_jax.retrieval.regions import kmeans
+from search_r3_jax.retrieval.regions import nearest_region
 
 EncodeFn = Callable[[Sequence[str]], np.ndarray]
 FORMAT_VERSION = 1
 
 
-def document_encoder(model, *, max_length: int = 128,
-                     batch_size: int = 32) -> EncodeFn:
+def document_encoder(
+    model, *, max_length: int = 128, batch_size: int = 32
+) -> EncodeFn:
   """Encode function of a `Policy` or `SearchR3` (batched, jitted on its
   mesh)."""
+
   def encode(texts: Sequence[str]) -> np.ndarray:
-    return model.encode_documents(list(texts), batch_size=batch_size,
-                                  max_length=max_length, progress=False)
+    return model.encode_documents(
+        list(texts),
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=False,
+    )
+
   return encode
 
 
 # -- the environment ---------------------------------------------------------
+
 
 def _check_step(step) -> int:
   """A training step: a non-negative integer (checked before any change)."""
@@ -120,10 +131,15 @@ class RetrievalEnvironment:
     reports: every refresh report, in order.
   """
 
-  def __init__(self, corpus: Mapping[str, str],
-               encode: Optional[EncodeFn] = None,
-               cfg: Optional[EnvConfig] = None, step: int = 0, *,
-               vectors: Optional[np.ndarray] = None):
+  def __init__(
+      self,
+      corpus: Mapping[str, str],
+      encode: Optional[EncodeFn] = None,
+      cfg: Optional[EnvConfig] = None,
+      step: int = 0,
+      *,
+      vectors: Optional[np.ndarray] = None,
+  ):
     """Encodes `corpus` ({id: text}) with `encode` and builds the index,
     regions and graph; or starts from `vectors` ([N, D], one per document
     in corpus order, e.g. the embeddings stage 1 computed), stale or not:
@@ -137,23 +153,36 @@ class RetrievalEnvironment:
     else:
       vectors = np.array(vectors, np.float32, copy=True)
       if vectors.ndim != 2 or vectors.shape[0] != len(self.doc_ids):
-        raise ValueError(f"vectors of shape {vectors.shape} for "
-                         f"{len(self.doc_ids)} documents")
+        raise ValueError(
+            f"vectors of shape {vectors.shape} for "
+            f"{len(self.doc_ids)} documents"
+        )
     t_encode = time.perf_counter() - t
     timings = self._rebuild(vectors, step)  # VectorIndex checks the values
-    logging.info("environment built over %d documents, %d regions "
-                 "(encode %.1fs, index %.2fs, graph %.2fs)",
-                 len(self.doc_ids), len(self.centroids), t_encode,
-                 timings["index"], timings["graph"])
+    logging.info(
+        "environment built over %d documents, %d regions "
+        "(encode %.1fs, index %.2fs, graph %.2fs)",
+        len(self.doc_ids),
+        len(self.centroids),
+        t_encode,
+        timings["index"],
+        timings["graph"],
+    )
 
-  def _init_state(self, corpus: Mapping[str, str], cfg: EnvConfig, step: int,
-                  *, last_full: Optional[int] = None,
-                  index: Optional[VectorIndex] = None,
-                  regions: Optional[np.ndarray] = None,
-                  centroids: Optional[np.ndarray] = None,
-                  graph: Optional[np.ndarray] = None,
-                  touched: Optional[np.ndarray] = None,
-                  refreshed_since: Optional[np.ndarray] = None) -> None:
+  def _init_state(
+      self,
+      corpus: Mapping[str, str],
+      cfg: EnvConfig,
+      step: int,
+      *,
+      last_full: Optional[int] = None,
+      index: Optional[VectorIndex] = None,
+      regions: Optional[np.ndarray] = None,
+      centroids: Optional[np.ndarray] = None,
+      graph: Optional[np.ndarray] = None,
+      touched: Optional[np.ndarray] = None,
+      refreshed_since: Optional[np.ndarray] = None,
+  ) -> None:
     """Checks `cfg` and `corpus` and creates every attribute of the object.
 
     This is the one place state is created, shared by the two ways to make
@@ -173,36 +202,56 @@ class RetrievalEnvironment:
     # What is stored: the index, the regions (k-means over the stored
     # vectors) and the kNN graph. None/empty until `_rebuild` fills them.
     self.index: Optional[VectorIndex] = index
-    self.centroids = (np.zeros((0, 0), np.float32) if centroids is None
-                      else centroids)
+    self.centroids = (
+        np.zeros((0, 0), np.float32) if centroids is None else centroids
+    )
     self.regions = np.zeros((0,), np.int64) if regions is None else regions
-    self.graph = (np.full((0, cfg.graph_k), -1, np.int64) if graph is None
-                  else graph)
+    self.graph = (
+        np.full((0, cfg.graph_k), -1, np.int64) if graph is None else graph
+    )
     # Refresh bookkeeping: documents marked by `observe` since the last
     # refresh, and documents re-encoded since the last full rebuild (what
     # `rebuild_fraction` is measured against).
     self.touched = np.zeros(n, bool) if touched is None else touched
-    self.refreshed_since = (np.zeros(n, bool) if refreshed_since is None
-                            else refreshed_since)
+    self.refreshed_since = (
+        np.zeros(n, bool) if refreshed_since is None else refreshed_since
+    )
     self.step = int(step)
     self.last_full = int(step) if last_full is None else last_full
     self.reports: list[dict] = []
 
   @classmethod
-  def _from_state(cls, corpus: Mapping[str, str], cfg: EnvConfig, step: int,
-                  last_full: int, index: VectorIndex, regions: np.ndarray,
-                  centroids: np.ndarray, graph: np.ndarray,
-                  touched: np.ndarray, refreshed_since: np.ndarray
-                  ) -> "RetrievalEnvironment":
+  def _from_state(
+      cls,
+      corpus: Mapping[str, str],
+      cfg: EnvConfig,
+      step: int,
+      last_full: int,
+      index: VectorIndex,
+      regions: np.ndarray,
+      centroids: np.ndarray,
+      graph: np.ndarray,
+      touched: np.ndarray,
+      refreshed_since: np.ndarray,
+  ) -> "RetrievalEnvironment":
     """An environment over already-built pieces, encoding nothing.
 
     `corpus` must be in the index's store order. Goes around `__init__`,
     which would encode the corpus and rebuild everything.
     """
     env = cls.__new__(cls)
-    env._init_state(corpus, cfg, step, last_full=int(last_full), index=index,
-                    regions=regions, centroids=centroids, graph=graph,
-                    touched=touched, refreshed_since=refreshed_since)
+    env._init_state(
+        corpus,
+        cfg,
+        step,
+        last_full=int(last_full),
+        index=index,
+        regions=regions,
+        centroids=centroids,
+        graph=graph,
+        touched=touched,
+        refreshed_since=refreshed_since,
+    )
     return env
 
   @property
@@ -214,36 +263,44 @@ class RetrievalEnvironment:
   def _encode(self, encode: EncodeFn, rows: np.ndarray) -> np.ndarray:
     """Fresh vectors of `rows`, checked before anything uses them."""
     if rows.size == 0:
-      return np.zeros((0, self.index.dim if self.index is not None else 0),
-                      np.float32)
+      return np.zeros(
+          (0, self.index.dim if self.index is not None else 0), np.float32
+      )
     out = np.asarray(encode([self.texts[r] for r in rows]))
     if out.ndim != 2 or out.shape[0] != rows.size:
-      raise ValueError(f"encode returned shape {out.shape} for {rows.size} "
-                       "documents")
+      raise ValueError(
+          f"encode returned shape {out.shape} for {rows.size} " "documents"
+      )
     # No index yet (the first build): any dimension will do.
     if self.index is not None and out.shape[1] != self.index.dim:
-      raise ValueError(f"encode returned dimension {out.shape[1]}, the index "
-                       f"holds {self.index.dim}")
+      raise ValueError(
+          f"encode returned dimension {out.shape[1]}, the index "
+          f"holds {self.index.dim}"
+      )
     # Raised here, before any write, so a bad encode leaves the index as is.
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
       d = self.doc_ids[int(rows[np.flatnonzero(bad)[0]])]
-      raise ValueError(f"encode returned a non-finite embedding for document "
-                       f"{d!r} ({int(bad.sum())} such documents); nothing "
-                       "was changed")
+      raise ValueError(
+          f"encode returned a non-finite embedding for document "
+          f"{d!r} ({int(bad.sum())} such documents); nothing "
+          "was changed"
+      )
     return out.astype(np.float32, copy=False)
 
   def _rebuild(self, vectors: np.ndarray, step: int) -> dict[str, float]:
     """New index, regions and graph over `vectors` (one per document)."""
     t0 = time.perf_counter()
-    index = VectorIndex.build(self.doc_ids, vectors, step,
-                              engine=self.cfg.engine, k=self.cfg.k)
+    index = VectorIndex.build(
+        self.doc_ids, vectors, step, engine=self.cfg.engine, k=self.cfg.k
+    )
     t1 = time.perf_counter()
     r = self.cfg.num_regions or int(round(math.sqrt(len(self.doc_ids))))
     # Seeded by the step too: a resumed run rebuilds the same regions, and
     # rebuilds at different steps do not all start from one initialisation.
-    centroids, regions = kmeans(vectors, r, self.cfg.kmeans_iters,
-                                self.cfg.seed + step)
+    centroids, regions = kmeans(
+        vectors, r, self.cfg.kmeans_iters, self.cfg.seed + step
+    )
     t2 = time.perf_counter()
     # Everything is computed before anything is replaced.
     self.index = index
@@ -258,9 +315,10 @@ class RetrievalEnvironment:
     # Stable: members stay in row order, so seeded probe draws are
     # reproducible.
     order = np.argsort(self.regions, kind="stable")
-    bounds = np.searchsorted(self.regions[order],
-                             np.arange(len(self.centroids) + 1))
-    return [order[bounds[r]:bounds[r + 1]] for r in range(len(bounds) - 1)]
+    bounds = np.searchsorted(
+        self.regions[order], np.arange(len(self.centroids) + 1)
+    )
+    return [order[bounds[r] : bounds[r + 1]] for r in range(len(bounds) - 1)]
 
   def _region_radius(self) -> np.ndarray:
     """[R] median 1 - cos between a region's documents and their
@@ -288,18 +346,19 @@ class RetrievalEnvironment:
     k = self.cfg.graph_k
     # Chunked to bound the search's memory on a large corpus.
     for s in range(0, rows.size, chunk):
-      part = rows[s:s + chunk]
+      part = rows[s : s + chunk]
       # k + 1: a document is normally its own nearest hit and is dropped.
       res = self.index.search(self.index.vectors[part], k + 1)
       for i, r in enumerate(part):
         links = [j for j in res.rows[i] if j >= 0 and j != r][:k]
         self.graph[r] = -1
-        self.graph[r, :len(links)] = links
+        self.graph[r, : len(links)] = links
 
   # -- stepping --------------------------------------------------------------
 
-  def search(self, queries: np.ndarray, k: Optional[int] = None
-             ) -> SearchResult:
+  def search(
+      self, queries: np.ndarray, k: Optional[int] = None
+  ) -> SearchResult:
     """Top-k documents (default `cfg.k`) for each query embedding."""
     return self.index.search(queries, self.cfg.k if k is None else k)
 
@@ -307,8 +366,11 @@ class RetrievalEnvironment:
     """Stored (possibly stale) vectors of documents."""
     return self.index.get(ids)
 
-  def observe(self, gold: Sequence[Sequence[str]] | Sequence[str],
-              retrieved: Sequence[Sequence[str]] | Sequence[str] = ()) -> int:
+  def observe(
+      self,
+      gold: Sequence[Sequence[str]] | Sequence[str],
+      retrieved: Sequence[Sequence[str]] | Sequence[str] = (),
+  ) -> int:
     """Marks the documents a step touched.
 
     Args:
@@ -325,11 +387,17 @@ class RetrievalEnvironment:
     gold_rows = self.index.rows(_flatten(gold))
     retrieved_rows = self.index.rows(_flatten(retrieved))
     mode = self.cfg.touch_neighbors
-    hubs = {"gold": gold_rows, "none": gold_rows[:0],
-            "all": np.concatenate([gold_rows, retrieved_rows])}[mode]
+    hubs = {
+        "gold": gold_rows,
+        "none": gold_rows[:0],
+        "all": np.concatenate([gold_rows, retrieved_rows]),
+    }[mode]
     nb = self.graph[hubs].ravel()
-    self.touched[np.concatenate([gold_rows, retrieved_rows,
-                                 nb[nb >= 0]]).astype(np.int64)] = True
+    self.touched[
+        np.concatenate([gold_rows, retrieved_rows, nb[nb >= 0]]).astype(
+            np.int64
+        )
+    ] = True
     return int(self.touched.sum())
 
   def maybe_refresh(self, step: int, encode: EncodeFn) -> Optional[dict]:
@@ -359,20 +427,23 @@ class RetrievalEnvironment:
     # 1. Measure: how far the policy moved each region.
     probes = self._sample_probes(step)
     fresh_probes = self._encode(encode, probes)
-    region_drift, radius, region_score = self._measure_drift(probes,
-                                                             fresh_probes)
+    region_drift, radius, region_score = self._measure_drift(
+        probes, fresh_probes
+    )
     t_probe = time.perf_counter() - t_start
     # 2. Select the rows to re-encode. The measurement half of the report is
     # taken now, while the regions are still those the drift was measured in.
     drifted, selected = self._select(region_score)
-    report = self._report(step, probes, drifted, region_drift, radius,
-                          region_score, t_probe)
+    report = self._report(
+        step, probes, drifted, region_drift, radius, region_score, t_probe
+    )
     # 3. Re-encode and write: everything, or only the selected rows.
     if full or self._wants_full(step, selected):
       report.update(self._full_refresh(step, encode, probes, fresh_probes))
     else:
-      report.update(self._selective_refresh(step, encode, probes,
-                                            fresh_probes, selected))
+      report.update(
+          self._selective_refresh(step, encode, probes, fresh_probes, selected)
+      )
     # Only now, once the write succeeded: a failed refresh keeps its marks.
     self.touched[:] = False
     self.step = int(step)
@@ -400,11 +471,13 @@ class RetrievalEnvironment:
         if members.size:
           take = min(cfg.probes_per_region, members.size)
           probes.append(rng.choice(members, take, replace=False))
-    return (np.sort(np.concatenate(probes)) if probes
-            else np.zeros((0,), np.int64))
+    return (
+        np.sort(np.concatenate(probes)) if probes else np.zeros((0,), np.int64)
+    )
 
-  def _measure_drift(self, probes: np.ndarray, fresh_probes: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  def _measure_drift(
+      self, probes: np.ndarray, fresh_probes: np.ndarray
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-region drift of the stored vectors, and its scale.
 
     Returns:
@@ -433,8 +506,7 @@ class RetrievalEnvironment:
       region_score = region_drift
     return region_drift, radius, region_score
 
-  def _select(self, region_score: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
+  def _select(self, region_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Drifted regions and touched documents -> the rows to re-encode.
 
     Returns:
@@ -448,11 +520,15 @@ class RetrievalEnvironment:
       # A region without a probe (empty) has a NaN score; threshold 0
       # still selects it, so that 0 always means everything.
       unknown = -1.0 if cfg.drift_threshold > 0 else 0.0
-      drifted = np.flatnonzero(np.nan_to_num(region_score, nan=unknown)
-                               >= cfg.drift_threshold)
+      drifted = np.flatnonzero(
+          np.nan_to_num(region_score, nan=unknown) >= cfg.drift_threshold
+      )
     else:  # no probes: the threshold alone decides (0 selects all)
-      drifted = (np.arange(nreg) if cfg.drift_threshold <= 0
-                 else np.zeros((0,), np.int64))
+      drifted = (
+          np.arange(nreg)
+          if cfg.drift_threshold <= 0
+          else np.zeros((0,), np.int64)
+      )
     selected = self.touched | np.isin(self.regions, drifted)
     return drifted, selected
 
@@ -466,12 +542,19 @@ class RetrievalEnvironment:
     """
     cfg = self.cfg
     since = (self.refreshed_since | selected).mean()
-    scheduled = (cfg.full_refresh_every
-                 and step - self.last_full >= cfg.full_refresh_every)
+    scheduled = (
+        cfg.full_refresh_every
+        and step - self.last_full >= cfg.full_refresh_every
+    )
     return since > cfg.rebuild_fraction or bool(scheduled)
 
-  def _full_refresh(self, step: int, encode: EncodeFn, probes: np.ndarray,
-                    fresh_probes: np.ndarray) -> dict:
+  def _full_refresh(
+      self,
+      step: int,
+      encode: EncodeFn,
+      probes: np.ndarray,
+      fresh_probes: np.ndarray,
+  ) -> dict:
     """Re-encodes every document and rebuilds index, regions and graph.
 
     The probes' fresh vectors are re-used, so each document is encoded
@@ -487,14 +570,24 @@ class RetrievalEnvironment:
     timings = self._rebuild(vectors, step)
     self.refreshed_since[:] = False
     self.last_full = int(step)
-    return dict(kind="full", reencoded=n, refreshed=n,
-                time_encode=t_encode,
-                time_upsert=0.0, time_graph=timings["graph"],
-                time_rebuild=timings["index"] + timings["regions"])
+    return dict(
+        kind="full",
+        reencoded=n,
+        refreshed=n,
+        time_encode=t_encode,
+        time_upsert=0.0,
+        time_graph=timings["graph"],
+        time_rebuild=timings["index"] + timings["regions"],
+    )
 
-  def _selective_refresh(self, step: int, encode: EncodeFn,
-                         probes: np.ndarray, fresh_probes: np.ndarray,
-                         selected: np.ndarray) -> dict:
+  def _selective_refresh(
+      self,
+      step: int,
+      encode: EncodeFn,
+      probes: np.ndarray,
+      fresh_probes: np.ndarray,
+      selected: np.ndarray,
+  ) -> dict:
     """Re-encodes and writes the `selected` rows, keeping the regions.
 
     A probe among them keeps its fresh vector instead of being encoded
@@ -505,7 +598,7 @@ class RetrievalEnvironment:
     """
     t = time.perf_counter()
     rows = np.flatnonzero(selected)
-    probed = np.isin(probes, rows)          # probes whose vector is kept
+    probed = np.isin(probes, rows)  # probes whose vector is kept
     others = np.setdiff1d(rows, probes)
     vectors = np.zeros((rows.size, self.index.dim), np.float32)
     # `rows`, `probes` and `others` are sorted: searchsorted finds each
@@ -522,42 +615,60 @@ class RetrievalEnvironment:
     self._relink(rows)
     t_graph = time.perf_counter() - t
     self.refreshed_since |= selected
-    return dict(kind="selective",
-                reencoded=int(probes.size + others.size),
-                refreshed=int(rows.size),
-                time_encode=t_encode, time_upsert=t_upsert,
-                time_graph=t_graph, time_rebuild=0.0)
+    return dict(
+        kind="selective",
+        reencoded=int(probes.size + others.size),
+        refreshed=int(rows.size),
+        time_encode=t_encode,
+        time_upsert=t_upsert,
+        time_graph=t_graph,
+        time_rebuild=0.0,
+    )
 
-  def _report(self, step: int, probes: np.ndarray, drifted: np.ndarray,
-              region_drift: np.ndarray, radius: np.ndarray,
-              region_score: np.ndarray, t_probe: float) -> dict:
+  def _report(
+      self,
+      step: int,
+      probes: np.ndarray,
+      drifted: np.ndarray,
+      region_drift: np.ndarray,
+      radius: np.ndarray,
+      region_score: np.ndarray,
+      t_probe: float,
+  ) -> dict:
     """The measurement half of a refresh report, taken before any write.
 
     Plain Python values (floats, lists), so a report can be logged or
     written as JSON. The drift summaries are NaN when nothing was probed.
     """
     nothing = not probes.size
-    return {"step": int(step), "probed": int(probes.size),
-            "touched": int(self.touched.sum()),
-            "drifted_regions": int(drifted.size),
-            "regions": len(self.centroids),
-            "region_drift": [float(x) for x in region_drift],
-            "region_radius": [float(x) for x in radius],
-            "region_score": [float(x) for x in region_score],
-            "score_max": (float("nan") if nothing
-                          else float(np.nanmax(region_score))),
-            "drift_mean": (float("nan") if nothing
-                           else float(np.nanmean(region_drift))),
-            "drift_max": (float("nan") if nothing
-                          else float(np.nanmax(region_drift))),
-            "time_probe": t_probe}
+    return {
+        "step": int(step),
+        "probed": int(probes.size),
+        "touched": int(self.touched.sum()),
+        "drifted_regions": int(drifted.size),
+        "regions": len(self.centroids),
+        "region_drift": [float(x) for x in region_drift],
+        "region_radius": [float(x) for x in radius],
+        "region_score": [float(x) for x in region_score],
+        "score_max": (
+            float("nan") if nothing else float(np.nanmax(region_score))
+        ),
+        "drift_mean": (
+            float("nan") if nothing else float(np.nanmean(region_drift))
+        ),
+        "drift_max": (
+            float("nan") if nothing else float(np.nanmax(region_drift))
+        ),
+        "time_probe": t_probe,
+    }
 
   def _finish_report(self, report: dict, t_start: float) -> None:
     """Adds the fields that describe the index after the write."""
     report["reencoded_fraction"] = report["reencoded"] / self.size
     report["since_rebuild_fraction"] = float(self.refreshed_since.mean())
-    report["stale_mean"] = float(self.step - self.index.versions[
-        self.index.alive].mean())
+    report["stale_mean"] = float(
+        self.step - self.index.versions[self.index.alive].mean()
+    )
     report["time_total"] = time.perf_counter() - t_start
 
   def _log_refresh(self, report: dict) -> None:
@@ -565,11 +676,21 @@ class RetrievalEnvironment:
     logging.info(
         "refresh step %d: %s, re-encoded %d/%d (%.3f), wrote %d (%d probes, "
         "%d touched, %d/%d regions drifted, drift mean %.4f max %.4f) in "
-        "%.2fs", report["step"], report["kind"], report["reencoded"],
-        self.size, report["reencoded_fraction"], report["refreshed"],
-        report["probed"], report["touched"], report["drifted_regions"],
-        report["regions"], report["drift_mean"], report["drift_max"],
-        report["time_total"])
+        "%.2fs",
+        report["step"],
+        report["kind"],
+        report["reencoded"],
+        self.size,
+        report["reencoded_fraction"],
+        report["refreshed"],
+        report["probed"],
+        report["touched"],
+        report["drifted_regions"],
+        report["regions"],
+        report["drift_mean"],
+        report["drift_max"],
+        report["time_total"],
+    )
 
   # -- persistence -----------------------------------------------------------
 
@@ -583,28 +704,44 @@ class RetrievalEnvironment:
     tmp = tempfile.mkdtemp(prefix=".tmp-env-", dir=os.path.dirname(path))
     try:
       self.index.save(os.path.join(tmp, "index"))
-      np.savez(os.path.join(tmp, "environment.npz"),
-               regions=self.regions, centroids=self.centroids,
-               graph=self.graph, touched=self.touched,
-               refreshed_since=self.refreshed_since)
+      np.savez(
+          os.path.join(tmp, "environment.npz"),
+          regions=self.regions,
+          centroids=self.centroids,
+          graph=self.graph,
+          touched=self.touched,
+          refreshed_since=self.refreshed_since,
+      )
       with open(os.path.join(tmp, "environment.json"), "w") as f:
-        json.dump({"format_version": FORMAT_VERSION,
-                   "config": dataclasses.asdict(self.cfg),
-                   "step": self.step, "last_full": self.last_full,
-                   "size": self.size}, f, indent=1)
+        json.dump(
+            {
+                "format_version": FORMAT_VERSION,
+                "config": dataclasses.asdict(self.cfg),
+                "step": self.step,
+                "last_full": self.last_full,
+                "size": self.size,
+            },
+            f,
+            indent=1,
+        )
       replace_dir(tmp, path)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
 
   @classmethod
-  def load(cls, path: str | os.PathLike, corpus: Mapping[str, str]
-           ) -> "RetrievalEnvironment":
+  def load(
+      cls, path: str | os.PathLike, corpus: Mapping[str, str]
+  ) -> "RetrievalEnvironment":
     """Reads an environment written by `save`; `corpus` must hold exactly
     the saved documents (their texts are what later refreshes encode)."""
     path = os.fspath(path)
-    meta = read_meta(os.path.join(path, "environment.json"), "environment",
-                     FORMAT_VERSION, ("config", "step", "last_full", "size"))
+    meta = read_meta(
+        os.path.join(path, "environment.json"),
+        "environment",
+        FORMAT_VERSION,
+        ("config", "step", "last_full", "size"),
+    )
     cfg = EnvConfig.from_mapping(meta["config"])
     arrays_path = os.path.join(path, "environment.npz")
     with np.load(arrays_path) as z:
@@ -615,27 +752,40 @@ class RetrievalEnvironment:
     missing = [d for d in saved_ids if d not in corpus]
     extra = [d for d in corpus if d not in saved]
     if missing or extra:
-      raise ValueError(f"{path}: the corpus differs from the saved one "
-                       f"({len(missing)} saved ids missing, e.g. "
-                       f"{missing[:3]}; {len(extra)} new ids, e.g. "
-                       f"{extra[:3]})")
+      raise ValueError(
+          f"{path}: the corpus differs from the saved one "
+          f"({len(missing)} saved ids missing, e.g. "
+          f"{missing[:3]}; {len(extra)} new ids, e.g. "
+          f"{extra[:3]})"
+      )
     # The corpus is re-ordered into the index's store order: the saved
     # arrays are indexed by store row, whatever order the caller's is in.
     env = cls._from_state(
-        {d: corpus[d] for d in saved_ids}, cfg, meta["step"],
-        last_full=meta["last_full"], index=index,
+        {d: corpus[d] for d in saved_ids},
+        cfg,
+        meta["step"],
+        last_full=meta["last_full"],
+        index=index,
         regions=arrays["regions"].astype(np.int64),
         centroids=arrays["centroids"].astype(np.float32),
         graph=arrays["graph"].astype(np.int64),
         touched=arrays["touched"].astype(bool),
-        refreshed_since=arrays["refreshed_since"].astype(bool))
+        refreshed_since=arrays["refreshed_since"].astype(bool),
+    )
     for name in ("regions", "graph", "touched", "refreshed_since"):
       if getattr(env, name).shape[0] != env.size:
-        raise ValueError(f"{arrays_path}: {name} has "
-                         f"{getattr(env, name).shape[0]} rows, expected "
-                         f"{env.size}")
+        raise ValueError(
+            f"{arrays_path}: {name} has "
+            f"{getattr(env, name).shape[0]} rows, expected "
+            f"{env.size}"
+        )
     return env
 
 
-__all__ = ["EnvConfig", "RetrievalEnvironment", "document_encoder", "kmeans",
-           "IndexInputError"]
+__all__ = [
+    "EnvConfig",
+    "RetrievalEnvironment",
+    "document_encoder",
+    "kmeans",
+    "IndexInputError",
+]

@@ -13,17 +13,21 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from search_r3_jax.core.ops import exact_top_k
 from search_r3_jax.data import sources as data_sources
 from search_r3_jax.data.sources import EvalSplit
-from search_r3_jax.core.ops import exact_top_k
 from search_r3_jax.retrieval import metrics as metrics_lib
 
 METRICS = ("ndcg@10", "recall@10", "recall@100")
 
 
-def subset(corpus: Mapping[str, str], splits: Mapping[str, EvalSplit],
-           corpus_size: int, max_queries: int, seed: int = 0
-           ) -> tuple[dict[str, str], dict[str, EvalSplit]]:
+def subset(
+    corpus: Mapping[str, str],
+    splits: Mapping[str, EvalSplit],
+    corpus_size: int,
+    max_queries: int,
+    seed: int = 0,
+) -> tuple[dict[str, str], dict[str, EvalSplit]]:
   """Cuts queries to `max_queries` per split (0: all) and the corpus to the
   relevant documents plus sampled distractors (`corpus_size`, 0: all)."""
   rng = np.random.default_rng(seed)
@@ -32,12 +36,21 @@ def subset(corpus: Mapping[str, str], splits: Mapping[str, EvalSplit],
     qids = sorted(sp.queries)
     if max_queries and len(qids) > max_queries:
       qids = sorted(rng.choice(qids, max_queries, replace=False).tolist())
-    kept[name] = EvalSplit({q: sp.queries[q] for q in qids},
-                           {q: dict(sp.qrels.get(q, {})) for q in qids})
+    kept[name] = EvalSplit(
+        {q: sp.queries[q] for q in qids},
+        {q: dict(sp.qrels.get(q, {})) for q in qids},
+    )
   if not corpus_size or corpus_size >= len(corpus):
     return dict(corpus), kept
-  gold = sorted({d for sp in kept.values() for rel in sp.qrels.values()
-                 for d in rel if d in corpus})
+  gold = sorted(
+      {
+          d
+          for sp in kept.values()
+          for rel in sp.qrels.values()
+          for d in rel
+          if d in corpus
+      }
+  )
   rest = sorted(set(corpus) - set(gold))
   n = max(corpus_size - len(gold), 0)
   extra = rng.choice(rest, min(n, len(rest)), replace=False).tolist()
@@ -45,20 +58,30 @@ def subset(corpus: Mapping[str, str], splits: Mapping[str, EvalSplit],
   return {d: corpus[d] for d in ids}, kept
 
 
-def flat_figures(figures: Mapping[str, Mapping[str, float]], tag: str = ""
-                 ) -> dict[str, float]:
+def flat_figures(
+    figures: Mapping[str, Mapping[str, float]], tag: str = ""
+) -> dict[str, float]:
   """{split: {metric: v}} -> {"split<tag>/metric": v}, as metrics.jsonl logs
   them (e.g. tag "+reasoning")."""
-  return {f"{split}{tag}/{k}": v for split, d in figures.items()
-          for k, v in d.items()}
+  return {
+      f"{split}{tag}/{k}": v
+      for split, d in figures.items()
+      for k, v in d.items()
+  }
 
 
 class Evaluator:
   """Scores a model (anything with encode_queries/encode_documents)."""
 
-  def __init__(self, corpus: Mapping[str, str],
-               splits: Mapping[str, EvalSplit], *, doc_len: int = 128,
-               batch_size: int = 32, reasoning: bool = False):
+  def __init__(
+      self,
+      corpus: Mapping[str, str],
+      splits: Mapping[str, EvalSplit],
+      *,
+      doc_len: int = 128,
+      batch_size: int = 32,
+      reasoning: bool = False,
+  ):
     if not corpus:
       raise ValueError("evaluation corpus is empty")
     self.doc_ids = list(corpus)
@@ -71,22 +94,34 @@ class Evaluator:
   @classmethod
   def from_config(cls, data_cfg, eval_cfg) -> "Evaluator":
     corpus, splits = data_sources.eval_data(data_cfg, tuple(eval_cfg.splits))
-    corpus, splits = subset(corpus, splits, eval_cfg.corpus_size,
-                            eval_cfg.max_queries)
-    return cls(corpus, splits, doc_len=eval_cfg.doc_len,
-               batch_size=eval_cfg.batch_size)
+    corpus, splits = subset(
+        corpus, splits, eval_cfg.corpus_size, eval_cfg.max_queries
+    )
+    return cls(
+        corpus, splits, doc_len=eval_cfg.doc_len, batch_size=eval_cfg.batch_size
+    )
 
   def __call__(self, model) -> dict[str, dict[str, float]]:
     return self.score(model, self.documents(model), reasoning=self.reasoning)
 
   def documents(self, model) -> np.ndarray:
     """[N, D] embeddings of the corpus documents, in `doc_ids` order."""
-    return model.encode_documents(self.doc_texts, batch_size=self.batch_size,
-                                  max_length=self.doc_len, progress=False)
+    return model.encode_documents(
+        self.doc_texts,
+        batch_size=self.batch_size,
+        max_length=self.doc_len,
+        progress=False,
+    )
 
-  def score(self, model, docs: np.ndarray, *, reasoning: bool = False,
-            max_new_tokens: int = 128, samples: Optional[list] = None
-            ) -> dict[str, dict[str, float]]:
+  def score(
+      self,
+      model,
+      docs: np.ndarray,
+      *,
+      reasoning: bool = False,
+      max_new_tokens: int = 128,
+      samples: Optional[list] = None,
+  ) -> dict[str, dict[str, float]]:
     """Figures per split for `model`'s queries against `docs`.
 
     With `reasoning`, queries are encoded after a greedy analysis of at most
@@ -101,19 +136,30 @@ class Evaluator:
       qids = list(sp.queries)
       texts = [sp.queries[i] for i in qids]
       q, details = model.encode_queries(
-          texts, reasoning=reasoning, max_new_tokens=max_new_tokens,
-          batch_size=self.batch_size, progress=False, return_details=True)
+          texts,
+          reasoning=reasoning,
+          max_new_tokens=max_new_tokens,
+          batch_size=self.batch_size,
+          progress=False,
+          return_details=True,
+      )
       out[name] = self._score(qids, q, docs, sp.qrels)
       if reasoning:
         out[name]["emitted"] = float(np.mean([d.emitted for d in details]))
       if samples is not None and reasoning:
         top = np.argmax(q @ docs.T, axis=1)
         for i, qid in enumerate(qids):
-          samples.append(dict(split=name, query_id=qid, query=texts[i],
-                              reasoning=details[i].analysis,
-                              emitted=details[i].emitted,
-                              gold=sorted(sp.qrels.get(qid, {})),
-                              top=self.doc_ids[int(top[i])]))
+          samples.append(
+              dict(
+                  split=name,
+                  query_id=qid,
+                  query=texts[i],
+                  reasoning=details[i].analysis,
+                  emitted=details[i].emitted,
+                  gold=sorted(sp.qrels.get(qid, {})),
+                  top=self.doc_ids[int(top[i])],
+              )
+          )
     return out
 
   def _score(self, qids, q, docs, qrels) -> dict[str, float]:
@@ -121,10 +167,12 @@ class Evaluator:
     run = metrics_lib.run_from_topk(qids, self.doc_ids, scores, idx)
     return metrics_lib.evaluate(qrels, run, METRICS)
 
-  def bm25(self, k1: Optional[float] = None, b: Optional[float] = None
-           ) -> dict[str, dict[str, float]]:
+  def bm25(
+      self, k1: Optional[float] = None, b: Optional[float] = None
+  ) -> dict[str, dict[str, float]]:
     """The same figures for BM25 over the same documents."""
-    from search_r3_jax.data.bm25 import BM25  # pylint: disable=g-import-not-at-top
+    from search_r3_jax.data.bm25 import BM25
+
     kw = {k: v for k, v in (("k1", k1), ("b", b)) if v is not None}
     index = BM25(self.doc_texts, **kw)
     out = {}

@@ -61,6 +61,7 @@ class SearchResult:
     rows: [Q, k] int64 store rows (-1 where fewer than k exist).
     ids: Q lists of document ids (only the real hits).
   """
+
   scores: np.ndarray
   rows: np.ndarray
   ids: list[list[str]]
@@ -91,18 +92,25 @@ def scann_params(n: int, k: int = 10, search_fraction: float = 0.1) -> dict:
 
 
 def _build_scann(vectors: np.ndarray, ids: list[str], params: dict):
-  import scann  # pylint: disable=g-import-not-at-top
-  b = scann.scann_ops_pybind.builder(vectors, params["num_neighbors"],
-                                     "dot_product")
+  import scann
+
+  b = scann.scann_ops_pybind.builder(
+      vectors, params["num_neighbors"], "dot_product"
+  )
   if params["kind"] == "brute_force":
     b = b.score_brute_force()
   else:
-    b = b.tree(num_leaves=params["num_leaves"],
-               num_leaves_to_search=params["num_leaves_to_search"],
-               training_sample_size=params["training_sample_size"])
-    b = b.score_ah(params["dims_per_block"],
-                   anisotropic_quantization_threshold=params[
-                       "anisotropic_quantization_threshold"])
+    b = b.tree(
+        num_leaves=params["num_leaves"],
+        num_leaves_to_search=params["num_leaves_to_search"],
+        training_sample_size=params["training_sample_size"],
+    )
+    b = b.score_ah(
+        params["dims_per_block"],
+        anisotropic_quantization_threshold=params[
+            "anisotropic_quantization_threshold"
+        ],
+    )
     b = b.reorder(params["reorder"])
   return b.build(docids=list(ids))
 
@@ -113,10 +121,13 @@ class VectorIndex:
   Build with `VectorIndex.build(ids, vectors, step, engine=...)`.
   """
 
-  def __init__(self, dim: int, engine: str = "scann",
-               params: Optional[dict] = None):
+  def __init__(
+      self, dim: int, engine: str = "scann", params: Optional[dict] = None
+  ):
     if engine not in ENGINES:
-      raise IndexInputError(f"unknown index engine {engine!r}; known: {ENGINES}")
+      raise IndexInputError(
+          f"unknown index engine {engine!r}; known: {ENGINES}"
+      )
     self.dim = int(dim)
     self.engine = engine
     self.params = dict(params or {})
@@ -131,9 +142,16 @@ class VectorIndex:
   # -- construction ----------------------------------------------------------
 
   @classmethod
-  def build(cls, ids: Sequence[str], vectors: np.ndarray, step: int = 0, *,
-            engine: str = "scann", k: int = 10,
-            params: Optional[dict] = None) -> "VectorIndex":
+  def build(
+      cls,
+      ids: Sequence[str],
+      vectors: np.ndarray,
+      step: int = 0,
+      *,
+      engine: str = "scann",
+      k: int = 10,
+      params: Optional[dict] = None,
+  ) -> "VectorIndex":
     """An index over `vectors` [N, D] (N >= 1) with document `ids`.
 
     Args:
@@ -143,7 +161,9 @@ class VectorIndex:
     """
     vectors = np.asarray(vectors)
     if vectors.ndim != 2:
-      raise IndexInputError(f"vectors must be [N, D], got shape {vectors.shape}")
+      raise IndexInputError(
+          f"vectors must be [N, D], got shape {vectors.shape}"
+      )
     index = cls(vectors.shape[1], engine)
     ids = index._check_ids(ids, vectors, "build")
     if not ids:
@@ -166,11 +186,13 @@ class VectorIndex:
     if self.engine == "scann":
       rows = np.flatnonzero(self.alive)
       if rows.size == 0:
-        raise IndexInputError("cannot build a ScaNN index over an empty "
-                              "corpus")
+        raise IndexInputError(
+            "cannot build a ScaNN index over an empty " "corpus"
+        )
       try:
-        searcher = _build_scann(self.vectors[rows],
-                                [self.ids[r] for r in rows], params)
+        searcher = _build_scann(
+            self.vectors[rows], [self.ids[r] for r in rows], params
+        )
       except KeyError as e:
         raise IndexInputError(f"ScaNN parameters {params} lack {e}") from None
     self.params, self._scann, self._device_store = params, searcher, None
@@ -197,12 +219,15 @@ class VectorIndex:
 
   # -- checks ----------------------------------------------------------------
 
-  def _check_vectors(self, vectors: np.ndarray, what: str,
-                     ids: Optional[Sequence[str]] = None) -> np.ndarray:
+  def _check_vectors(
+      self, vectors: np.ndarray, what: str, ids: Optional[Sequence[str]] = None
+  ) -> np.ndarray:
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-      raise IndexInputError(f"{what}: vectors must be [n, {self.dim}], got "
-                            f"shape {vectors.shape}")
+      raise IndexInputError(
+          f"{what}: vectors must be [n, {self.dim}], got "
+          f"shape {vectors.shape}"
+      )
     # Checked after the cast: a float64 1e39 becomes inf in float32.
     with np.errstate(over="ignore"):  # reported below, by document
       vectors = vectors.astype(np.float32, copy=False)
@@ -210,25 +235,30 @@ class VectorIndex:
     if bad.any():
       i = int(np.flatnonzero(bad)[0])
       name = f"document {ids[i]!r}" if ids is not None else f"row {i}"
-      raise IndexInputError(f"{what}: {name} has a non-finite (NaN or inf) "
-                            f"embedding in float32 ({int(bad.sum())} such "
-                            "rows)")
+      raise IndexInputError(
+          f"{what}: {name} has a non-finite (NaN or inf) "
+          f"embedding in float32 ({int(bad.sum())} such "
+          "rows)"
+      )
     return vectors
 
   def _check_ids(self, ids, vectors, what: str) -> list[str]:
     ids = list(ids)
     for i, d in enumerate(ids):
       if not isinstance(d, str):
-        raise IndexInputError(f"{what}: document id at position {i} is "
-                          f"{type(d).__name__}, not str")
+        raise IndexInputError(
+            f"{what}: document id at position {i} is "
+            f"{type(d).__name__}, not str"
+        )
     if len(set(ids)) != len(ids):
       seen = set()
       dup = next(d for d in ids if d in seen or seen.add(d))
       raise IndexInputError(f"{what}: duplicate document id {dup!r}")
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or len(ids) != vectors.shape[0]:
-      raise IndexInputError(f"{what}: {len(ids)} ids but vectors of shape "
-                        f"{vectors.shape}")
+      raise IndexInputError(
+          f"{what}: {len(ids)} ids but vectors of shape " f"{vectors.shape}"
+      )
     self._check_vectors(vectors, what, ids)
     return ids
 
@@ -258,8 +288,9 @@ class VectorIndex:
     """Stored vectors [n, D] of live documents."""
     return self.vectors[self._known_rows(ids, "get")]
 
-  def search(self, queries: np.ndarray, k: int = 10,
-             exact: bool = False) -> SearchResult:
+  def search(
+      self, queries: np.ndarray, k: int = 10, exact: bool = False
+  ) -> SearchResult:
     """Top-`k` documents by inner product for each query row.
 
     Args:
@@ -281,8 +312,8 @@ class VectorIndex:
       s, r = self._exact(queries, min(k, n_live))
     else:
       s, r = self._scann_search(queries, min(k, n_live))
-    scores[:, :s.shape[1]] = s
-    rows[:, :r.shape[1]] = r
+    scores[:, : s.shape[1]] = s
+    rows[:, : r.shape[1]] = r
     ids = [[self.ids[j] for j in row if j >= 0] for row in rows]
     return SearchResult(scores, rows, ids)
 
@@ -295,7 +326,8 @@ class VectorIndex:
   def _scann_search(self, queries: np.ndarray, k: int):
     if queries.shape[0] >= 64:
       ids, dist = self._scann.search_batched_parallel(
-          queries, final_num_neighbors=k)
+          queries, final_num_neighbors=k
+      )
     else:
       ids, dist = self._scann.search_batched(queries, final_num_neighbors=k)
     q = queries.shape[0]
@@ -321,8 +353,9 @@ class VectorIndex:
     if self._scann is not None:
       # ScaNN inserts unknown ids (new or previously deleted) and updates
       # known ones in place.
-      self._scann.upsert(list(ids), vectors,
-                         batch_size=max(1, min(256, len(ids))))
+      self._scann.upsert(
+          list(ids), vectors, batch_size=max(1, min(256, len(ids)))
+      )
     new = [d for d in ids if d not in self.row_of]
     if new:
       base = len(self.ids)
@@ -331,7 +364,8 @@ class VectorIndex:
         self.row_of[d] = base + j
       n = len(new)
       self.vectors = np.concatenate(
-          [self.vectors, np.zeros((n, self.dim), np.float32)])
+          [self.vectors, np.zeros((n, self.dim), np.float32)]
+      )
       self.versions = np.concatenate([self.versions, np.zeros(n, np.int64)])
       self.alive = np.concatenate([self.alive, np.zeros(n, bool)])
     rows = np.asarray([self.row_of[d] for d in ids], np.int64)
@@ -362,8 +396,12 @@ class VectorIndex:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-index-", dir=parent)
     try:
-      np.savez(os.path.join(tmp, "store.npz"), vectors=self.vectors,
-               versions=self.versions, alive=self.alive)
+      np.savez(
+          os.path.join(tmp, "store.npz"),
+          vectors=self.vectors,
+          versions=self.versions,
+          alive=self.alive,
+      )
       # JSON keeps any id exactly (numpy strings drop trailing NULs).
       with open(os.path.join(tmp, "ids.json"), "w", encoding="utf-8") as f:
         json.dump(self.ids, f)
@@ -371,9 +409,18 @@ class VectorIndex:
         os.makedirs(os.path.join(tmp, "scann"))
         self._scann.serialize(os.path.join(tmp, "scann"), relative_path=True)
       with open(os.path.join(tmp, "index.json"), "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, "engine": self.engine,
-                   "dim": self.dim, "params": self.params,
-                   "size": len(self.ids), "live": len(self)}, f, indent=1)
+        json.dump(
+            {
+                "format_version": FORMAT_VERSION,
+                "engine": self.engine,
+                "dim": self.dim,
+                "params": self.params,
+                "size": len(self.ids),
+                "live": len(self),
+            },
+            f,
+            indent=1,
+        )
       replace_dir(tmp, path)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -384,8 +431,9 @@ class VectorIndex:
     """Reads an index written by `save`."""
     path = os.fspath(path)
     meta_path = os.path.join(path, "index.json")
-    meta = read_meta(meta_path, "index", FORMAT_VERSION,
-                     ("engine", "dim", "params", "size"))
+    meta = read_meta(
+        meta_path, "index", FORMAT_VERSION, ("engine", "dim", "params", "size")
+    )
     index = cls(meta["dim"], meta["engine"], meta["params"])
     store_path = os.path.join(path, "store.npz")
     with open(os.path.join(path, "ids.json"), encoding="utf-8") as f:
@@ -395,40 +443,53 @@ class VectorIndex:
       index.versions = z["versions"].astype(np.int64)
       index.alive = z["alive"].astype(bool)
     n = meta["size"]
-    shapes = (len(index.ids), index.vectors.shape[0], index.versions.shape[0],
-              index.alive.shape[0])
+    shapes = (
+        len(index.ids),
+        index.vectors.shape[0],
+        index.versions.shape[0],
+        index.alive.shape[0],
+    )
     if any(s != n for s in shapes) or index.vectors.shape[1] != index.dim:
-      raise IndexInputError(f"{store_path}: arrays disagree with {meta_path} "
-                        f"(size {n}, dim {index.dim}): {shapes}, "
-                        f"vectors {index.vectors.shape}")
+      raise IndexInputError(
+          f"{store_path}: arrays disagree with {meta_path} "
+          f"(size {n}, dim {index.dim}): {shapes}, "
+          f"vectors {index.vectors.shape}"
+      )
     index.row_of = {d: i for i, d in enumerate(index.ids)}
     if index.engine == "scann":
-      import scann  # pylint: disable=g-import-not-at-top
+      import scann
+
       sdir = os.path.join(path, "scann")
       if not os.path.isdir(sdir):
         raise FileNotFoundError(f"{path}: missing ScaNN directory {sdir}")
       index._scann = scann.scann_ops_pybind.load_searcher(sdir)
       if index._scann.size() != len(index):
-        raise IndexInputError(f"{sdir}: ScaNN holds {index._scann.size()} "
-                          f"vectors, the store {len(index)} live ones")
+        raise IndexInputError(
+            f"{sdir}: ScaNN holds {index._scann.size()} "
+            f"vectors, the store {len(index)} live ones"
+        )
     return index
 
 
-def read_meta(meta_path: str, what: str, version: int,
-              fields: Sequence[str]) -> dict:
+def read_meta(
+    meta_path: str, what: str, version: int, fields: Sequence[str]
+) -> dict:
   """A saved object's JSON metadata, checked for its format version and
   required fields (errors name the file)."""
   if not os.path.isfile(meta_path):
-    raise FileNotFoundError(f"no {what} at {os.path.dirname(meta_path)} "
-                            f"(missing {meta_path})")
+    raise FileNotFoundError(
+        f"no {what} at {os.path.dirname(meta_path)} " f"(missing {meta_path})"
+    )
   with open(meta_path, encoding="utf-8") as f:
     meta = json.load(f)
   for key in ("format_version",) + tuple(fields):
     if key not in meta:
       raise IndexInputError(f"{meta_path}: missing field {key!r}")
   if meta["format_version"] != version:
-    raise IndexInputError(f"{meta_path}: format_version "
-                          f"{meta['format_version']}, expected {version}")
+    raise IndexInputError(
+        f"{meta_path}: format_version "
+        f"{meta['format_version']}, expected {version}"
+    )
   return meta
 
 

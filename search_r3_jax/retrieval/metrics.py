@@ -24,31 +24,42 @@ Run = Mapping[str, Mapping[str, float]]  # query id -> {doc id: score}
 
 
 def _ranked(scores: Mapping[str, float]) -> list[str]:
-  return [d for d, _ in sorted(scores.items(), key=lambda kv: (kv[1], kv[0]),
-                               reverse=True)]
+  return [
+      d
+      for d, _ in sorted(
+          scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True
+      )
+  ]
 
 
-def ndcg_at(qrels: Mapping[str, int], scores: Mapping[str, float],
-            k: int) -> float:
+def ndcg_at(
+    qrels: Mapping[str, int], scores: Mapping[str, float], k: int
+) -> float:
   ranked = _ranked(scores)[:k]
-  dcg = sum(qrels.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked)
-            if qrels.get(d, 0) > 0)
+  dcg = sum(
+      qrels.get(d, 0) / math.log2(i + 2)
+      for i, d in enumerate(ranked)
+      if qrels.get(d, 0) > 0
+  )
   ideal = sorted((r for r in qrels.values() if r > 0), reverse=True)[:k]
   idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
   return dcg / idcg if idcg > 0 else 0.0
 
 
-def recall_at(qrels: Mapping[str, int], scores: Mapping[str, float],
-              k: int) -> float:
+def recall_at(
+    qrels: Mapping[str, int], scores: Mapping[str, float], k: int
+) -> float:
   relevant = {d for d, r in qrels.items() if r > 0}
   if not relevant:
     return 0.0
   return len(relevant.intersection(_ranked(scores)[:k])) / len(relevant)
 
 
-def evaluate(qrels: Qrels, run: Run,
-             metrics: Sequence[str] = ("ndcg@10", "recall@10", "recall@100")
-             ) -> dict[str, float]:
+def evaluate(
+    qrels: Qrels,
+    run: Run,
+    metrics: Sequence[str] = ("ndcg@10", "recall@10", "recall@100"),
+) -> dict[str, float]:
   """Mean metrics over the queries with relevant documents.
 
   Args:
@@ -78,9 +89,15 @@ def evaluate(qrels: Qrels, run: Run,
   return out
 
 
-def run_from_topk(query_ids: Sequence[str], doc_ids: Sequence[str],
-                  scores: np.ndarray, indices: np.ndarray) -> dict:
+def run_from_topk(
+    query_ids: Sequence[str],
+    doc_ids: Sequence[str],
+    scores: np.ndarray,
+    indices: np.ndarray,
+) -> dict:
   """A trec-style run dict from top-k scores and document indices
   (`core.ops.exact_top_k`'s output)."""
-  return {q: {doc_ids[int(j)]: float(s) for s, j in zip(srow, irow)}
-          for q, srow, irow in zip(query_ids, scores, indices)}
+  return {
+      q: {doc_ids[int(j)]: float(s) for s, j in zip(srow, irow)}
+      for q, srow, irow in zip(query_ids, scores, indices)
+  }

@@ -29,8 +29,9 @@ def _spherical_kmeans(x, centroids, iters: int):
   return c, jnp.argmax(x @ c.T, axis=1)
 
 
-def kmeans(x: np.ndarray, k: int, iters: int, seed: int
-           ) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(
+    x: np.ndarray, k: int, iters: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Spherical k-means of unit rows `x`: (centroids [k, D], assignment [N])."""
   rng = np.random.default_rng(seed)
   k = max(1, min(k, x.shape[0]))

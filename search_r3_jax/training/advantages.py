@@ -8,8 +8,8 @@ rewards are.
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from search_r3_jax.training.registry import Registry
 

@@ -24,27 +24,36 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Async, keep-the-latest-N checkpoints under `workdir/checkpoints`."""
 
-  def __init__(self, workdir: str | os.PathLike, keep: int = 3,
-               async_save: bool = True):
+  def __init__(
+      self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True
+  ):
     self.directory = os.path.join(os.fspath(workdir), "checkpoints")
     self.manager = ocp.CheckpointManager(
         os.path.abspath(self.directory),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True,
+            max_to_keep=keep,
+            create=True,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True))
+            cleanup_tmp_directories=True,
+        ),
+    )
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_position: dict) -> None:
     """Starts saving (returns before the write finishes when async)."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_position)))
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_position),
+        ),
+    )
 
-  def restore(self, state_like: Any, step: Optional[int] = None
-              ) -> tuple[Any, dict]:
+  def restore(
+      self, state_like: Any, step: Optional[int] = None
+  ) -> tuple[Any, dict]:
     """Restores into arrays shaped and sharded like `state_like`.
 
     Returns:
@@ -52,31 +61,42 @@ class Checkpointer:
     """
     step = self._step(step)
     target = _abstract(state_like)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        data=ocp.args.JsonRestore()))
+    out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+        ),
+    )
     return out["state"], dict(out["data"])
 
-  def restore_params(self, params_like: Any, step: Optional[int] = None
-                     ) -> Any:
+  def restore_params(self, params_like: Any, step: Optional[int] = None) -> Any:
     """Restores only the state's `params` (no optimizer state, no reference
     copy), into arrays shaped and sharded like `params_like`: what loading a
     trained model for inference needs, at a quarter of the memory."""
     step = self._step(step)
     target = _abstract(params_like)
     restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item={"params": target}, restore_args={"params": restore_args},
-            partial_restore=True)))
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target
+    )
+    out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args={"params": restore_args},
+                partial_restore=True,
+            )
+        ),
+    )
     got = jax.tree.leaves(out["state"]["params"])
     want = jax.tree.leaves(target)
     if len(got) != len(want) or any(
-        g.shape != w.shape for g, w in zip(got, want)):
+        g.shape != w.shape for g, w in zip(got, want)
+    ):
       raise ValueError(
           f"{self.directory} step {step}: the checkpoint's parameters do not "
-          "match the model its config describes")
+          "match the model its config describes"
+      )
     return jax.tree.unflatten(jax.tree.structure(target), got)
 
   def _step(self, step: Optional[int]) -> int:
@@ -97,4 +117,5 @@ def _abstract(tree: Any) -> Any:
   """Shapes, dtypes and shardings of `tree`'s arrays: a restore target."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      tree)
+      tree,
+  )

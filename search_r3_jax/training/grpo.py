@@ -27,20 +27,29 @@ from __future__ import annotations
 import functools
 from typing import Mapping, Optional
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import Mesh
 
 from search_r3_jax.core import encoding
 from search_r3_jax.core import sharding as shd
-from search_r3_jax.core.encoding import hidden_at, right_padded_forward
+from search_r3_jax.core.encoding import hidden_at
+from search_r3_jax.core.encoding import right_padded_forward
 from search_r3_jax.core.ops import l2_normalize
 from search_r3_jax.training import losses as losses_lib
-from search_r3_jax.training.train_state import TrainState, gradient_step
+from search_r3_jax.training.train_state import gradient_step
+from search_r3_jax.training.train_state import TrainState
 
-BATCH_KEYS = ("tokens", "lengths", "mask", "old_logp", "advantages",
-              "embed_pos", "docs")
+BATCH_KEYS = (
+    "tokens",
+    "lengths",
+    "mask",
+    "old_logp",
+    "advantages",
+    "embed_pos",
+    "docs",
+)
 _BATCH_NDIMS = (2, 1, 2, 2, 1, 1, 3)
 
 
@@ -53,12 +62,18 @@ def _forward(graphdef, params, tokens, lengths):
 logprobs = encoding.logprobs
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("graphdef", "temperature", "valid_vocab"))
-def policy_outputs(graphdef, params, tokens: jax.Array, lengths: jax.Array,
-                   embed_pos: jax.Array, temperature: float = 1.0,
-                   valid_vocab: Optional[int] = None
-                   ) -> tuple[jax.Array, jax.Array]:
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "temperature", "valid_vocab")
+)
+def policy_outputs(
+    graphdef,
+    params,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    embed_pos: jax.Array,
+    temperature: float = 1.0,
+    valid_vocab: Optional[int] = None,
+) -> tuple[jax.Array, jax.Array]:
   """One forward pass of the sampling policy over a GRPO batch: the [N, T-1]
   old log-probabilities and the [N, D] L2-normalised embeddings at
   `embed_pos` (what the rollouts are searched and rewarded with).
@@ -70,12 +85,15 @@ def policy_outputs(graphdef, params, tokens: jax.Array, lengths: jax.Array,
   """
   logits, hidden, _ = _forward(graphdef, params, tokens, lengths)
   emb = l2_normalize(hidden_at(hidden, embed_pos).astype(jnp.float32))
-  return losses_lib.token_logprobs(logits, tokens, temperature,
-                                   valid_vocab), emb
+  return (
+      losses_lib.token_logprobs(logits, tokens, temperature, valid_vocab),
+      emb,
+  )
 
 
-def grpo_losses(graphdef, params, ref_params, batch: Mapping[str, jax.Array],
-                cfg: Mapping) -> tuple[jax.Array, dict[str, jax.Array]]:
+def grpo_losses(
+    graphdef, params, ref_params, batch: Mapping[str, jax.Array], cfg: Mapping
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and its parts.
 
   Args:
@@ -114,14 +132,22 @@ def grpo_losses(graphdef, params, ref_params, batch: Mapping[str, jax.Array],
     q_emb = hidden_at(hidden, pos)
     docs = jax.lax.stop_gradient(batch["docs"])
     parts["aux_infonce"] = losses_lib.get("infonce")(
-        q_emb, docs, tau=float(cfg["tau"]), in_batch=False)
+        q_emb, docs, tau=float(cfg["tau"]), in_batch=False
+    )
     total = total + aux_weight * parts["aux_infonce"]
   parts["response_tokens"] = jnp.sum(mask)
   return total, parts
 
 
-def make_grpo_step(graphdef, tx, schedule, cfg: Mapping, mesh: Mesh,
-                   state_shardings, batch_size: int):
+def make_grpo_step(
+    graphdef,
+    tx,
+    schedule,
+    cfg: Mapping,
+    mesh: Mesh,
+    state_shardings,
+    batch_size: int,
+):
   """The jitted `(state, batch) -> (state, metrics)` update.
 
   The state is donated; batch arrays are split over the mesh's batch axes.
@@ -140,6 +166,12 @@ def make_grpo_step(graphdef, tx, schedule, cfg: Mapping, mesh: Mesh,
       for k, nd in zip(BATCH_KEYS, _BATCH_NDIMS)
   }
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, replicated),
-                 donate_argnums=(0,)), batch_shardings
+  return (
+      jax.jit(
+          step,
+          in_shardings=(state_shardings, batch_shardings),
+          out_shardings=(state_shardings, replicated),
+          donate_argnums=(0,),
+      ),
+      batch_shardings,
+  )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from search_r3_jax.core.encoding import token_logprobs  # noqa: F401  (re-exported)
+from search_r3_jax.core.encoding import token_logprobs  # noqa: F401 (re-export)
 from search_r3_jax.core.ops import l2_normalize
 from search_r3_jax.training.registry import Registry
 
@@ -31,8 +31,9 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 @register("sft")
-def next_token_cross_entropy(logits: jax.Array, tokens: jax.Array,
-                             target_mask: jax.Array) -> jax.Array:
+def next_token_cross_entropy(
+    logits: jax.Array, tokens: jax.Array, target_mask: jax.Array
+) -> jax.Array:
   """Mean cross-entropy of predicting `tokens[:, t]` from `logits[:, t-1]`.
 
   Args:
@@ -46,8 +47,9 @@ def next_token_cross_entropy(logits: jax.Array, tokens: jax.Array,
 
 
 @register("kl")
-def token_kl(logits: jax.Array, ref_logits: jax.Array,
-             target_mask: jax.Array) -> jax.Array:
+def token_kl(
+    logits: jax.Array, ref_logits: jax.Array, target_mask: jax.Array
+) -> jax.Array:
   """Mean over response positions of KL(policy ‖ reference), exact over V.
 
   Position t-1's distribution predicts token t, so the mask is shifted the
@@ -68,8 +70,13 @@ def _unit(x: jax.Array) -> jax.Array:
 
 
 @register("infonce")
-def info_nce(queries: jax.Array, docs: jax.Array, tau: float = 0.05,
-             in_batch: bool = True, doc_groups=None) -> jax.Array:
+def info_nce(
+    queries: jax.Array,
+    docs: jax.Array,
+    tau: float = 0.05,
+    in_batch: bool = True,
+    doc_groups=None,
+) -> jax.Array:
   """InfoNCE over cosine similarity / τ.
 
   Args:
@@ -100,8 +107,9 @@ def info_nce(queries: jax.Array, docs: jax.Array, tau: float = 0.05,
 
 
 @register("triplet")
-def triplet_margin(queries: jax.Array, docs: jax.Array,
-                   margin: float = 0.2) -> jax.Array:
+def triplet_margin(
+    queries: jax.Array, docs: jax.Array, margin: float = 0.2
+) -> jax.Array:
   """Mean over (query, hard negative) of max(0, d(q, pos) - d(q, neg) + m).
 
   d is the cosine distance 1 - cos.
@@ -119,9 +127,15 @@ def triplet_margin(queries: jax.Array, docs: jax.Array,
 # -- stage 2 (GRPO) -----------------------------------------------------------
 
 
-def grpo_terms(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
-               mask: jax.Array, advantages: jax.Array, clip_eps: float = 0.2,
-               beta: float = 1e-3) -> dict[str, jax.Array]:
+def grpo_terms(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array,
+    mask: jax.Array,
+    advantages: jax.Array,
+    clip_eps: float = 0.2,
+    beta: float = 1e-3,
+) -> dict[str, jax.Array]:
   """The clipped GRPO objective and its parts, per response token.
 
   For token t of rollout i, with r = exp(logp - old_logp) and A_i the
@@ -143,7 +157,8 @@ def grpo_terms(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
   """
   mask = mask.astype(jnp.float32)
   policy, kl, ratio, was_clipped = _grpo_per_token(
-      logp, old_logp, ref_logp, advantages, clip_eps)
+      logp, old_logp, ref_logp, advantages, clip_eps
+  )
   return {
       "loss": _masked_mean(policy + beta * kl, mask),
       "policy": _masked_mean(policy, mask),
@@ -166,28 +181,42 @@ def _grpo_per_token(logp, old_logp, ref_logp, advantages, clip_eps):
 
 
 @register("grpo")
-def grpo(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
-         mask: jax.Array, advantages: jax.Array, clip_eps: float = 0.2,
-         beta: float = 1e-3) -> jax.Array:
+def grpo(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array,
+    mask: jax.Array,
+    advantages: jax.Array,
+    clip_eps: float = 0.2,
+    beta: float = 1e-3,
+) -> jax.Array:
   """The GRPO loss (see `grpo_terms`): clipped policy term + β k3 KL,
   a token-level mean over all response tokens of the batch, so a long
   rollout weighs more than a short one (as in DAPO and Dr. GRPO)."""
-  return grpo_terms(logp, old_logp, ref_logp, mask, advantages, clip_eps,
-                    beta)["loss"]
+  return grpo_terms(logp, old_logp, ref_logp, mask, advantages, clip_eps, beta)[
+      "loss"
+  ]
 
 
 @register("grpo_seq")
-def grpo_sequence_mean(logp: jax.Array, old_logp: jax.Array,
-                       ref_logp: jax.Array, mask: jax.Array,
-                       advantages: jax.Array, clip_eps: float = 0.2,
-                       beta: float = 1e-3) -> jax.Array:
+def grpo_sequence_mean(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array,
+    mask: jax.Array,
+    advantages: jax.Array,
+    clip_eps: float = 0.2,
+    beta: float = 1e-3,
+) -> jax.Array:
   """The same per-token terms as `grpo`, averaged over each rollout's own
   response tokens first and then over the rollouts (DeepSeekMath's GRPO:
   every rollout weighs the same, whatever its length). A rollout without
   response tokens counts as 0."""
   mask = mask.astype(jnp.float32)
-  policy, kl, _, _ = _grpo_per_token(logp, old_logp, ref_logp, advantages,
-                                     clip_eps)
+  policy, kl, _, _ = _grpo_per_token(
+      logp, old_logp, ref_logp, advantages, clip_eps
+  )
   per_row = jnp.sum((policy + beta * kl) * mask, 1) / jnp.maximum(
-      jnp.sum(mask, 1), 1.0)
+      jnp.sum(mask, 1), 1.0
+  )
   return jnp.mean(per_row)

@@ -37,15 +37,16 @@ def write_plots(metrics_path: str, out_dir: str) -> list[str]:
       continue
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3 * rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.5 * cols, 3 * rows), squeeze=False
+    )
     for ax, name in zip(axes.flat, names):
       steps, values = zip(*series[name])
       ax.plot(steps, values, marker="." if len(steps) < 30 else None)
       ax.set_title(name, fontsize=9)
       ax.set_xlabel("step", fontsize=8)
       ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
       ax.axis("off")
     fig.tight_layout()
     path = os.path.join(out_dir, f"{kind}.png")

@@ -10,10 +10,10 @@ from typing import Any, Callable, Iterator, Mapping
 class Registry:
   """Functions registered under names, e.g. `LOSSES = Registry("loss")`.
 
-      @LOSSES.register("sft")
-      def next_token_cross_entropy(...): ...
+  @LOSSES.register("sft")
+  def next_token_cross_entropy(...): ...
 
-      LOSSES.get("sft")   # KeyError naming the registered ones if unknown
+  LOSSES.get("sft")   # KeyError naming the registered ones if unknown
   """
 
   def __init__(self, kind: str):
@@ -35,15 +35,18 @@ class Registry:
     try:
       return self._items[name]
     except KeyError:
-      raise KeyError(f"unknown {self.kind} {name!r}; registered: "
-                     f"{sorted(self._items)}") from None
+      raise KeyError(
+          f"unknown {self.kind} {name!r}; registered: " f"{sorted(self._items)}"
+      ) from None
 
   def check(self, names, field: str) -> None:
     """Raises ValueError naming `field` when a name is not registered."""
     unknown = sorted(set(names) - set(self._items))
     if unknown:
-      raise ValueError(f"{field}: unknown {self.kind}(s) {unknown}; "
-                       f"registered: {sorted(self._items)}")
+      raise ValueError(
+          f"{field}: unknown {self.kind}(s) {unknown}; "
+          f"registered: {sorted(self._items)}"
+      )
 
   def names(self) -> list[str]:
     return sorted(self._items)
@@ -72,12 +75,17 @@ def call_with(fn: Callable, available: Mapping[str, Any], what: str) -> Any:
     if name in available:
       kwargs[name] = available[name]
     elif p.default is p.empty:
-      raise ValueError(f"{what} needs {name!r}, which this stage does not "
-                       f"provide (it provides {sorted(available)})")
+      raise ValueError(
+          f"{what} needs {name!r}, which this stage does not "
+          f"provide (it provides {sorted(available)})"
+      )
   return fn(**kwargs)
 
 
 def parameters(fn: Callable) -> set[str]:
   """The argument names of `fn` (what it needs from `call_with`)."""
-  return {n for n, p in inspect.signature(fn).parameters.items()
-          if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+  return {
+      n
+      for n, p in inspect.signature(fn).parameters.items()
+      if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+  }

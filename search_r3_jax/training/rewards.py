@@ -42,8 +42,11 @@ REWARDS = Registry("reward")
 register = REWARDS.register
 get = REWARDS.get
 
-DEFAULT_WEIGHTS: dict[str, float] = {"dcg_rank": 1.0, "cosine": 0.1,
-                                     "format": 1.0}
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "dcg_rank": 1.0,
+    "cosine": 0.1,
+    "format": 1.0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +85,10 @@ class RewardInputs:
     `query_emb` rows whose `has_embed` is True.
     """
     if isinstance(self.retrieved, (str, bytes)):
-      raise ValueError("RewardInputs.retrieved must be a sequence of B id "
-                       "lists, got a string")
+      raise ValueError(
+          "RewardInputs.retrieved must be a sequence of B id "
+          "lists, got a string"
+      )
     b = len(self.retrieved)
     for name in ("gold", "gold_emb", "has_embed", "query_emb"):
       value = getattr(self, name)
@@ -92,56 +97,78 @@ class RewardInputs:
       except TypeError:  # a scalar or a 0-d array
         n = None
       if n is None:
-        raise ValueError(f"RewardInputs.{name} must have B = {b} rows "
-                         f"(len(retrieved)), got {type(value).__name__}")
+        raise ValueError(
+            f"RewardInputs.{name} must have B = {b} rows "
+            f"(len(retrieved)), got {type(value).__name__}"
+        )
       if n != b:
-        raise ValueError(f"RewardInputs.{name} has {n} rows, but "
-                         f"retrieved has {b}")
+        raise ValueError(
+            f"RewardInputs.{name} has {n} rows, but " f"retrieved has {b}"
+        )
 
     for field, rows in (("retrieved", self.retrieved), ("gold", self.gold)):
       for i, row in enumerate(rows):
         if isinstance(row, (str, bytes)):
-          raise ValueError(f"RewardInputs.{field}[{i}] is a bare string "
-                           f"{row!r}; wrap it in a list")
+          raise ValueError(
+              f"RewardInputs.{field}[{i}] is a bare string "
+              f"{row!r}; wrap it in a list"
+          )
         for doc in row:
           if not isinstance(doc, str):
-            raise ValueError(f"RewardInputs.{field}[{i}] holds a "
-                             f"{type(doc).__name__} id {doc!r}; ids are str")
+            raise ValueError(
+                f"RewardInputs.{field}[{i}] holds a "
+                f"{type(doc).__name__} id {doc!r}; ids are str"
+            )
     for i, row in enumerate(self.gold):
       if len(row) == 0:
-        raise ValueError(f"RewardInputs.gold[{i}] is empty; every row needs "
-                         "at least one gold document")
+        raise ValueError(
+            f"RewardInputs.gold[{i}] is empty; every row needs "
+            "at least one gold document"
+        )
 
     has_embed = np.asarray(self.has_embed)
     if has_embed.shape != (b,):
-      raise ValueError(f"RewardInputs.has_embed must have shape ({b},), got "
-                       f"{has_embed.shape}")
+      raise ValueError(
+          f"RewardInputs.has_embed must have shape ({b},), got "
+          f"{has_embed.shape}"
+      )
     if has_embed.dtype != np.bool_ and not (
         np.issubdtype(has_embed.dtype, np.integer)
-        and np.all((has_embed == 0) | (has_embed == 1))):
-      raise ValueError("RewardInputs.has_embed must be boolean (or 0/1), got "
-                       f"{has_embed.dtype} values {has_embed.tolist()}")
+        and np.all((has_embed == 0) | (has_embed == 1))
+    ):
+      raise ValueError(
+          "RewardInputs.has_embed must be boolean (or 0/1), got "
+          f"{has_embed.dtype} values {has_embed.tolist()}"
+      )
     has_embed = has_embed.astype(bool)
 
     query = _float_array(self.query_emb, "query_emb")
     if query.ndim != 2 or query.shape[0] != b or query.shape[1] == 0:
-      raise ValueError(f"RewardInputs.query_emb must have shape ({b}, D) "
-                       f"with D >= 1, got {query.shape}")
+      raise ValueError(
+          f"RewardInputs.query_emb must have shape ({b}, D) "
+          f"with D >= 1, got {query.shape}"
+      )
     d = query.shape[1]
     for i in range(b):
       if has_embed[i] and not np.all(np.isfinite(query[i])):
-        raise ValueError(f"RewardInputs.query_emb[{i}] holds NaN or inf but "
-                         "has_embed is True for that row")
+        raise ValueError(
+            f"RewardInputs.query_emb[{i}] holds NaN or inf but "
+            "has_embed is True for that row"
+        )
 
     for i in range(b):
       emb = _gold_rows(self.gold_emb[i], i)
       if emb.shape[1] != d:
-        raise ValueError(f"RewardInputs.gold_emb[{i}] has dimension "
-                         f"{emb.shape[1]}, but query_emb has D = {d}")
+        raise ValueError(
+            f"RewardInputs.gold_emb[{i}] has dimension "
+            f"{emb.shape[1]}, but query_emb has D = {d}"
+        )
       if emb.shape[0] != len(self.gold[i]):
-        raise ValueError(f"RewardInputs.gold_emb[{i}] has {emb.shape[0]} "
-                         f"embeddings for {len(self.gold[i])} gold ids "
-                         f"(gold[{i}])")
+        raise ValueError(
+            f"RewardInputs.gold_emb[{i}] has {emb.shape[0]} "
+            f"embeddings for {len(self.gold[i])} gold ids "
+            f"(gold[{i}])"
+        )
       if not np.all(np.isfinite(emb)):
         raise ValueError(f"RewardInputs.gold_emb[{i}] holds NaN or inf")
 
@@ -150,8 +177,9 @@ def _float_array(x, field: str) -> np.ndarray:
   try:
     arr = np.asarray(x, dtype=np.float64)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"RewardInputs.{field} is not a numeric array: {e}") \
-        from None
+    raise ValueError(
+        f"RewardInputs.{field} is not a numeric array: {e}"
+    ) from None
   return arr
 
 
@@ -161,8 +189,10 @@ def _gold_rows(x, i: int) -> np.ndarray:
   if emb.ndim == 1:
     emb = emb[None, :]
   if emb.ndim != 2:
-    raise ValueError(f"RewardInputs.gold_emb[{i}] must be [g, D] or [D], got "
-                     f"shape {emb.shape}")
+    raise ValueError(
+        f"RewardInputs.gold_emb[{i}] must be [g, D] or [D], got "
+        f"shape {emb.shape}"
+    )
   return emb
 
 
@@ -249,8 +279,12 @@ def format_penalty(inputs: RewardInputs, *, k: int = 10) -> np.ndarray:
   return np.where(_has_embed(inputs), 0.0, -1.0).astype(np.float32)
 
 
-def combined(inputs: RewardInputs, weights: Mapping[str, float] | None = None,
-             *, k: int = 10) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def combined(
+    inputs: RewardInputs,
+    weights: Mapping[str, float] | None = None,
+    *,
+    k: int = 10,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Weighted sum of named rewards.
 
   Args:
@@ -267,13 +301,19 @@ def combined(inputs: RewardInputs, weights: Mapping[str, float] | None = None,
   weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
   unknown = sorted(set(weights) - set(REWARDS))
   if unknown:
-    raise KeyError(f"unknown reward(s) {unknown} in weights; registered: "
-                   f"{REWARDS.names()}")
+    raise KeyError(
+        f"unknown reward(s) {unknown} in weights; registered: "
+        f"{REWARDS.names()}"
+    )
   for name, w in weights.items():
-    if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) \
-        or not math.isfinite(w):
-      raise ValueError(f"weight for reward {name!r} must be a finite number, "
-                       f"got {w!r}")
+    if (
+        isinstance(w, bool)
+        or not isinstance(w, (int, float, np.number))
+        or not math.isfinite(w)
+    ):
+      raise ValueError(
+          f"weight for reward {name!r} must be a finite number, " f"got {w!r}"
+      )
   inputs.validate()
   _check_k(k)
   total = np.zeros((inputs.batch_size,), np.float64)

@@ -42,6 +42,7 @@ class Rollouts:
     logprobs: N lists, the sampler's log-probability of each response token
       (None when the rollouts were not sampled here).
   """
+
   query_index: np.ndarray
   prompts: list[list[int]]
   responses: list[list[int]]
@@ -58,9 +59,17 @@ class Rollouts:
     return np.asarray([len(r) for r in self.responses], np.int32)
 
 
-def sample(policy, queries: Sequence[str], *, group_size: int,
-           max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           seed: int = 0, max_query_tokens: int = 128) -> Rollouts:
+def sample(
+    policy,
+    queries: Sequence[str],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    max_query_tokens: int = 128,
+) -> Rollouts:
   """`group_size` reasoning rollouts per query from `policy` (a
   `core.policy.Policy`, or anything with its `tokenizer`, `prompts` and
   `generate_ids`)."""
@@ -69,17 +78,31 @@ def sample(policy, queries: Sequence[str], *, group_size: int,
   if not queries:
     raise ValueError("sample: no queries")
   tok = policy.tokenizer
-  base = [tok.embedding_prompt(policy.prompts, "query", q, reasoning=True,
-                               max_text_tokens=max_query_tokens)
-          for q in queries]
+  base = [
+      tok.embedding_prompt(
+          policy.prompts,
+          "query",
+          q,
+          reasoning=True,
+          max_text_tokens=max_query_tokens,
+      )
+      for q in queries
+  ]
   prompts = [list(p) for p in base for _ in range(group_size)]
   stop = tuple(tok.eos_ids) + (tok.embed_token_id,)
-  gen = policy.generate_ids(prompts, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, seed=seed,
-                           stop_ids=stop, capture_stop_hidden=True)
+  gen = policy.generate_ids(
+      prompts,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_p=top_p,
+      seed=seed,
+      stop_ids=stop,
+      capture_stop_hidden=True,
+  )
   responses, has_embed, logprobs = [], [], []
-  for row, lp, n, stopped in zip(gen.tokens, gen.logprobs, gen.lengths,
-                                 gen.stopped):
+  for row, lp, n, stopped in zip(
+      gen.tokens, gen.logprobs, gen.lengths, gen.stopped
+  ):
     resp = [int(x) for x in row[:n]]
     responses.append(resp)
     logprobs.append([float(x) for x in lp[:n]])
@@ -87,15 +110,28 @@ def sample(policy, queries: Sequence[str], *, group_size: int,
   has_embed = np.asarray(has_embed, bool)
   h = np.asarray(gen.stop_hidden, np.float32)
   emb = np.where(has_embed[:, None], l2_normalize(h), 0.0).astype(np.float32)
-  texts = [tok.decode([x for x in r if x != tok.embed_token_id])
-           for r in responses]
-  return Rollouts(np.repeat(np.arange(len(queries)), group_size), prompts,
-                  responses, has_embed, emb, texts, logprobs)
+  texts = [
+      tok.decode([x for x in r if x != tok.embed_token_id]) for r in responses
+  ]
+  return Rollouts(
+      np.repeat(np.arange(len(queries)), group_size),
+      prompts,
+      responses,
+      has_embed,
+      emb,
+      texts,
+      logprobs,
+  )
 
 
-def grpo_batch(rollouts: Rollouts, *, embed_token_id: int, pad_id: int,
-               seq_len: int, suffix: Sequence[int] | None = None
-               ) -> dict[str, np.ndarray]:
+def grpo_batch(
+    rollouts: Rollouts,
+    *,
+    embed_token_id: int,
+    pad_id: int,
+    seq_len: int,
+    suffix: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
   """tokens, lengths, mask and embed_pos of `grpo.BATCH_KEYS` (the caller
   adds old_logp, advantages and docs).
 
@@ -109,30 +145,42 @@ def grpo_batch(rollouts: Rollouts, *, embed_token_id: int, pad_id: int,
   """
   suffix = [embed_token_id] if suffix is None else [int(x) for x in suffix]
   if not suffix or suffix[-1] != embed_token_id:
-    raise ValueError(f"grpo_batch: suffix {suffix} does not end with the "
-                     f"embed token {embed_token_id}")
+    raise ValueError(
+        f"grpo_batch: suffix {suffix} does not end with the "
+        f"embed token {embed_token_id}"
+    )
   n = rollouts.size
   tokens = np.full((n, seq_len), pad_id, np.int32)
   lengths = np.zeros((n,), np.int32)
   mask = np.zeros((n, seq_len), np.float32)
   embed_pos = np.zeros((n,), np.int32)
-  for i, (p, r, ok) in enumerate(zip(rollouts.prompts, rollouts.responses,
-                                     rollouts.has_embed)):
+  for i, (p, r, ok) in enumerate(
+      zip(rollouts.prompts, rollouts.responses, rollouts.has_embed)
+  ):
     row = list(p) + list(r) + ([] if ok else suffix)
     if len(row) > seq_len:
-      raise ValueError(f"rollout {i} has {len(row)} tokens, more than "
-                       f"seq_len {seq_len}")
-    tokens[i, :len(row)] = row
+      raise ValueError(
+          f"rollout {i} has {len(row)} tokens, more than " f"seq_len {seq_len}"
+      )
+    tokens[i, : len(row)] = row
     lengths[i] = len(row)
-    mask[i, len(p):len(p) + len(r)] = 1.0
+    mask[i, len(p) : len(p) + len(r)] = 1.0
     embed_pos[i] = len(row) - 1
   return dict(tokens=tokens, lengths=lengths, mask=mask, embed_pos=embed_pos)
 
 
-def score(env, rollouts: Rollouts, gold: Sequence[Sequence[str]], *,
-          group_size: int, weights=None, k: int = 10, eps: float = 1e-6,
-          embeddings: np.ndarray | None = None,
-          advantage: str = "grpo") -> dict:
+def score(
+    env,
+    rollouts: Rollouts,
+    gold: Sequence[Sequence[str]],
+    *,
+    group_size: int,
+    weights=None,
+    k: int = 10,
+    eps: float = 1e-6,
+    embeddings: np.ndarray | None = None,
+    advantage: str = "grpo",
+) -> dict:
   """Searches each rollout's embedding in `env` and rewards it.
 
   Args:
@@ -164,8 +212,10 @@ def score(env, rollouts: Rollouts, gold: Sequence[Sequence[str]], *,
   else:
     emb = np.asarray(embeddings, np.float32)
     if emb.shape != rollouts.embeddings.shape:
-      raise ValueError(f"score: embeddings of shape {emb.shape} for "
-                       f"rollouts of shape {rollouts.embeddings.shape}")
+      raise ValueError(
+          f"score: embeddings of shape {emb.shape} for "
+          f"rollouts of shape {rollouts.embeddings.shape}"
+      )
     searched = np.ones((n,), bool)
   retrieved: list[list[str]] = [[] for _ in range(n)]
   rows = np.flatnonzero(searched)
@@ -175,22 +225,33 @@ def score(env, rollouts: Rollouts, gold: Sequence[Sequence[str]], *,
       retrieved[r] = ids
   row_gold = [list(gold[q]) for q in rollouts.query_index]
   inputs = rewards_lib.RewardInputs(
-      retrieved=retrieved, gold=row_gold, query_emb=emb,
-      gold_emb=[env.embeddings(g) for g in row_gold], has_embed=searched)
+      retrieved=retrieved,
+      gold=row_gold,
+      query_emb=emb,
+      gold_emb=[env.embeddings(g) for g in row_gold],
+      has_embed=searched,
+  )
   weights = dict(rewards_lib.DEFAULT_WEIGHTS if weights is None else weights)
   total, terms = rewards_lib.combined(inputs, weights, k=k)
   if "format" in weights:  # the penalty follows what was actually emitted
-    fmt = rewards_lib.get("format")(dataclasses.replace(
-        inputs, has_embed=emitted), k=k)
-    total = (total + float(weights["format"]) * (fmt - terms["format"])
-             ).astype(np.float32)
+    fmt = rewards_lib.get("format")(
+        dataclasses.replace(inputs, has_embed=emitted), k=k
+    )
+    total = (total + float(weights["format"]) * (fmt - terms["format"])).astype(
+        np.float32
+    )
     terms["format"] = fmt
   best_rank = np.zeros((n,), np.int32)
   for i, (ids, g) in enumerate(zip(retrieved, row_gold)):
     ranks = [j + 1 for j, d in enumerate(ids[:k]) if d in set(g)]
     best_rank[i] = ranks[0] if ranks else 0
   adv = advantages_lib.get(advantage)(
-      total.reshape(-1, group_size).astype(np.float64), eps=eps)
-  return {"reward": total, "terms": terms,
-          "advantages": adv.reshape(-1).astype(np.float32),
-          "retrieved": retrieved, "best_rank": best_rank}
+      total.reshape(-1, group_size).astype(np.float64), eps=eps
+  )
+  return {
+      "reward": total,
+      "terms": terms,
+      "advantages": adv.reshape(-1).astype(np.float32),
+      "retrieved": retrieved,
+      "best_rank": best_rank,
+  }

@@ -12,7 +12,6 @@ import jax
 import tqdm
 
 
-
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite."""
 
@@ -34,7 +33,8 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      from tensorboardX import SummaryWriter
+
       self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, values: dict[str, Any], kind: str = "train"):
@@ -56,8 +56,11 @@ class MetricWriter:
       return
     with open(self.path, encoding="utf-8") as f:
       rows = [json.loads(line) for line in f if line.strip()]
-    keep = [r for r in rows if r["step"] < step or (
-        r["kind"] != "train" and r["step"] == step)]
+    keep = [
+        r
+        for r in rows
+        if r["step"] < step or (r["kind"] != "train" and r["step"] == step)
+    ]
     tmp = self.path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -72,6 +75,8 @@ def write_run_plots(workdir: str) -> None:
   """PNG plots of the workdir's metrics.jsonl into workdir/plots
   (process 0)."""
   if jax.process_index() == 0:
-    from search_r3_jax.training.plots import write_plots  # pylint: disable=g-import-not-at-top
-    write_plots(os.path.join(workdir, "metrics.jsonl"),
-                os.path.join(workdir, "plots"))
+    from search_r3_jax.training.plots import write_plots
+
+    write_plots(
+        os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "plots")
+    )

@@ -14,14 +14,15 @@ from __future__ import annotations
 from typing import Mapping, Optional, Sequence
 import zlib
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
+import numpy as np
 
 from search_r3_jax.core import sharding as shd
-from search_r3_jax.core.encoding import hidden_at, right_padded_forward
+from search_r3_jax.core.encoding import hidden_at
+from search_r3_jax.core.encoding import right_padded_forward
 from search_r3_jax.core.ops import l2_normalize
 from search_r3_jax.core.policy import Policy
 from search_r3_jax.core.prompts import PromptConfig
@@ -30,12 +31,21 @@ from search_r3_jax.data import sources as data_lib
 from search_r3_jax.retrieval import evaluation
 from search_r3_jax.training import losses as losses_lib
 from search_r3_jax.training import train_state
-from search_r3_jax.training.registry import call_with, parameters
-from search_r3_jax.training.train_state import TrainState, gradient_step
+from search_r3_jax.training.registry import call_with
+from search_r3_jax.training.registry import parameters
+from search_r3_jax.training.train_state import gradient_step
+from search_r3_jax.training.train_state import TrainState
 from search_r3_jax.training.workdir import load_model
 
-BATCH_KEYS = ("q_tokens", "q_lengths", "q_mask", "q_embed_pos", "d_tokens",
-              "d_lengths", "d_groups")
+BATCH_KEYS = (
+    "q_tokens",
+    "q_lengths",
+    "q_mask",
+    "q_embed_pos",
+    "d_tokens",
+    "d_lengths",
+    "d_groups",
+)
 _BATCH_NDIMS = (2, 1, 2, 1, 3, 2, 2)
 
 
@@ -54,8 +64,15 @@ class Batcher:
       InfoNCE never treats another row's copy of a positive as a negative.
   """
 
-  def __init__(self, tokenizer: Tokenizer, prompts: PromptConfig, *,
-               query_len: int, doc_len: int, num_negatives: int):
+  def __init__(
+      self,
+      tokenizer: Tokenizer,
+      prompts: PromptConfig,
+      *,
+      query_len: int,
+      doc_len: int,
+      num_negatives: int,
+  ):
     self.tok = tokenizer
     self.prompts = prompts
     self.query_len = query_len
@@ -64,11 +81,15 @@ class Batcher:
     # Room the templates take, so texts are cut to fit the fixed lengths.
     self._q_overhead = len(tokenizer.training_example(prompts, "query", "x")[0])
     self._d_overhead = len(tokenizer.embedding_prompt(prompts, "document", "x"))
-    for name, total, over in (("query_len", query_len, self._q_overhead),
-                              ("doc_len", doc_len, self._d_overhead)):
+    for name, total, over in (
+        ("query_len", query_len, self._q_overhead),
+        ("doc_len", doc_len, self._d_overhead),
+    ):
       if total <= over:
-        raise ValueError(f"{name}={total} leaves no room for text: the "
-                         f"prompt template alone takes {over} tokens")
+        raise ValueError(
+            f"{name}={total} leaves no room for text: the "
+            f"prompt template alone takes {over} tokens"
+        )
 
   def __call__(self, examples: Sequence[Mapping]) -> dict[str, np.ndarray]:
     b, k = len(examples), 1 + self.num_negatives
@@ -87,23 +108,31 @@ class Batcher:
       if len(negatives) < self.num_negatives:
         raise ValueError(
             f"example {ex.get('id', i)!r} has {len(negatives)} negatives, "
-            f"the config asks for {self.num_negatives}")
+            f"the config asks for {self.num_negatives}"
+        )
       ids, start, embed_pos = self.tok.training_example(
-          self.prompts, "query", ex["query"],
-          max_text_tokens=self.query_len - self._q_overhead + 1)
-      out["q_tokens"][i, :len(ids)] = ids
+          self.prompts,
+          "query",
+          ex["query"],
+          max_text_tokens=self.query_len - self._q_overhead + 1,
+      )
+      out["q_tokens"][i, : len(ids)] = ids
       out["q_lengths"][i] = len(ids)
-      out["q_mask"][i, start:len(ids)] = 1
+      out["q_mask"][i, start : len(ids)] = 1
       out["q_embed_pos"][i] = embed_pos
-      docs = [ex["positive"]] + negatives[:self.num_negatives]
+      docs = [ex["positive"]] + negatives[: self.num_negatives]
       for j, doc in enumerate(docs):
         ids = self.tok.embedding_prompt(
-            self.prompts, "document", doc,
-            max_text_tokens=self.doc_len - self._d_overhead + 1)
-        out["d_tokens"][i, j, :len(ids)] = ids
+            self.prompts,
+            "document",
+            doc,
+            max_text_tokens=self.doc_len - self._d_overhead + 1,
+        )
+        out["d_tokens"][i, j, : len(ids)] = ids
         out["d_lengths"][i, j] = len(ids)
         out["d_groups"][i, j] = np.int32(
-            zlib.crc32(doc.encode("utf-8")) & 0x7FFFFFFF)
+            zlib.crc32(doc.encode("utf-8")) & 0x7FFFFFFF
+        )
     return out
 
   def tokens_per_batch(self, batch: Mapping[str, np.ndarray]) -> int:
@@ -135,28 +164,41 @@ def sft_losses(graphdef, params, ref_params, batch, loss_cfg):
   q = batch["q_tokens"]
   b = q.shape[0]
   logits, hidden, _ = right_padded_forward(
-      model, q, batch["q_lengths"],
-      return_logits=bool(needs & {"logits", "ref_logits"}))
+      model,
+      q,
+      batch["q_lengths"],
+      return_logits=bool(needs & {"logits", "ref_logits"}),
+  )
   q_emb = hidden_at(hidden, batch["q_embed_pos"])
 
   d = batch["d_tokens"]
   _, k, td = d.shape
   flat = d.reshape(b * k, td)
   lengths = batch["d_lengths"].reshape(b * k)
-  _, d_hidden, _ = right_padded_forward(model, flat, lengths,
-                                        return_logits=False)
+  _, d_hidden, _ = right_padded_forward(
+      model, flat, lengths, return_logits=False
+  )
   d_emb = hidden_at(d_hidden, lengths - 1).reshape(b, k, -1)
 
-  available = dict(logits=logits, tokens=q, target_mask=batch["q_mask"],
-                   queries=q_emb, docs=d_emb,
-                   doc_groups=batch.get("d_groups"), tau=loss_cfg["tau"],
-                   margin=loss_cfg["margin"], in_batch=loss_cfg["in_batch"])
+  available = dict(
+      logits=logits,
+      tokens=q,
+      target_mask=batch["q_mask"],
+      queries=q_emb,
+      docs=d_emb,
+      doc_groups=batch.get("d_groups"),
+      tau=loss_cfg["tau"],
+      margin=loss_cfg["margin"],
+      in_batch=loss_cfg["in_batch"],
+  )
   if "ref_logits" in needs:
     ref = nnx.merge(graphdef, ref_params)
     ref_logits, _, _ = right_padded_forward(ref, q, batch["q_lengths"])
     available["ref_logits"] = jax.lax.stop_gradient(ref_logits)
-  parts = {name: call_with(fn, available, f"loss {name!r}")
-           for name, fn in fns.items()}
+  parts = {
+      name: call_with(fn, available, f"loss {name!r}")
+      for name, fn in fns.items()
+  }
   total = sum(weights[n] * parts[n] for n in parts)
   # Retrieval accuracy inside the batch: is the positive the top document?
   cos = jnp.einsum("bd,bkd->bk", l2_normalize(q_emb), l2_normalize(d_emb))
@@ -164,8 +206,15 @@ def sft_losses(graphdef, params, ref_params, batch, loss_cfg):
   return total, parts
 
 
-def make_sft_step(graphdef, tx, schedule, loss_cfg, mesh: Mesh,
-                  state_shardings, batch_size: int):
+def make_sft_step(
+    graphdef,
+    tx,
+    schedule,
+    loss_cfg,
+    mesh: Mesh,
+    state_shardings,
+    batch_size: int,
+):
   """The jitted stage-1 step `(state, batch, rng) -> (state, metrics)`.
 
   The state is donated; batch arrays are split over the mesh's batch axes;
@@ -189,10 +238,15 @@ def make_sft_step(graphdef, tx, schedule, loss_cfg, mesh: Mesh,
       for k, nd in zip(BATCH_KEYS, _BATCH_NDIMS)
   }
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step,
-                 in_shardings=(state_shardings, batch_shardings, replicated),
-                 out_shardings=(state_shardings, replicated),
-                 donate_argnums=(0,)), batch_shardings
+  return (
+      jax.jit(
+          step,
+          in_shardings=(state_shardings, batch_shardings, replicated),
+          out_shardings=(state_shardings, replicated),
+          donate_argnums=(0,),
+      ),
+      batch_shardings,
+  )
 
 
 def stage1_step(cfg, model, mesh):
@@ -202,13 +256,24 @@ def stage1_step(cfg, model, mesh):
   tx, schedule = train_state.make_optimizer(cfg.optimizer)
   needs_ref = bool(cfg.loss.weights.get("kl"))
   graphdef, state, shardings = train_state.create_train_state(
-      model.model, tx, mesh, with_reference=needs_ref)
+      model.model, tx, mesh, with_reference=needs_ref
+  )
   step_fn, batch_sh = make_sft_step(
-      graphdef, tx, schedule, cfg.loss.to_dict(), mesh, shardings,
-      batch_size=cfg.batch_size)
-  batcher = Batcher(model.tokenizer, getattr(model, "prompts", None)
-                    or PromptConfig(), query_len=cfg.query_len,
-                    doc_len=cfg.doc_len, num_negatives=cfg.data.num_negatives)
+      graphdef,
+      tx,
+      schedule,
+      cfg.loss.to_dict(),
+      mesh,
+      shardings,
+      batch_size=cfg.batch_size,
+  )
+  batcher = Batcher(
+      model.tokenizer,
+      getattr(model, "prompts", None) or PromptConfig(),
+      query_len=cfg.query_len,
+      doc_len=cfg.doc_len,
+      num_negatives=cfg.data.num_negatives,
+  )
   return graphdef, state, step_fn, batch_sh, batcher
 
 
@@ -219,27 +284,46 @@ class Stage1:
   name = "stage 1"
   # A resumed run keeps its model, data and seed (the saved data position
   # points into that data).
-  resume_refuses = ("stage", "seed", "model", "model_dir", "init_from",
-                    "random_init", "param_dtype", "data")
+  resume_refuses = (
+      "stage",
+      "seed",
+      "model",
+      "model_dir",
+      "init_from",
+      "random_init",
+      "param_dtype",
+      "data",
+  )
 
   def __init__(self, cfg, workdir: Optional[str] = None):
     del workdir  # stage 1 saves nothing besides the checkpoint
     self.cfg = cfg
     if cfg.batch_size % jax.process_count():
-      raise ValueError(f"batch_size {cfg.batch_size} does not divide over "
-                       f"{jax.process_count()} processes")
-    losses_lib.LOSSES.check([k for k, v in cfg.loss.weights.items() if v],
-                            "loss.weights")
+      raise ValueError(
+          f"batch_size {cfg.batch_size} does not divide over "
+          f"{jax.process_count()} processes"
+      )
+    losses_lib.LOSSES.check(
+        [k for k, v in cfg.loss.weights.items() if v], "loss.weights"
+    )
     mesh = shd.make_mesh(tuple(cfg.mesh))
     loaded = load_model(cfg, mesh)
-    (self.graphdef, self.state, self.step_fn, self.batch_sh,
-     self.batcher) = stage1_step(cfg, loaded, mesh)
-    self._policy = Policy(self.graphdef, self.state.params, loaded.tokenizer,
-                          self.batcher.prompts, mesh)
+    self.graphdef, self.state, self.step_fn, self.batch_sh, self.batcher = (
+        stage1_step(cfg, loaded, mesh)
+    )
+    self._policy = Policy(
+        self.graphdef,
+        self.state.params,
+        loaded.tokenizer,
+        self.batcher.prompts,
+        mesh,
+    )
     # Each process reads its own share of the global batch.
     self.loader = data_lib.train_loader(
-        cfg.data, batch_size=cfg.batch_size // jax.process_count(),
-        seed=cfg.seed)
+        cfg.data,
+        batch_size=cfg.batch_size // jax.process_count(),
+        seed=cfg.seed,
+    )
     self.evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
     self.rng = jax.random.key(cfg.seed)
     self._position = self.loader.get_state()  # after the last drawn batch
@@ -248,8 +332,10 @@ class Stage1:
     return self._policy.with_params(self.state.params)
 
   def summary(self) -> str:
-    return (f"stage 1: {self.cfg.total_steps} steps of {self.cfg.batch_size} "
-            f"examples, losses {dict(self.cfg.loss.weights)}")
+    return (
+        f"stage 1: {self.cfg.total_steps} steps of {self.cfg.batch_size} "
+        f"examples, losses {dict(self.cfg.loss.weights)}"
+    )
 
   def position(self) -> dict:
     return self._position
@@ -269,8 +355,10 @@ class Stage1:
     examples = self.loader.next_batch()
     self._position = self.loader.get_state()
     host = self.batcher(examples)
-    batch = {k: jax.make_array_from_process_local_data(self.batch_sh[k], v)
-             for k, v in host.items()}
+    batch = {
+        k: jax.make_array_from_process_local_data(self.batch_sh[k], v)
+        for k, v in host.items()
+    }
     self.state, metrics = self.step_fn(self.state, batch, self.rng)
     return dict(metrics, tokens=self.batcher.tokens_per_batch(host))
 
@@ -279,8 +367,9 @@ class Stage1:
     # update leaves both finite and the parameters useless. One short
     # document's forward with the new parameters catches it before they are
     # saved.
-    probe = self.policy().encode_documents(["a short probe document"],
-                                           progress=False)
+    probe = self.policy().encode_documents(
+        ["a short probe document"], progress=False
+    )
     return bool(np.isfinite(probe).all())
 
   def baseline(self) -> dict[str, float]:

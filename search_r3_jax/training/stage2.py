@@ -49,11 +49,12 @@ from search_r3_jax.core.policy import Policy
 from search_r3_jax.core.prompts import PromptConfig
 from search_r3_jax.core.tokenizer import embed_suffix_ids
 from search_r3_jax.data import sources as data_lib
-from search_r3_jax.data.common import split_fields, to_python
+from search_r3_jax.data.common import split_fields
+from search_r3_jax.data.common import to_python
 from search_r3_jax.retrieval import evaluation
-from search_r3_jax.retrieval.environment import (EnvConfig,
-                                                 RetrievalEnvironment,
-                                                 document_encoder)
+from search_r3_jax.retrieval.environment import document_encoder
+from search_r3_jax.retrieval.environment import EnvConfig
+from search_r3_jax.retrieval.environment import RetrievalEnvironment
 from search_r3_jax.training import advantages as advantages_lib
 from search_r3_jax.training import grpo
 from search_r3_jax.training import losses as losses_lib
@@ -70,9 +71,9 @@ RANK_BINS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10))
 # ------------------------------------------------------------------ queries
 
 
-def training_queries(data_cfg, corpus: dict[str, str],
-                     kinds: Sequence[str] = ()
-                     ) -> list[tuple[str, tuple[str, ...]]]:
+def training_queries(
+    data_cfg, corpus: dict[str, str], kinds: Sequence[str] = ()
+) -> list[tuple[str, tuple[str, ...]]]:
   """(query, gold doc ids) of the training split `data_cfg.split`, keeping
   the gold documents that are in `corpus` and the queries left with one.
 
@@ -84,14 +85,18 @@ def training_queries(data_cfg, corpus: dict[str, str],
   """
   builder = data_lib.builder_for(data_cfg)
   if data_cfg.split not in builder.info.splits:
-    raise ValueError(f"data {data_cfg.name!r} has no split "
-                     f"{data_cfg.split!r}; it has {sorted(builder.info.splits)}")
+    raise ValueError(
+        f"data {data_cfg.name!r} has no split "
+        f"{data_cfg.split!r}; it has {sorted(builder.info.splits)}"
+    )
   names = set(split_fields(builder.info, data_cfg.split))
   if "positive_id" not in names and "doc_ids" not in names:
-    raise ValueError(f"data {data_cfg.name!r} split {data_cfg.split!r}: "
-                     "stage 2 needs the gold documents of each training "
-                     "query (a positive_id, or judged doc_ids); this split "
-                     f"has the fields {sorted(names)}")
+    raise ValueError(
+        f"data {data_cfg.name!r} split {data_cfg.split!r}: "
+        "stage 2 needs the gold documents of each training "
+        "query (a positive_id, or judged doc_ids); this split "
+        f"has the fields {sorted(names)}"
+    )
   out = []
   for rec in builder.as_data_source(split=data_cfg.split):
     rec = to_python(rec)
@@ -105,10 +110,12 @@ def training_queries(data_cfg, corpus: dict[str, str],
     if gold:
       out.append((rec["query"], gold))
   if not out:
-    raise ValueError(f"data {data_cfg.name!r} split {data_cfg.split!r}: no "
-                     f"training query (of kinds {list(kinds) or 'any'}) has "
-                     f"a gold document among the {len(corpus)} corpus "
-                     "documents")
+    raise ValueError(
+        f"data {data_cfg.name!r} split {data_cfg.split!r}: no "
+        f"training query (of kinds {list(kinds) or 'any'}) has "
+        f"a gold document among the {len(corpus)} corpus "
+        "documents"
+    )
   return out
 
 
@@ -122,7 +129,8 @@ class QueryStream:
 
   def _order(self) -> np.ndarray:
     return np.random.default_rng([self.seed, self.epoch]).permutation(
-        len(self.pairs))
+        len(self.pairs)
+    )
 
   def next(self, n: int) -> list[tuple[str, tuple[str, ...]]]:
     out, order = [], self._order()
@@ -135,14 +143,15 @@ class QueryStream:
     return out
 
   def get_state(self) -> dict:
-    return {"epoch": self.epoch, "cursor": self.cursor,
-            "size": len(self.pairs)}
+    return {"epoch": self.epoch, "cursor": self.cursor, "size": len(self.pairs)}
 
   def set_state(self, state: dict) -> None:
     if state.get("size") != len(self.pairs):
-      raise ValueError(f"the saved query position is for {state.get('size')}"
-                       f" training queries, this run has {len(self.pairs)}: "
-                       "the data or the corpus changed since the checkpoint")
+      raise ValueError(
+          f"the saved query position is for {state.get('size')}"
+          f" training queries, this run has {len(self.pairs)}: "
+          "the data or the corpus changed since the checkpoint"
+      )
     self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 
@@ -155,19 +164,22 @@ def embed_suffix(tokenizer, prompts) -> list[int]:
   return embed_suffix_ids(tokenizer, prompts, leading_space=True)
 
 
-def aux_documents(env, emb: np.ndarray, gold: Sequence[Sequence[str]],
-                  k: int) -> np.ndarray:
+def aux_documents(
+    env, emb: np.ndarray, gold: Sequence[Sequence[str]], k: int
+) -> np.ndarray:
   """[N, k, D] stored embeddings: each row's first gold document, then its
   highest-ranked non-gold documents in the index (the auxiliary InfoNCE's
   negatives)."""
   hits = env.search(emb, k + max(len(g) for g in gold))
   out = np.zeros((len(gold), k, emb.shape[1]), np.float32)
   for i, (ids, g) in enumerate(zip(hits.ids, gold)):
-    negs = [d for d in ids if d not in g][:k - 1]
+    negs = [d for d in ids if d not in g][: k - 1]
     if len(negs) < k - 1:
-      raise ValueError(f"aux_documents: the index holds {len(negs)} "
-                       f"non-gold documents for row {i}, {k - 1} needed "
-                       "(lower rl.aux_documents)")
+      raise ValueError(
+          f"aux_documents: the index holds {len(negs)} "
+          f"non-gold documents for row {i}, {k - 1} needed "
+          "(lower rl.aux_documents)"
+      )
     out[i] = env.embeddings([g[0]] + negs)
   return out
 
@@ -176,10 +188,13 @@ def rollout_metrics(ro, sc, group_size: int) -> dict[str, float]:
   reward = np.asarray(sc["reward"], np.float64)
   groups = reward.reshape(-1, group_size)
   best = np.asarray(sc["best_rank"])
-  out = {"reward_mean": reward.mean(), "reward_std": reward.std(),
-         "reward_group_std": groups.std(1).mean(),
-         "embed_rate": float(np.mean(ro.has_embed)),
-         "reasoning_tokens": float(ro.response_lengths().mean())}
+  out = {
+      "reward_mean": reward.mean(),
+      "reward_std": reward.std(),
+      "reward_group_std": groups.std(1).mean(),
+      "embed_rate": float(np.mean(ro.has_embed)),
+      "reasoning_tokens": float(ro.response_lengths().mean()),
+  }
   for name, values in sc["terms"].items():
     out[f"reward_{name}"] = float(np.mean(values))
   for name, lo, hi in RANK_BINS:
@@ -194,36 +209,57 @@ def rollout_metrics(ro, sc, group_size: int) -> dict[str, float]:
 def check_config(cfg) -> None:
   """Refuses stage-2 settings that cannot run, naming the field."""
   rl = cfg.rl
-  for name, low in (("queries_per_step", 1), ("group_size", 2),
-                    ("max_new_tokens", 1), ("inner_epochs", 1),
-                    ("length_bucket", 1), ("max_query_tokens", 1)):
+  for name, low in (
+      ("queries_per_step", 1),
+      ("group_size", 2),
+      ("max_new_tokens", 1),
+      ("inner_epochs", 1),
+      ("length_bucket", 1),
+      ("max_query_tokens", 1),
+  ):
     if int(rl[name]) < low:
-      raise ValueError(f"rl.{name} must be >= {low}, got {rl[name]}"
-                       + (" (GRPO compares rollouts within a group)"
-                          if name == "group_size" else ""))
+      raise ValueError(
+          f"rl.{name} must be >= {low}, got {rl[name]}"
+          + (
+              " (GRPO compares rollouts within a group)"
+              if name == "group_size"
+              else ""
+          )
+      )
   if cfg.loss.aux_weight and int(rl.aux_documents) < 2:
-    raise ValueError("rl.aux_documents must be >= 2 (the gold page and at "
-                     f"least one negative), got {rl.aux_documents}")
+    raise ValueError(
+        "rl.aux_documents must be >= 2 (the gold page and at "
+        f"least one negative), got {rl.aux_documents}"
+    )
   if not 0 < float(rl.top_p) <= 1 or float(rl.temperature) <= 0:
-    raise ValueError(f"rl.temperature must be > 0 and rl.top_p in (0, 1]; "
-                     f"got {rl.temperature}, {rl.top_p}")
-  advantages_lib.ADVANTAGES.check([rl.get("advantage", "grpo")],
-                                  "rl.advantage")
+    raise ValueError(
+        f"rl.temperature must be > 0 and rl.top_p in (0, 1]; "
+        f"got {rl.temperature}, {rl.top_p}"
+    )
+  advantages_lib.ADVANTAGES.check([rl.get("advantage", "grpo")], "rl.advantage")
   losses_lib.LOSSES.check([cfg.loss.get("policy", "grpo")], "loss.policy")
   rewards_lib.REWARDS.check(cfg.rewards, "rewards")
 
 
 # Environment settings a resumed run takes over; the others shape the saved
 # index, regions and graph, so changing them needs a new workdir.
-ENV_APPLIED_ON_RESUME = ("k", "probes_per_region", "drift_threshold",
-                         "drift_scale", "refresh_every", "rebuild_fraction",
-                         "full_refresh_every", "touch_neighbors")
+ENV_APPLIED_ON_RESUME = (
+    "k",
+    "probes_per_region",
+    "drift_threshold",
+    "drift_scale",
+    "refresh_every",
+    "rebuild_fraction",
+    "full_refresh_every",
+    "touch_neighbors",
+)
 
 
 @dataclasses.dataclass
 class StepOutput:
   """One stage-2 step: its metrics, and the rollouts and scores behind them
   (for benchmarks and inspection)."""
+
   values: dict[str, float]
   rollouts: Rollouts
   scores: dict
@@ -245,11 +281,23 @@ class Stage2:
   # A resumed run keeps its model, data, seed, environment corpus (the
   # evaluation corpus) and index structure.
   resume_refuses = (
-      "stage", "seed", "model", "model_dir", "init_from", "random_init",
-      "param_dtype", "data", "eval.splits", "eval.corpus_size",
-      "eval.doc_len", "eval.max_queries") + tuple(
-          f"env.{f.name}" for f in dataclasses.fields(EnvConfig)
-          if f.name not in ENV_APPLIED_ON_RESUME)
+      "stage",
+      "seed",
+      "model",
+      "model_dir",
+      "init_from",
+      "random_init",
+      "param_dtype",
+      "data",
+      "eval.splits",
+      "eval.corpus_size",
+      "eval.doc_len",
+      "eval.max_queries",
+  ) + tuple(
+      f"env.{f.name}"
+      for f in dataclasses.fields(EnvConfig)
+      if f.name not in ENV_APPLIED_ON_RESUME
+  )
 
   def __init__(self, cfg, workdir: Optional[str] = None):
     self.cfg = cfg
@@ -261,21 +309,36 @@ class Stage2:
     self.tokenizer = loaded.tokenizer
     tx, schedule = ts_lib.make_optimizer(cfg.optimizer)
     self.graphdef, self.state, shardings = ts_lib.create_train_state(
-        loaded.model, tx, self.mesh, with_reference=bool(cfg.loss.beta))
-    self._policy = Policy(self.graphdef, self.state.params, self.tokenizer,
-                          PromptConfig(), self.mesh)
+        loaded.model, tx, self.mesh, with_reference=bool(cfg.loss.beta)
+    )
+    self._policy = Policy(
+        self.graphdef,
+        self.state.params,
+        self.tokenizer,
+        PromptConfig(),
+        self.mesh,
+    )
     # The update's log-probabilities are the sampler's: at its temperature,
     # over the tokenizer's ids.
-    self.sampling = dict(temperature=float(rl.temperature),
-                         valid_vocab=int(self.tokenizer.vocab_size))
+    self.sampling = dict(
+        temperature=float(rl.temperature),
+        valid_vocab=int(self.tokenizer.vocab_size),
+    )
     self.step_fn, self.batch_sh = grpo.make_grpo_step(
-        self.graphdef, tx, schedule, dict(cfg.loss.to_dict(), **self.sampling),
-        self.mesh, shardings, batch_size=self.group * self.nq)
+        self.graphdef,
+        tx,
+        schedule,
+        dict(cfg.loss.to_dict(), **self.sampling),
+        self.mesh,
+        shardings,
+        batch_size=self.group * self.nq,
+    )
     self.evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
     self.corpus = dict(zip(self.evaluator.doc_ids, self.evaluator.doc_texts))
     self.stream = QueryStream(
         training_queries(cfg.data, self.corpus, tuple(cfg.data.query_kinds)),
-        cfg.seed)
+        cfg.seed,
+    )
     self.env_cfg = EnvConfig.from_mapping(cfg.env.to_dict())
     self.suffix = embed_suffix(self.tokenizer, self._policy.prompts)
     self.env: Optional[RetrievalEnvironment] = None
@@ -291,15 +354,20 @@ class Stage2:
     return self._policy.with_params(self.state.params)
 
   def encoder(self):
-    return document_encoder(self.policy(), max_length=self.cfg.eval.doc_len,
-                            batch_size=self.cfg.eval.batch_size)
+    return document_encoder(
+        self.policy(),
+        max_length=self.cfg.eval.doc_len,
+        batch_size=self.cfg.eval.batch_size,
+    )
 
   # -- the trainer's hooks ---------------------------------------------------
 
   def summary(self) -> str:
-    return (f"stage 2: {len(self.stream.pairs)} training queries, environment "
-            f"of {len(self.corpus)} documents, {self.nq} queries x "
-            f"{self.group} rollouts per step")
+    return (
+        f"stage 2: {len(self.stream.pairs)} training queries, environment "
+        f"of {len(self.corpus)} documents, {self.nq} queries x "
+        f"{self.group} rollouts per step"
+    )
 
   def position(self) -> dict:
     return {"queries": self.stream.get_state()}
@@ -307,18 +375,25 @@ class Stage2:
   def resume(self, position: dict, step: int) -> None:
     self.stream.set_state(position["queries"])
     self.env = RetrievalEnvironment.load(
-        os.path.join(self.env_root, str(step)), self.corpus)
+        os.path.join(self.env_root, str(step)), self.corpus
+    )
     # The refresh policy follows this run's config (`ENV_APPLIED_ON_RESUME`;
     # the trainer refused changes to the rest).
-    self.env.cfg = dataclasses.replace(self.env.cfg, **{
-        k: getattr(self.env_cfg, k) for k in ENV_APPLIED_ON_RESUME})
+    self.env.cfg = dataclasses.replace(
+        self.env.cfg,
+        **{k: getattr(self.env_cfg, k) for k in ENV_APPLIED_ON_RESUME},
+    )
 
   def build_env(self, vectors: Optional[np.ndarray] = None, step: int = 0):
     """The environment over `corpus`, from `vectors` (one per document, e.g.
     the evaluation's) or encoded with the current parameters."""
     self.env = RetrievalEnvironment(
-        self.corpus, None if vectors is not None else self.encoder(),
-        self.env_cfg, step=step, vectors=vectors)
+        self.corpus,
+        None if vectors is not None else self.encoder(),
+        self.env_cfg,
+        step=step,
+        vectors=vectors,
+    )
     return self.env
 
   def prepare(self) -> None:
@@ -339,18 +414,24 @@ class Stage2:
     docs = self.evaluator.documents(m)
     flat, samples = {}, []
     for reasoning in (False, True):
-      figures = self.evaluator.score(m, docs, reasoning=reasoning,
-                                     max_new_tokens=self.cfg.rl.max_new_tokens,
-                                     samples=samples)
+      figures = self.evaluator.score(
+          m,
+          docs,
+          reasoning=reasoning,
+          max_new_tokens=self.cfg.rl.max_new_tokens,
+          samples=samples,
+      )
       tag = "+reasoning" if reasoning else ""
       flat.update(evaluation.flat_figures(figures, tag))
     self._eval_docs = docs
     return flat, samples
 
   def postfix(self, values: dict) -> dict[str, str]:
-    return dict(reward=f"{values['reward_mean']:.3f}",
-                emit=f"{values['embed_rate']:.2f}",
-                s=f"{values['step_seconds']:.1f}")
+    return dict(
+        reward=f"{values['reward_mean']:.3f}",
+        emit=f"{values['embed_rate']:.2f}",
+        s=f"{values['step_seconds']:.1f}",
+    )
 
   def update_is_finite(self) -> bool:
     return self._update_finite  # checked after every update, see `update`
@@ -376,42 +457,65 @@ class Stage2:
     rl = self.cfg.rl
     batch_q = self.stream.next(self.nq)
     ro = rollouts_lib.sample(
-        self.policy(), [q for q, _ in batch_q], group_size=self.group,
-        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-        top_p=rl.top_p, seed=self.cfg.seed * 1_000_003 + step,
-        max_query_tokens=rl.max_query_tokens)
+        self.policy(),
+        [q for q, _ in batch_q],
+        group_size=self.group,
+        max_new_tokens=rl.max_new_tokens,
+        temperature=rl.temperature,
+        top_p=rl.top_p,
+        seed=self.cfg.seed * 1_000_003 + step,
+        max_query_tokens=rl.max_query_tokens,
+    )
     return batch_q, ro
 
   def forward(self, ro: Rollouts) -> tuple[dict, jax.Array, np.ndarray]:
     """The GRPO batch on the device, the sampling policy's old
     log-probabilities and every rollout's embedding (one forward pass)."""
     tok = self.tokenizer
-    longest = max(len(p) + len(r) + len(self.suffix)
-                  for p, r in zip(ro.prompts, ro.responses))
+    longest = max(
+        len(p) + len(r) + len(self.suffix)
+        for p, r in zip(ro.prompts, ro.responses)
+    )
     # Lengths in buckets, so the forward and the update compile a few
     # shapes, not one per step.
     host = rollouts_lib.grpo_batch(
-        ro, embed_token_id=tok.embed_token_id, pad_id=tok.pad_id,
+        ro,
+        embed_token_id=tok.embed_token_id,
+        pad_id=tok.pad_id,
         seq_len=round_up(longest, self.cfg.rl.length_bucket),
-        suffix=self.suffix)
+        suffix=self.suffix,
+    )
     dev = {k: self._put(k, v) for k, v in host.items()}
-    old_logp, emb = grpo.policy_outputs(self.graphdef, self.state.params,
-                                        dev["tokens"], dev["lengths"],
-                                        dev["embed_pos"], **self.sampling)
+    old_logp, emb = grpo.policy_outputs(
+        self.graphdef,
+        self.state.params,
+        dev["tokens"],
+        dev["lengths"],
+        dev["embed_pos"],
+        **self.sampling,
+    )
     return dev, old_logp, np.asarray(jax.device_get(emb))
 
-  def reward(self, ro: Rollouts, gold: list[list[str]], emb: np.ndarray
-             ) -> tuple[dict, np.ndarray]:
+  def reward(
+      self, ro: Rollouts, gold: list[list[str]], emb: np.ndarray
+  ) -> tuple[dict, np.ndarray]:
     """Searches and rewards the rollouts, marks what the step touched in the
     environment; returns the scores and the auxiliary InfoNCE's documents."""
     rl = self.cfg.rl
-    sc = rollouts_lib.score(self.env, ro, gold, group_size=self.group,
-                            weights=dict(self.cfg.rewards), k=self.env_cfg.k,
-                            embeddings=emb if rl.fallback_reward else None,
-                            advantage=rl.get("advantage", "grpo"))
+    sc = rollouts_lib.score(
+        self.env,
+        ro,
+        gold,
+        group_size=self.group,
+        weights=dict(self.cfg.rewards),
+        k=self.env_cfg.k,
+        embeddings=emb if rl.fallback_reward else None,
+        advantage=rl.get("advantage", "grpo"),
+    )
     if self.cfg.loss.aux_weight:
-      docs = aux_documents(self.env, emb, [gold[q] for q in ro.query_index],
-                           rl.aux_documents)
+      docs = aux_documents(
+          self.env, emb, [gold[q] for q in ro.query_index], rl.aux_documents
+      )
     else:  # the loss skips the auxiliary InfoNCE; a placeholder of one row
       docs = np.zeros((len(emb), 1, emb.shape[1]), np.float32)
     self.env.observe(gold, sc["retrieved"])
@@ -453,9 +557,12 @@ class Stage2:
     times["time_reward"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    batch = dict(dev, old_logp=old_logp,
-                 advantages=self._put("advantages", sc["advantages"]),
-                 docs=self._put("docs", docs))
+    batch = dict(
+        dev,
+        old_logp=old_logp,
+        advantages=self._put("advantages", sc["advantages"]),
+        docs=self._put("docs", docs),
+    )
     values = self.update(batch, guard)
     times["time_update"] = time.perf_counter() - t
 
@@ -468,18 +575,26 @@ class Stage2:
     values["step_seconds"] = sum(times.values())
     values["rollout_tokens"] = float(ro.response_lengths().sum())
     values["rollout_tokens_per_s"] = values["rollout_tokens"] / max(
-        times["time_rollout"], 1e-9)
+        times["time_rollout"], 1e-9
+    )
     if report is not None:
-      values.update(refresh_reencoded=report["reencoded"],
-                    refresh_fraction=report["reencoded_fraction"],
-                    refresh_full=float(report["kind"] == "full"),
-                    refresh_drift_mean=report["drift_mean"],
-                    refresh_drifted_regions=report["drifted_regions"])
+      values.update(
+          refresh_reencoded=report["reencoded"],
+          refresh_fraction=report["reencoded_fraction"],
+          refresh_full=float(report["kind"] == "full"),
+          refresh_drift_mean=report["drift_mean"],
+          refresh_drifted_regions=report["drifted_regions"],
+      )
     return StepOutput(values, ro, sc)
 
   def step(self, step: int, guard: Optional[Guard] = None) -> dict:
     return self.run_step(step, guard).values
 
 
-__all__ = ["QueryStream", "Stage2", "StepOutput", "check_config",
-           "training_queries"]
+__all__ = [
+    "QueryStream",
+    "Stage2",
+    "StepOutput",
+    "check_config",
+    "training_queries",
+]

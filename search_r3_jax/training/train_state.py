@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from flax import nnx
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx
 
 from search_r3_jax.core.model import Decoder
 
@@ -31,6 +31,7 @@ class TrainState:
     ref_params: frozen parameters of the reference model (the initial
       model), or None when no loss needs it.
   """
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -59,20 +60,26 @@ def make_optimizer(cfg: ml_collections.ConfigDict):
       peak_value=cfg.learning_rate,
       warmup_steps=warmup,
       decay_steps=max(int(cfg.total_steps) // k, warmup + 1),
-      end_value=cfg.learning_rate * cfg.get("end_lr_fraction", 0.1))
+      end_value=cfg.learning_rate * cfg.get("end_lr_fraction", 0.1),
+  )
   schedule = (lambda step: inner(step // k)) if k > 1 else inner
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
   tx = optax.chain(
       optax.clip_by_global_norm(cfg.clip_norm),
-      optax.adamw(inner, b1=cfg.b1, b2=cfg.b2,
-                  weight_decay=cfg.weight_decay, mask=decay_mask))
+      optax.adamw(
+          inner,
+          b1=cfg.b1,
+          b2=cfg.b2,
+          weight_decay=cfg.weight_decay,
+          mask=decay_mask,
+      ),
+  )
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k)
   return tx, schedule
 
 
-def create_train_state(model: Decoder, tx, mesh,
-                       with_reference: bool = True):
+def create_train_state(model: Decoder, tx, mesh, with_reference: bool = True):
   """Splits `model` and builds its state on the mesh.
 
   Returns:
@@ -83,17 +90,26 @@ def create_train_state(model: Decoder, tx, mesh,
   # Moments shaped like a parameter take that parameter's sharding (FSDP
   # covers them too); counters and the like are replicated.
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
-      shardings_of(params), transform_non_params=lambda _: replicated)
+      tx,
+      lambda _, sharding: sharding,
+      jax.eval_shape(tx.init, params),
+      shardings_of(params),
+      transform_non_params=lambda _: replicated,
+  )
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    ref = (jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)
-           if with_reference else None)
-  step = jax.device_put(jnp.zeros((), jnp.int32),
-                        jax.sharding.NamedSharding(
-                            mesh, jax.sharding.PartitionSpec()))
-  state = TrainState(step=step, params=params, opt_state=opt_state,
-                     ref_params=ref)
+    ref = (
+        jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params)
+        if with_reference
+        else None
+    )
+  step = jax.device_put(
+      jnp.zeros((), jnp.int32),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
+  state = TrainState(
+      step=step, params=params, opt_state=opt_state, ref_params=ref
+  )
   return graphdef, state, shardings_of(state)
 
 
@@ -104,11 +120,16 @@ def shardings_of(tree):
 def gradient_step(state: TrainState, loss_fn, tx, schedule):
   """One optimizer update of `state` by the gradient of
   `loss_fn(params) -> (loss, parts)`; returns (new state, metrics)."""
-  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads),
-                 lr=schedule(state.step))
-  return state.replace(step=state.step + 1, params=params,
-                       opt_state=opt_state), metrics
+  metrics = dict(
+      parts,
+      loss=loss,
+      grad_norm=optax.global_norm(grads),
+      lr=schedule(state.step),
+  )
+  return (
+      state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+      metrics,
+  )

@@ -31,8 +31,10 @@ import numpy as np
 import tqdm
 
 from search_r3_jax.training.checkpoint import Checkpointer
-from search_r3_jax.training.runtime import (MetricWriter, NonFiniteLossError,
-                                            say, write_run_plots)
+from search_r3_jax.training.runtime import MetricWriter
+from search_r3_jax.training.runtime import NonFiniteLossError
+from search_r3_jax.training.runtime import say
+from search_r3_jax.training.runtime import write_run_plots
 
 Guard = Callable[[dict], None]
 
@@ -40,22 +42,43 @@ Guard = Callable[[dict], None]
 class Stage(Protocol):
   """What the loop needs from a training stage."""
 
-  name: str                     # the progress bar's label
-  state: Any                    # the TrainState; every step replaces it
+  name: str  # the progress bar's label
+  state: Any  # the TrainState; every step replaces it
   # Config fields (dotted prefixes) a resumed run may not change.
   resume_refuses: tuple[str, ...]
 
-  def summary(self) -> str: ...
-  def position(self) -> dict: ...
-  def resume(self, position: dict, step: int) -> None: ...
-  def prepare(self) -> None: ...
-  def step(self, step: int, guard: Guard) -> dict: ...
-  def update_is_finite(self) -> bool: ...
-  def baseline(self) -> dict[str, float]: ...
-  def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]: ...
-  def postfix(self, values: dict) -> dict[str, str]: ...
-  def save_extra(self, step: int) -> None: ...
-  def prune_extra(self, kept_steps: set[int]) -> None: ...
+  def summary(self) -> str:
+    ...
+
+  def position(self) -> dict:
+    ...
+
+  def resume(self, position: dict, step: int) -> None:
+    ...
+
+  def prepare(self) -> None:
+    ...
+
+  def step(self, step: int, guard: Guard) -> dict:
+    ...
+
+  def update_is_finite(self) -> bool:
+    ...
+
+  def baseline(self) -> dict[str, float]:
+    ...
+
+  def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
+    ...
+
+  def postfix(self, values: dict) -> dict[str, str]:
+    ...
+
+  def save_extra(self, step: int) -> None:
+    ...
+
+  def prune_extra(self, kept_steps: set[int]) -> None:
+    ...
 
 
 class ResumeConfigError(ValueError):
@@ -76,8 +99,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def check_resume(saved: dict, now: dict, refuses: tuple[str, ...]
-                 ) -> dict[str, tuple[Any, Any]]:
+def check_resume(
+    saved: dict, now: dict, refuses: tuple[str, ...]
+) -> dict[str, tuple[Any, Any]]:
   """The fields a resumed run changes, as {field: (saved, now)}.
 
   Raises:
@@ -86,22 +110,31 @@ def check_resume(saved: dict, now: dict, refuses: tuple[str, ...]
       setting), naming every such field with both values.
   """
   a, b = flatten(saved), flatten(now)
-  changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-             if a.get(k) != b.get(k) and k != "workdir"}
-  refused = {k: v for k, v in changed.items()
-             if any(k == r or k.startswith(r + ".") for r in refuses)}
+  changed = {
+      k: (a.get(k), b.get(k))
+      for k in sorted(set(a) | set(b))
+      if a.get(k) != b.get(k) and k != "workdir"
+  }
+  refused = {
+      k: v
+      for k, v in changed.items()
+      if any(k == r or k.startswith(r + ".") for r in refuses)
+  }
   if refused:
-    lines = "; ".join(f"{k}: saved {v[0]!r}, now {v[1]!r}"
-                      for k, v in refused.items())
+    lines = "; ".join(
+        f"{k}: saved {v[0]!r}, now {v[1]!r}" for k, v in refused.items()
+    )
     raise ResumeConfigError(
         f"this workdir's checkpoints were made with other settings, which a "
         f"resumed run cannot change: {lines}. Use a new --workdir, or put "
-        "the saved values back")
+        "the saved values back"
+    )
   return changed
 
 
-def write_config(cfg, workdir: str, resuming: bool,
-                 refuses: tuple[str, ...]) -> None:
+def write_config(
+    cfg, workdir: str, resuming: bool, refuses: tuple[str, ...]
+) -> None:
   """Writes config.json; when resuming, first checks it against the saved
   one (`check_resume`) and says which changed fields take effect."""
   path = os.path.join(workdir, "config.json")
@@ -111,8 +144,10 @@ def write_config(cfg, workdir: str, resuming: bool,
       saved = json.load(f)
     changed = check_resume(saved, json.loads(text), refuses)
     if changed:
-      say("resuming with changed settings, applied from here on: " + ", ".join(
-          f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items()))
+      say(
+          "resuming with changed settings, applied from here on: "
+          + ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items())
+      )
   if jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -130,16 +165,24 @@ def guard_for(step: int, checkpoints: Checkpointer) -> Guard:
     # A finite loss with a non-finite gradient would still poison the
     # parameters, so both must be finite.
     updated = values.get("update_finite", 1.0)
-    if np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"]) and (
-        updated):
+    if (
+        np.isfinite(values["loss"])
+        and np.isfinite(values["grad_norm"])
+        and (updated)
+    ):
       return
     parts = {k: float(v) for k, v in values.items()}
     raise NonFiniteLossError(
         f"step {step}: loss is {values['loss']}, gradient norm "
         f"{values['grad_norm']}"
-        + ("" if updated else ", and the updated parameters' forward is not "
-           "finite") + f" (parts: {parts}); stopping. The last checkpoint in "
-        f"{checkpoints.directory} is intact: step {checkpoints.latest_step()}")
+        + (
+            ""
+            if updated
+            else ", and the updated parameters' forward is not " "finite"
+        )
+        + f" (parts: {parts}); stopping. The last checkpoint in "
+        f"{checkpoints.directory} is intact: step {checkpoints.latest_step()}"
+    )
 
   return guard
 
@@ -165,8 +208,10 @@ def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
     stage.state, position = checkpoints.restore(stage.state)
     stage.resume(position, start)
     writer.truncate_after(start)
-    say(f"resumed from {checkpoints.directory} at step {start}, data "
-        f"position {position}")
+    say(
+        f"resumed from {checkpoints.directory} at step {start}, data "
+        f"position {position}"
+    )
 
   def evaluate(step: int) -> dict:
     t = time.perf_counter()
@@ -175,13 +220,21 @@ def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
     writer.write(step, flat, kind="eval")
     if samples and jax.process_index() == 0:
       os.makedirs(samples_dir, exist_ok=True)
-      with open(os.path.join(samples_dir, f"step_{step}.jsonl"), "w",
-                encoding="utf-8") as f:
+      with open(
+          os.path.join(samples_dir, f"step_{step}.jsonl"), "w", encoding="utf-8"
+      ) as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
-    say(f"eval at step {step}: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in flat.items()
-        if "ndcg" in k or "recall@10" in k or k.endswith("emitted")
-        or k == "eval_seconds"))
+    say(
+        f"eval at step {step}: "
+        + ", ".join(
+            f"{k} {v:.4f}"
+            for k, v in flat.items()
+            if "ndcg" in k
+            or "recall@10" in k
+            or k.endswith("emitted")
+            or k == "eval_seconds"
+        )
+    )
     return flat
 
   last_eval: dict = {}
@@ -192,8 +245,13 @@ def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
     last_eval = evaluate(0)
   stage.prepare()
 
-  bar = tqdm.tqdm(total=cfg.total_steps, initial=start, desc=stage.name,
-                  unit="step", disable=jax.process_index() != 0)
+  bar = tqdm.tqdm(
+      total=cfg.total_steps,
+      initial=start,
+      desc=stage.name,
+      unit="step",
+      disable=jax.process_index() != 0,
+  )
   clock = {"t": time.perf_counter(), "tokens": 0}
 
   def finish(step: int, metrics: dict) -> None:
@@ -217,7 +275,8 @@ def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
           f"step {done}: the updated parameters' forward is not finite "
           "although the loss and gradient were; stopping. The last "
           f"checkpoint in {checkpoints.directory} is intact: step "
-          f"{checkpoints.latest_step()}")
+          f"{checkpoints.latest_step()}"
+      )
     # The stage's extras (the environment) first: a checkpoint step always
     # has them.
     stage.save_extra(done)
@@ -233,7 +292,8 @@ def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
       pending = (step, metrics)
       done = step + 1
       eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or (
-          done == cfg.total_steps)
+          done == cfg.total_steps
+      )
       save_due = done % cfg.checkpoint_every == 0 or done == cfg.total_steps
       if eval_due or save_due:
         finish(*pending)  # never evaluate or save past an unchecked step

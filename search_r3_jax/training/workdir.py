@@ -13,13 +13,14 @@ import os
 import pathlib
 from typing import Optional
 
-import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
+import ml_collections
 
 from search_r3_jax.core import sharding as shd
-from search_r3_jax.core.loading import (LoadedDecoder, load_decoder,
-                                        random_decoder)
+from search_r3_jax.core.loading import load_decoder
+from search_r3_jax.core.loading import LoadedDecoder
+from search_r3_jax.core.loading import random_decoder
 from search_r3_jax.training import checkpoint
 
 
@@ -35,17 +36,29 @@ def load_model(cfg, mesh: Mesh) -> LoadedDecoder:
   if cfg.init_from and is_workdir(cfg.init_from):
     return load_workdir(cfg.init_from, mesh=mesh)
   if cfg.random_init:
-    return random_decoder(cfg.model, seed=cfg.seed, model_dir=cfg.model_dir,
-                          mesh=mesh, compute_dtype=cfg.compute_dtype,
-                          param_dtype=cfg.param_dtype,
-                          **dict(cfg.random_init))
-  return load_decoder(cfg.init_from or cfg.model, model_dir=cfg.model_dir,
-                      mesh=mesh, compute_dtype=cfg.compute_dtype,
-                      param_dtype=cfg.param_dtype)
+    return random_decoder(
+        cfg.model,
+        seed=cfg.seed,
+        model_dir=cfg.model_dir,
+        mesh=mesh,
+        compute_dtype=cfg.compute_dtype,
+        param_dtype=cfg.param_dtype,
+        **dict(cfg.random_init),
+    )
+  return load_decoder(
+      cfg.init_from or cfg.model,
+      model_dir=cfg.model_dir,
+      mesh=mesh,
+      compute_dtype=cfg.compute_dtype,
+      param_dtype=cfg.param_dtype,
+  )
 
 
-def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
-                 step: Optional[int] = None) -> LoadedDecoder:
+def load_workdir(
+    path: os.PathLike | str,
+    mesh: Optional[Mesh] = None,
+    step: Optional[int] = None,
+) -> LoadedDecoder:
   """The model of a training workdir at its latest (or given) checkpoint:
   its config's starting model with the checkpoint's parameters (restored
   alone, without the optimizer state).
@@ -60,8 +73,9 @@ def load_workdir(path: os.PathLike | str, mesh: Optional[Mesh] = None,
   ck = checkpoint.Checkpointer(p)
   try:
     if (step if step is not None else ck.latest_step()) is None:
-      raise FileNotFoundError(f"{p} is a training workdir without a finished "
-                              "checkpoint")
+      raise FileNotFoundError(
+          f"{p} is a training workdir without a finished " "checkpoint"
+      )
     loaded = load_model(cfg, mesh)
     params = ck.restore_params(nnx.state(loaded.model, nnx.Param), step)
   finally:

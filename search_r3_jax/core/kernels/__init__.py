@@ -40,13 +40,15 @@ log = logging.getLogger(__name__)
 DISABLE_ENV = "SEARCH_R3_CPU_KERNELS"
 _SOURCE = pathlib.Path(__file__).with_name("qmatmul.cc")
 # FFI symbol -> custom-call target name.
-_TARGETS = {"QMatmulQ41": "search_r3_jax_qmatmul_q4_1",
-            "QMatmulQ80": "search_r3_jax_qmatmul_q8_0"}
+_TARGETS = {
+    "QMatmulQ41": "search_r3_jax_qmatmul_q4_1",
+    "QMatmulQ80": "search_r3_jax_qmatmul_q8_0",
+}
 # The programs' and the generate benchmark's `--cpu_kernels` values ->
 # `SearchR3.from_pretrained(cpu_kernels=...)`.
 FLAG_VALUES = {"auto": None, "on": True, "off": False}
-LANES = 16   # outputs per tile
-BLOCK = 32   # inputs per quantization block
+LANES = 16  # outputs per tile
+BLOCK = 32  # inputs per quantization block
 
 
 class KernelBuildError(RuntimeError):
@@ -71,15 +73,19 @@ def _cpu_signature() -> str:
   """Distinguishes machines sharing a home directory (-march=native)."""
   try:
     text = pathlib.Path("/proc/cpuinfo").read_text()
-    lines = [l for l in text.splitlines()
-             if l.startswith(("flags", "Features", "model name"))]
+    lines = [
+        l
+        for l in text.splitlines()
+        if l.startswith(("flags", "Features", "model name"))
+    ]
     return "\n".join(sorted(set(lines)))
   except OSError:
     return platform.processor() or platform.machine()
 
 
-def build(cache_dir: Optional[pathlib.Path] = None,
-          extra_flags: Sequence[str] = ()) -> pathlib.Path:
+def build(
+    cache_dir: Optional[pathlib.Path] = None, extra_flags: Sequence[str] = ()
+) -> pathlib.Path:
   """Compiles `qmatmul.cc` (once per source, compiler, flags, jaxlib, CPU).
 
   Args:
@@ -96,12 +102,27 @@ def build(cache_dir: Optional[pathlib.Path] = None,
   if cxx is None:
     raise KernelBuildError("no C++ compiler found ($CXX, g++, c++, clang++)")
   include = jax.ffi.include_dir()
-  flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", *_arch_flags(),
-           *extra_flags, f"-I{include}"]
-  key = hashlib.sha256("\0".join([
-      _SOURCE.read_text(), cxx, *flags, jaxlib.version.__version__,
-      _cpu_signature()
-  ]).encode()).hexdigest()[:16]
+  flags = [
+      "-O3",
+      "-std=c++17",
+      "-shared",
+      "-fPIC",
+      "-w",
+      *_arch_flags(),
+      *extra_flags,
+      f"-I{include}",
+  ]
+  key = hashlib.sha256(
+      "\0".join(
+          [
+              _SOURCE.read_text(),
+              cxx,
+              *flags,
+              jaxlib.version.__version__,
+              _cpu_signature(),
+          ]
+      ).encode()
+  ).hexdigest()[:16]
   out_dir = pathlib.Path(cache_dir or cache_root() / "kernels")
   out = out_dir / f"qmatmul-{key}.so"
   if out.is_file():
@@ -118,7 +139,8 @@ def build(cache_dir: Optional[pathlib.Path] = None,
     if len(err) > 6000:  # the first error and the last lines
       err = err[:4000] + "\n[...]\n" + err[-2000:]
     raise KernelBuildError(
-        f"compiling {_SOURCE} failed ({' '.join(cmd)}):\n{err}")
+        f"compiling {_SOURCE} failed ({' '.join(cmd)}):\n{err}"
+    )
   os.replace(tmp, out)
   return out
 
@@ -147,8 +169,8 @@ def register(library: pathlib.Path, suffix: str = "") -> dict[str, str]:
   targets = {}
   for symbol, target in _TARGETS.items():
     jax.ffi.register_ffi_target(
-        target + suffix, jax.ffi.pycapsule(getattr(lib, symbol)),
-        platform="cpu")
+        target + suffix, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+    )
     targets[symbol] = target + suffix
   return targets
 
@@ -157,9 +179,14 @@ def available() -> bool:
   return status()[0]
 
 
-def qmatmul(x: jax.Array, qs: jax.Array, d: jax.Array,
-            m: Optional[jax.Array], layer,
-            targets: Optional[dict[str, str]] = None) -> jax.Array:
+def qmatmul(
+    x: jax.Array,
+    qs: jax.Array,
+    d: jax.Array,
+    m: Optional[jax.Array],
+    layer,
+    targets: Optional[dict[str, str]] = None,
+) -> jax.Array:
   """x [M, K] float32 times layer `layer` of a packed matrix -> [M, N].
 
   Args:

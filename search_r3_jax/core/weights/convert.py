@@ -9,16 +9,18 @@ arrays, never on one device first.
 from __future__ import annotations
 
 import re
+
+from flax import nnx
 import jax
+from jax.sharding import Mesh
 import ml_dtypes
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
 
 from search_r3_jax.core import sharding as shd
 from search_r3_jax.core.config import ModelConfig
 from search_r3_jax.core.model import Decoder
-from search_r3_jax.core.weights.common import Checkpoint, WeightsError
+from search_r3_jax.core.weights.common import Checkpoint
+from search_r3_jax.core.weights.common import WeightsError
 
 # Tensors that carry no parameters of ours (recomputed buffers).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -27,20 +29,34 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _BLOCK_MAP = {
     "attn_norm": ("input_layernorm.weight", lambda w, c: w),
     "mlp_norm": ("post_attention_layernorm.weight", lambda w, c: w),
-    "wq": ("self_attn.q_proj.weight",
-           lambda w, c: w.T.reshape(c.hidden_size, c.num_heads, c.head_dim)),
-    "wk": ("self_attn.k_proj.weight",
-           lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim)),
-    "wv": ("self_attn.v_proj.weight",
-           lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim)),
-    "wo": ("self_attn.o_proj.weight",
-           lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)),
-    "bq": ("self_attn.q_proj.bias",
-           lambda w, c: w.reshape(c.num_heads, c.head_dim)),
-    "bk": ("self_attn.k_proj.bias",
-           lambda w, c: w.reshape(c.num_kv_heads, c.head_dim)),
-    "bv": ("self_attn.v_proj.bias",
-           lambda w, c: w.reshape(c.num_kv_heads, c.head_dim)),
+    "wq": (
+        "self_attn.q_proj.weight",
+        lambda w, c: w.T.reshape(c.hidden_size, c.num_heads, c.head_dim),
+    ),
+    "wk": (
+        "self_attn.k_proj.weight",
+        lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim),
+    ),
+    "wv": (
+        "self_attn.v_proj.weight",
+        lambda w, c: w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim),
+    ),
+    "wo": (
+        "self_attn.o_proj.weight",
+        lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+    ),
+    "bq": (
+        "self_attn.q_proj.bias",
+        lambda w, c: w.reshape(c.num_heads, c.head_dim),
+    ),
+    "bk": (
+        "self_attn.k_proj.bias",
+        lambda w, c: w.reshape(c.num_kv_heads, c.head_dim),
+    ),
+    "bv": (
+        "self_attn.v_proj.bias",
+        lambda w, c: w.reshape(c.num_kv_heads, c.head_dim),
+    ),
     "w_gate": ("mlp.gate_proj.weight", lambda w, c: w.T),
     "w_up": ("mlp.up_proj.weight", lambda w, c: w.T),
     "w_down": ("mlp.down_proj.weight", lambda w, c: w.T),
@@ -51,14 +67,18 @@ _BLOCK_MAP = {
 # converters; our attention weights are [in, heads, head_dim] / [heads,
 # head_dim, out], the rest [in, out]).
 _BLOCK_INVERSE = {
-    "attn_norm": lambda w: w, "mlp_norm": lambda w: w,
+    "attn_norm": lambda w: w,
+    "mlp_norm": lambda w: w,
     "wq": lambda w: w.reshape(w.shape[0], -1).T,
     "wk": lambda w: w.reshape(w.shape[0], -1).T,
     "wv": lambda w: w.reshape(w.shape[0], -1).T,
     "wo": lambda w: w.reshape(-1, w.shape[-1]).T,
-    "bq": lambda w: w.reshape(-1), "bk": lambda w: w.reshape(-1),
+    "bq": lambda w: w.reshape(-1),
+    "bk": lambda w: w.reshape(-1),
     "bv": lambda w: w.reshape(-1),
-    "w_gate": lambda w: w.T, "w_up": lambda w: w.T, "w_down": lambda w: w.T,
+    "w_gate": lambda w: w.T,
+    "w_up": lambda w: w.T,
+    "w_down": lambda w: w.T,
 }
 
 
@@ -67,8 +87,10 @@ def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
   `host_params` reads, in reverse), the padded vocabulary rows included."""
   c = model.cfg
   host = lambda p: np.asarray(jax.device_get(p[...]), np.float32)
-  out = {"model.embed_tokens.weight": host(model.embed),
-         "model.norm.weight": host(model.final_norm)}
+  out = {
+      "model.embed_tokens.weight": host(model.embed),
+      "model.norm.weight": host(model.final_norm),
+  }
   if not c.tie_word_embeddings:
     out["lm_head.weight"] = host(model.lm_head).T
   for name, param in model.blocks.items():
@@ -78,7 +100,8 @@ def hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
     suffix, inverse = _BLOCK_MAP[name][0], _BLOCK_INVERSE[name]
     for i in range(c.num_layers):
       out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(
-          inverse(stacked[i]))
+          inverse(stacked[i])
+      )
   return out
 
 
@@ -87,8 +110,12 @@ def abstract_model(cfg: ModelConfig):
   return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
 
 
-def init_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0,
-               rules: shd.Rules = shd.DEFAULT_RULES) -> Decoder:
+def init_model(
+    cfg: ModelConfig,
+    mesh: Mesh,
+    seed: int = 0,
+    rules: shd.Rules = shd.DEFAULT_RULES,
+) -> Decoder:
   """A randomly initialised Decoder whose parameters are created sharded."""
   graphdef, abstract = abstract_model(cfg)
   shardings = shd.state_shardings(abstract, mesh, rules)
@@ -104,8 +131,11 @@ def init_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0,
 
 
 def _np_dtype(cfg: ModelConfig):
-  return ml_dtypes.bfloat16 if cfg.param_dtype == "bfloat16" else np.dtype(
-      cfg.param_dtype)
+  return (
+      ml_dtypes.bfloat16
+      if cfg.param_dtype == "bfloat16"
+      else np.dtype(cfg.param_dtype)
+  )
 
 
 def _fetch(ckpt: Checkpoint, name: str, expect: tuple) -> np.ndarray:
@@ -113,13 +143,16 @@ def _fetch(ckpt: Checkpoint, name: str, expect: tuple) -> np.ndarray:
     raise WeightsError(f"{ckpt.source}: tensor {name!r} is missing")
   w = np.asarray(ckpt.get_tensor(name), dtype=np.float32)
   if tuple(w.shape) != tuple(expect):
-    raise WeightsError(f"{ckpt.source}: tensor {name!r} has shape "
-                       f"{tuple(w.shape)}, the config implies {tuple(expect)}")
+    raise WeightsError(
+        f"{ckpt.source}: tensor {name!r} has shape "
+        f"{tuple(w.shape)}, the config implies {tuple(expect)}"
+    )
   return w
 
 
-def host_params(ckpt: Checkpoint, cfg: ModelConfig,
-                source_vocab: int) -> dict[tuple, np.ndarray]:
+def host_params(
+    ckpt: Checkpoint, cfg: ModelConfig, source_vocab: int
+) -> dict[tuple, np.ndarray]:
   """Reads every parameter into host numpy arrays keyed by nnx path.
 
   Args:
@@ -138,21 +171,25 @@ def host_params(ckpt: Checkpoint, cfg: ModelConfig,
   def grow(w):  # [V_src, D] -> [V, D]
     if c.vocab_size == source_vocab:
       return w
-    extra = np.broadcast_to(w.mean(0, keepdims=True),
-                            (c.vocab_size - source_vocab, w.shape[1]))
+    extra = np.broadcast_to(
+        w.mean(0, keepdims=True), (c.vocab_size - source_vocab, w.shape[1])
+    )
     return np.concatenate([w, extra], 0)
 
   out = {}
-  out[("embed",)] = grow(get("model.embed_tokens.weight",
-                             (source_vocab, c.hidden_size)))
+  out[("embed",)] = grow(
+      get("model.embed_tokens.weight", (source_vocab, c.hidden_size))
+  )
   out[("final_norm",)] = get("model.norm.weight", (c.hidden_size,))
   if not c.tie_word_embeddings:
-    out[("lm_head",)] = grow(get("lm_head.weight",
-                                 (source_vocab, c.hidden_size))).T
+    out[("lm_head",)] = grow(
+        get("lm_head.weight", (source_vocab, c.hidden_size))
+    ).T
   elif "lm_head.weight" in ckpt.tensor_names:
     used.add("lm_head.weight")  # a tied copy some exporters keep
   hf_shapes = {
-      "attn_norm": (c.hidden_size,), "mlp_norm": (c.hidden_size,),
+      "attn_norm": (c.hidden_size,),
+      "mlp_norm": (c.hidden_size,),
       "wq": (c.num_heads * c.head_dim, c.hidden_size),
       "wk": (c.num_kv_heads * c.head_dim, c.hidden_size),
       "wv": (c.num_kv_heads * c.head_dim, c.hidden_size),
@@ -164,21 +201,34 @@ def host_params(ckpt: Checkpoint, cfg: ModelConfig,
       "w_up": (c.intermediate_size, c.hidden_size),
       "w_down": (c.hidden_size, c.intermediate_size),
   }
-  names = ["attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up",
-           "w_down"] + (["bq", "bk", "bv"] if c.attention_bias else [])
+  names = [
+      "attn_norm",
+      "mlp_norm",
+      "wq",
+      "wk",
+      "wv",
+      "wo",
+      "w_gate",
+      "w_up",
+      "w_down",
+  ] + (["bq", "bk", "bv"] if c.attention_bias else [])
   for ours in names:
     suffix, conv = _BLOCK_MAP[ours]
-    out[("blocks", ours)] = np.stack([
-        conv(get(f"model.layers.{i}.{suffix}", hf_shapes[ours]), c)
-        for i in range(c.num_layers)
-    ])
-  unexpected = sorted(n for n in ckpt.tensor_names
-                      if n not in used and not _IGNORED.match(n))
+    out[("blocks", ours)] = np.stack(
+        [
+            conv(get(f"model.layers.{i}.{suffix}", hf_shapes[ours]), c)
+            for i in range(c.num_layers)
+        ]
+    )
+  unexpected = sorted(
+      n for n in ckpt.tensor_names if n not in used and not _IGNORED.match(n)
+  )
   if unexpected:
     more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
     raise WeightsError(
         f"{ckpt.source}: tensors not used by a {c.arch} model with "
-        f"{c.num_layers} layers: {unexpected[:5]}{more}")
+        f"{c.num_layers} layers: {unexpected[:5]}{more}"
+    )
   return out
 
 
@@ -198,8 +248,12 @@ def set_rows(params: dict, rows: dict[int, str]) -> None:
       head[:, token_id] = head.mean(1)
 
 
-def model_from_host(params: dict, cfg: ModelConfig, mesh: Mesh,
-                    rules: shd.Rules = shd.DEFAULT_RULES) -> Decoder:
+def model_from_host(
+    params: dict,
+    cfg: ModelConfig,
+    mesh: Mesh,
+    rules: shd.Rules = shd.DEFAULT_RULES,
+) -> Decoder:
   """Places host parameters straight into sharded arrays and builds the model."""
   graphdef, abstract = abstract_model(cfg)
   shardings = shd.state_shardings(abstract, mesh, rules)
@@ -210,9 +264,9 @@ def model_from_host(params: dict, cfg: ModelConfig, mesh: Mesh,
       raise WeightsError(f"no value for parameter {'/'.join(path)}")
     host = np.ascontiguousarray(params[path], dtype=dtype)
     sharding = sharding_var.get_value()
-    arr = jax.make_array_from_callback(host.shape, sharding,
-                                       lambda idx, h=host: h[idx])
+    arr = jax.make_array_from_callback(
+        host.shape, sharding, lambda idx, h=host: h[idx]
+    )
     flat.append((path, sharding_var.replace(arr)))
   state = nnx.from_flat_state(flat)
   return nnx.merge(graphdef, state)
-

