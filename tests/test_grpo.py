@@ -69,6 +69,7 @@ def _host_batch(m, graphdef, params, seed=0):
   docs = rng.standard_normal((N, K, m.cfg.hidden_size)).astype(np.float32)
   return dict(
       tokens=tokens,
+      targets=tokens,
       lengths=lengths,
       mask=mask,
       old_logp=old,
@@ -152,6 +153,7 @@ def test_old_logprobs_are_the_samplers_at_temperature_0_7(
   the rollouts were drawn from: softmax(logits / 0.7) over the tokenizer's
   ids (the tiny model's embedding has rows past them, never sampled). At the
   first inner epoch the update's own forward agrees, so every ratio is 1."""
+  from search_r3_jax.core.tokenizer import embed_suffix_ids
   from search_r3_jax.training import rollouts
 
   temperature = 0.7
@@ -166,8 +168,15 @@ def test_old_logprobs_are_the_samplers_at_temperature_0_7(
       temperature=temperature,
       seed=3,
   )
+  # Rows as training lays them out: a rollout that ended with end-of-turn
+  # gets the embed suffix in its place, and `targets` keeps the sampled id.
   host = rollouts.grpo_batch(
-      ro, embed_token_id=tok.embed_token_id, pad_id=tok.pad_id, seq_len=N * 8
+      ro,
+      embed_token_id=tok.embed_token_id,
+      pad_id=tok.pad_id,
+      seq_len=N * 8,
+      suffix=embed_suffix_ids(tok, m.policy.prompts, leading_space=True),
+      end_ids=tok.eos_ids,
   )
   sampling = dict(temperature=temperature, valid_vocab=tok.vocab_size)
   dev = {k: jnp.asarray(v) for k, v in host.items()}
@@ -179,6 +188,7 @@ def test_old_logprobs_are_the_samplers_at_temperature_0_7(
         dev["tokens"],
         dev["lengths"],
         dev["embed_pos"],
+        targets=dev["targets"],
         **kw,
     )
     return np.asarray(lp)

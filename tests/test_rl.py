@@ -4,6 +4,7 @@ answer is learnable, outputs, resume after kill -9 at the same step, query
 position and environment, and the non-finite guard (a NaN loss, and an
 exploding update whose loss was still finite, stop the run cleanly)."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -15,6 +16,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -200,18 +202,25 @@ def test_grpo_batch_appends_a_multi_token_suffix_outside_the_loss():
       responses=[[11, 12, 99], [13, 2], [14]],
   )  # 99: embed, 2: eos
   b = rollouts.grpo_batch(
-      r, embed_token_id=99, pad_id=0, seq_len=9, suffix=[40, 41, 99]
+      r,
+      embed_token_id=99,
+      pad_id=0,
+      seq_len=9,
+      suffix=[40, 41, 99],
+      end_ids=(2,),
   )
   np.testing.assert_array_equal(
       b["tokens"],
       [
           [5, 6, 7, 11, 12, 99, 0, 0, 0],  # emitted: no suffix
-          [5, 6, 7, 13, 2, 40, 41, 99, 0],
-          [5, 14, 40, 41, 99, 0, 0, 0, 0],
+          [5, 6, 7, 13, 40, 41, 99, 0, 0],  # the eos gives way to the suffix
+          [5, 14, 40, 41, 99, 0, 0, 0, 0],  # the budget ran out
       ],
   )
-  np.testing.assert_array_equal(b["lengths"], [6, 8, 5])
-  np.testing.assert_array_equal(b["embed_pos"], [5, 7, 4])  # its last token
+  np.testing.assert_array_equal(b["targets"][1, :5], [5, 6, 7, 13, 2])
+  np.testing.assert_array_equal(b["targets"][[0, 2]], b["tokens"][[0, 2]])
+  np.testing.assert_array_equal(b["lengths"], [6, 7, 5])
+  np.testing.assert_array_equal(b["embed_pos"], [5, 6, 4])  # its last token
   assert all(b["tokens"][i, p] == 99 for i, p in enumerate(b["embed_pos"]))
   # The loss sees the sampled tokens only, never the suffix.
   np.testing.assert_array_equal(
@@ -226,7 +235,7 @@ def test_grpo_batch_appends_a_multi_token_suffix_outside_the_loss():
   with pytest.raises(ValueError, match="rollout 1 has 8 tokens"):
     rollouts.grpo_batch(
         r, embed_token_id=99, pad_id=0, seq_len=7, suffix=[40, 41, 99]
-    )
+    )  # without end ids the eos stays
   for bad in ([40, 99, 41], [40, 41], []):
     with pytest.raises(ValueError, match="does not end with the embed token"):
       rollouts.grpo_batch(r, embed_token_id=99, pad_id=0, seq_len=9, suffix=bad)
@@ -826,3 +835,76 @@ def test_check_config_names_the_field(field, value, message):
     rl.check_config(cfg)
   rl.check_config(_load_config("tiny"))  # the shipped variants pass
   rl.check_config(_load_config(""))
+
+
+def test_training_and_evaluation_embed_one_token_sequence(tiny):
+  """A rollout that did not emit the token is trained on the token sequence
+  evaluation embeds the same response from (`tokenizer.reasoning_row`): the
+  analysis, its end-of-turn dropped, then the embed suffix. The GRPO
+  forward's embedding equals `encode_queries`' for the same greedy
+  responses."""
+  from search_r3_jax.core.tokenizer import reasoning_row
+  from search_r3_jax.training import grpo
+
+  policy = tiny.policy
+  tok = policy.tokenizer
+  queries = ["paris city", "the river in rome", "old stone bridge"]
+  want, details = policy.encode_queries(
+      queries,
+      reasoning=True,
+      max_new_tokens=5,
+      temperature=0.0,
+      return_details=True,
+      progress=False,
+  )
+  ro = rollouts.sample(
+      policy, queries, group_size=1, max_new_tokens=5, temperature=0.0
+  )
+  assert [d.analysis for d in details] == [tok.decode(r) for r in ro.responses]
+  assert not any(d.emitted for d in details) and not ro.has_embed.any()
+  # One more rollout that ended with end-of-turn after two tokens.
+  eot = tok.end_of_turn_id
+  ro = dataclasses.replace(
+      ro,
+      query_index=np.arange(4),
+      prompts=ro.prompts + [ro.prompts[0]],
+      responses=ro.responses + [ro.responses[0][:2] + [eot]],
+      has_embed=np.zeros(4, bool),
+      embeddings=np.zeros((4, ro.embeddings.shape[1]), np.float32),
+      texts=ro.texts + [""],
+      logprobs=ro.logprobs + [[0.0] * 3],
+  )
+  suffix = rl.embed_suffix(tok, policy.prompts)
+  host = rollouts.grpo_batch(
+      ro,
+      embed_token_id=tok.embed_token_id,
+      pad_id=tok.pad_id,
+      seq_len=96,
+      suffix=suffix,
+      end_ids=tok.eos_ids,
+  )
+  row = list(host["tokens"][3, : host["lengths"][3]])
+  assert row == ro.prompts[0] + ro.responses[0][:2] + suffix
+  n_prompt = len(ro.prompts[0])
+  assert eot not in row[n_prompt:] and host["targets"][3, n_prompt + 2] == eot
+  _, emb = grpo.policy_outputs(
+      policy.graphdef,
+      policy.params,
+      jnp.asarray(host["tokens"]),
+      jnp.asarray(host["lengths"]),
+      jnp.asarray(host["embed_pos"]),
+      targets=jnp.asarray(host["targets"]),
+  )
+  emb = np.asarray(emb)
+  np.testing.assert_allclose(emb[:3], want, atol=1e-5)
+  eval_row, emitted = reasoning_row(
+      ro.prompts[3],
+      ro.responses[3],
+      embed_token_id=tok.embed_token_id,
+      end_ids=tok.eos_ids,
+      suffix=suffix,
+  )
+  assert eval_row == row and not emitted
+  np.testing.assert_allclose(
+      emb[3], policy.embed_ids([eval_row], 1, False, "")[0], atol=1e-5
+  )

@@ -45,13 +45,19 @@ def test_grpo_batch_layout_appends_the_missing_embed_token():
       embeddings=np.zeros((2, 4), np.float32),
       texts=["", ""],
   )
-  b = rl.grpo_batch(r, embed_token_id=99, pad_id=0, seq_len=8)
+  b = rl.grpo_batch(r, embed_token_id=99, pad_id=0, seq_len=8, end_ids=(2,))
+  # The eos the second rollout ended with gives way to the embed token, as
+  # in evaluation; `targets` keeps it where it was sampled.
   np.testing.assert_array_equal(
-      b["tokens"], [[5, 6, 7, 11, 12, 99, 0, 0], [5, 6, 7, 13, 2, 99, 0, 0]]
+      b["tokens"], [[5, 6, 7, 11, 12, 99, 0, 0], [5, 6, 7, 13, 99, 0, 0, 0]]
   )
-  np.testing.assert_array_equal(b["lengths"], [6, 6])
-  np.testing.assert_array_equal(b["embed_pos"], [5, 5])
-  # The loss sees the sampled tokens only: not the appended embed token.
+  np.testing.assert_array_equal(
+      b["targets"], [[5, 6, 7, 11, 12, 99, 0, 0], [5, 6, 7, 13, 2, 0, 0, 0]]
+  )
+  np.testing.assert_array_equal(b["lengths"], [6, 5])
+  np.testing.assert_array_equal(b["embed_pos"], [5, 4])
+  # The loss sees the sampled tokens only (the eos among them): not the
+  # appended embed token.
   np.testing.assert_array_equal(
       b["mask"], [[0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0]]
   )

@@ -32,6 +32,7 @@ from search_r3_jax.core.ops import pow2_bucket
 from search_r3_jax.core.ops import round_up
 from search_r3_jax.core.prompts import PromptConfig
 from search_r3_jax.core.tokenizer import embed_suffix_ids
+from search_r3_jax.core.tokenizer import reasoning_row
 from search_r3_jax.core.tokenizer import Tokenizer
 
 # Padded lengths are rounded up to multiples of this, so a stream of batches
@@ -396,13 +397,19 @@ class Policy:
       )
       for j, (row, n) in enumerate(zip(gen.tokens, gen.lengths)):
         new = [int(x) for x in row[:n]]
-        emitted = bool(gen.stopped[j]) and new[-1] == tok.embed_token_id
+        full, emitted = reasoning_row(
+            batch[j],
+            new,
+            embed_token_id=tok.embed_token_id,
+            end_ids=tok.eos_ids,
+            suffix=suffix,
+        )
+        emitted = emitted and bool(gen.stopped[j])
         details.append(QueryReasoning(tok.decode(new), emitted))
         if emitted:
           emb[s + j] = l2_normalize(gen.stop_hidden[j])
         else:
-          text = [x for x in new if x not in tok.eos_ids]
-          fallback.append((s + j, batch[j] + text + suffix))
+          fallback.append((s + j, full))
     if fallback:
       idx, fb_rows = zip(*fallback)
       emb[list(idx)] = self.embed_ids(list(fb_rows), batch_size)

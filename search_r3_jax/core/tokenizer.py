@@ -177,3 +177,38 @@ def embed_suffix_ids(
   that did not emit the token."""
   ids = tokenizer.encode((" " if leading_space else "") + prompts.embed_suffix)
   return ids[: ids.index(tokenizer.embed_token_id) + 1]
+
+
+def reasoning_row(
+    prompt: Sequence[int],
+    response: Sequence[int],
+    *,
+    embed_token_id: int,
+    end_ids: Sequence[int],
+    suffix: Sequence[int],
+) -> tuple[list[int], bool]:
+  """The token sequence a reasoning query is embedded from, one definition
+  for evaluation (`Policy.encode_queries`) and training (`grpo_batch`).
+
+  A response that ends with `<|embed_token|>` is kept as it is. One that
+  ended otherwise (an end-of-turn/eos id, or the token budget) loses its
+  trailing end ids and gets `suffix` (the embed suffix, ending with the
+  token) appended, so the analysis runs straight into
+  "The embedding is <|embed_token|>".
+
+  Returns:
+    (prompt + kept response [+ suffix], emitted); the embedding is taken at
+    the row's last token.
+  """
+  response = [int(x) for x in response]
+  if response and response[-1] == embed_token_id:
+    return [int(x) for x in prompt] + response, True
+  if not suffix or int(suffix[-1]) != embed_token_id:
+    raise ValueError(
+        f"embed suffix {list(suffix)} does not end with the embed token "
+        f"{embed_token_id}"
+    )
+  ends = {int(x) for x in end_ids}
+  while response and response[-1] in ends:
+    response.pop()
+  return [int(x) for x in prompt] + response + [int(x) for x in suffix], False

@@ -4,11 +4,15 @@ A batch holds N = Q * G rollouts, each a right-padded row of prompt +
 sampled reasoning + `<|embed_token|>`:
 
   tokens     [N, T] int32   ids
+  targets    [N, T] int32   the sampled ids the objective scores: `tokens`,
+                            except where a rollout's sampled end-of-turn id
+                            was replaced by the embed suffix
+                            (`rollouts.grpo_batch`)
   lengths    [N]    int32   real tokens per row
   mask       [N, T] float   1 at the positions of sampled response tokens
                             (the prompt, padding and an embed token appended
                             to a rollout that never emitted it are 0)
-  old_logp   [N, T-1] f32   log-probabilities of tokens[:, 1:] under the
+  old_logp   [N, T-1] f32   log-probabilities of targets[:, 1:] under the
                             parameters that sampled them (`logprobs`)
   advantages [N]    f32     group-normalised rewards (`losses.group_advantages`)
   embed_pos  [N]    int32   position of `<|embed_token|>` in each row
@@ -43,6 +47,7 @@ from search_r3_jax.training.train_state import TrainState
 
 BATCH_KEYS = (
     "tokens",
+    "targets",
     "lengths",
     "mask",
     "old_logp",
@@ -50,7 +55,7 @@ BATCH_KEYS = (
     "embed_pos",
     "docs",
 )
-_BATCH_NDIMS = (2, 1, 2, 2, 1, 1, 3)
+_BATCH_NDIMS = (2, 2, 1, 2, 2, 1, 1, 3)
 
 
 def _forward(graphdef, params, tokens, lengths):
@@ -73,6 +78,7 @@ def policy_outputs(
     embed_pos: jax.Array,
     temperature: float = 1.0,
     valid_vocab: Optional[int] = None,
+    targets: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
   """One forward pass of the sampling policy over a GRPO batch: the [N, T-1]
   old log-probabilities and the [N, D] L2-normalised embeddings at
@@ -86,7 +92,12 @@ def policy_outputs(
   logits, hidden, _ = _forward(graphdef, params, tokens, lengths)
   emb = l2_normalize(hidden_at(hidden, embed_pos).astype(jnp.float32))
   return (
-      losses_lib.token_logprobs(logits, tokens, temperature, valid_vocab),
+      losses_lib.token_logprobs(
+          logits,
+          tokens if targets is None else targets,
+          temperature,
+          valid_vocab,
+      ),
       emb,
   )
 
@@ -104,11 +115,12 @@ def grpo_losses(
       taken under the distribution the rollouts were drawn from.
   """
   tokens, lengths = batch["tokens"], batch["lengths"]
+  targets = batch.get("targets", tokens)
   temperature = float(cfg.get("temperature", 1.0))
   valid_vocab = cfg.get("valid_vocab")
 
   def logprobs_of(logits):
-    return losses_lib.token_logprobs(logits, tokens, temperature, valid_vocab)
+    return losses_lib.token_logprobs(logits, targets, temperature, valid_vocab)
 
   logits, hidden, _ = _forward(graphdef, params, tokens, lengths)
   logp = logprobs_of(logits)

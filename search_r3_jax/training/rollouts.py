@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from search_r3_jax.core.ops import l2_normalize
+from search_r3_jax.core.tokenizer import reasoning_row
 from search_r3_jax.training import advantages as advantages_lib
 from search_r3_jax.training import rewards as rewards_lib
 
@@ -131,13 +132,23 @@ def grpo_batch(
     pad_id: int,
     seq_len: int,
     suffix: Sequence[int] | None = None,
+    end_ids: Sequence[int] = (),
 ) -> dict[str, np.ndarray]:
-  """tokens, lengths, mask and embed_pos of `grpo.BATCH_KEYS` (the caller
-  adds old_logp, advantages and docs).
+  """tokens, targets, lengths, mask and embed_pos of `grpo.BATCH_KEYS` (the
+  caller adds old_logp, advantages and docs).
+
+  Each row is `tokenizer.reasoning_row`: the token sequence evaluation
+  embeds the same response from. A rollout that ended with an end id
+  (`end_ids`) without the embed token loses that id from `tokens` and gets
+  `suffix` instead; `targets` keeps the sampled end id at its position, so
+  the objective still scores the choice the sampler made there (the logits
+  at that position see the same prefix either way). Elsewhere `targets`
+  equals `tokens`.
 
   Args:
     suffix: ids appended (unmasked) to a rollout without the embed token;
       must end with `embed_token_id`. Default: the token alone.
+    end_ids: the end-of-turn/eos ids that stop a rollout.
 
   Raises:
     ValueError: a rollout does not fit in `seq_len` (nothing is cut
@@ -154,19 +165,28 @@ def grpo_batch(
   lengths = np.zeros((n,), np.int32)
   mask = np.zeros((n, seq_len), np.float32)
   embed_pos = np.zeros((n,), np.int32)
-  for i, (p, r, ok) in enumerate(
-      zip(rollouts.prompts, rollouts.responses, rollouts.has_embed)
-  ):
-    row = list(p) + list(r) + ([] if ok else suffix)
+  for i, (p, r) in enumerate(zip(rollouts.prompts, rollouts.responses)):
+    row, _ = reasoning_row(
+        p, r, embed_token_id=embed_token_id, end_ids=end_ids, suffix=suffix
+    )
     if len(row) > seq_len:
       raise ValueError(
-          f"rollout {i} has {len(row)} tokens, more than " f"seq_len {seq_len}"
+          f"rollout {i} has {len(row)} tokens, more than seq_len {seq_len}"
       )
     tokens[i, : len(row)] = row
     lengths[i] = len(row)
     mask[i, len(p) : len(p) + len(r)] = 1.0
     embed_pos[i] = len(row) - 1
-  return dict(tokens=tokens, lengths=lengths, mask=mask, embed_pos=embed_pos)
+  targets = tokens.copy()
+  for i, (p, r) in enumerate(zip(rollouts.prompts, rollouts.responses)):
+    targets[i, len(p) : len(p) + len(r)] = r  # the sampled ids, end ids too
+  return dict(
+      tokens=tokens,
+      targets=targets,
+      lengths=lengths,
+      mask=mask,
+      embed_pos=embed_pos,
+  )
 
 
 def score(

@@ -484,6 +484,7 @@ class Stage2:
         pad_id=tok.pad_id,
         seq_len=round_up(longest, self.cfg.rl.length_bucket),
         suffix=self.suffix,
+        end_ids=tok.eos_ids,
     )
     dev = {k: self._put(k, v) for k, v in host.items()}
     old_logp, emb = grpo.policy_outputs(
@@ -492,6 +493,7 @@ class Stage2:
         dev["tokens"],
         dev["lengths"],
         dev["embed_pos"],
+        targets=dev["targets"],
         **self.sampling,
     )
     return dev, old_logp, np.asarray(jax.device_get(emb))
