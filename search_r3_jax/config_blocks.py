@@ -16,6 +16,7 @@ import dataclasses
 import ml_collections
 
 from search_r3_jax.retrieval.env_config import EnvConfig
+from search_r3_jax.training.analyses import AnalysisConfig
 from search_r3_jax.training.rewards import DEFAULT_WEIGHTS
 
 # The random 2-layer model with SmolLM2's tokenizer that every `tiny`
@@ -122,3 +123,72 @@ def env(**overrides) -> ml_collections.ConfigDict:
 def rewards(**overrides) -> dict:
   """Reward name -> weight, from `rewards.DEFAULT_WEIGHTS`."""
   return dict(DEFAULT_WEIGHTS, **overrides)
+
+
+def reasoning(**overrides) -> ml_collections.ConfigDict:
+  """Stage 1's reasoning queries: `analyses.AnalysisConfig`'s fields and
+  defaults (the share of training queries the starting model writes an
+  analysis for, its budget and sampling, the rejection filter)."""
+  values = dataclasses.asdict(AnalysisConfig())
+  unknown = sorted(set(overrides) - set(values))
+  if unknown:
+    raise ValueError(
+        f"unknown reasoning setting(s) {unknown}; known: {sorted(values)}"
+    )
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)
+
+
+def stage1(arg: str = "") -> ml_collections.ConfigDict:
+  """Stage 1 on the embedded default (configs/sft.py, and the first half of
+  the main job in configs/rl.py); `arg` "tiny" is the seconds-long variant
+  for tests."""
+  c = base(stage=1, workdir="runs/sft")
+  c.data = data()
+  # Tokens per query row (prompt + response): a reasoning query needs about
+  # 59 for its template, up to 35 for the query and the rest of the row for
+  # the analysis.
+  c.query_len = 128
+  c.doc_len = 128  # tokens per document row (prompt + text)
+  c.reasoning = reasoning()
+
+  # Optimisation. `loss.weights` names registered losses (training/losses.py).
+  c.batch_size = 8
+  c.total_steps = 160
+  c.optimizer = optimizer(c)
+  c.loss = ml_collections.ConfigDict(
+      dict(
+          weights=dict(sft=1.0, kl=1.0, infonce=1.0, triplet=1.0),
+          tau=0.05,
+          margin=0.2,
+          in_batch=True,
+      )
+  )
+
+  # Evaluation and checkpoints.
+  c.eval_every = 80
+  c.checkpoint_every = 20
+  # Reasoning queries are evaluated with stage 2's budget of 48 tokens.
+  c.eval = evaluation(max_new_tokens=48)
+
+  if arg == "tiny":
+    c.random_init = dict(TINY_MODEL)
+    c.batch_size = 4
+    c.total_steps = 6
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 2
+    c.query_len = 80
+    c.doc_len = 64
+    c.reasoning.update(max_new_tokens=8, batch_size=8)
+    c.eval_every = 3
+    c.checkpoint_every = 2
+    c.eval.update(
+        corpus_size=64,
+        doc_len=32,
+        batch_size=16,
+        max_queries=16,
+        at_start=False,
+    )
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}; known: tiny")
+  return c

@@ -18,12 +18,16 @@ steps were finite) stays. The loop is `training/trainer.py`; the stages are
 
 from __future__ import annotations
 
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from search_r3_jax.training.runtime import NonFiniteLossError
+from search_r3_jax.training.runtime import say
+from search_r3_jax.training.trainer import finished_steps
 from search_r3_jax.training.trainer import ResumeConfigError
 from search_r3_jax.training.trainer import train
 
@@ -53,6 +57,30 @@ def stage_class(cfg):
   raise ValueError(f"config field stage is {stage!r}; 1 or 2")
 
 
+STAGE1_DIR = "stage1"
+
+
+def run(cfg, workdir: str) -> dict:
+  """Runs the config: stage 2 without `init_from` and with `stage1_first`
+  trains `cfg.stage1` in <workdir>/stage1 first (skipped once it reached
+  its last step) and starts from its result. Returns the last evaluation's
+  flat figures."""
+  if (
+      cfg.get("stage", 1) == 2
+      and not cfg.get("init_from")
+      and cfg.get("stage1_first")
+      and cfg.get("stage1") is not None
+  ):
+    sub = os.path.join(workdir, STAGE1_DIR)
+    s1 = cfg.stage1
+    if finished_steps(sub) != s1.total_steps:
+      say(f"stage 1 first, in {sub}")
+      train(s1, sub, stage_class(s1))
+    say(f"stage 2 from {sub}")
+    cfg.init_from = sub
+  return train(cfg, workdir, stage_class(cfg))
+
+
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
@@ -62,7 +90,7 @@ def main(argv):
     workdir = _WORKDIR.value or cfg.get("workdir")
     if not workdir:
       raise SystemExit("error: give --workdir (the config names no workdir)")
-    train(cfg, workdir, stage_class(cfg))
+    run(cfg, workdir)
   except (NonFiniteLossError, ResumeConfigError) as e:
     raise SystemExit(f"error: {e}") from None
 

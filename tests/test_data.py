@@ -228,9 +228,14 @@ TRIPLES = [
 
 def test_triples_builder(tmp_path):
   path = tmp_path / "triples.jsonl"
-  write_jsonl(path, TRIPLES)
+  rows = [dict(t) for t in TRIPLES]
+  rows[1]["reasoning"] = "The Tiber is the river of Rome."
+  write_jsonl(path, rows)
   builder = data.triples_builder(path, data_dir=str(tmp_path / "tfds"))
-  assert read_split(builder, "train") == TRIPLES
+  # A line's own analysis is kept; the others have none.
+  assert read_split(builder, "train") == [
+      dict(t, reasoning=r.get("reasoning", "")) for t, r in zip(TRIPLES, rows)
+  ]
   meta = builder.info.metadata
   assert (meta["negatives_min"], meta["negatives_max"]) == (0, 2)
 
@@ -254,6 +259,10 @@ def test_triples_builder(tmp_path):
         (
             {"query": "q", "positive": "p", "negatives": ["n", ""]},
             r"empty negatives\[1\]",
+        ),
+        (
+            {"query": "q", "positive": "p", "negatives": [], "reasoning": 3},
+            "field 'reasoning' must be a string",
         ),
     ],
 )

@@ -442,6 +442,11 @@ def _toy_overrides(toy, **extra):
       "eval.splits": ("dev",),
       "eval.corpus_size": 0,
       "eval.max_queries": 0,
+      "train_corpus.size": 0,
+      # Stage 2 alone, from the random model: it never emits the token, so
+      # the rollouts are searched at the appended suffix.
+      "stage1_first": False,
+      "rl.fallback_reward": True,
       "env.engine": "exact",
       "mesh": (-1, 1, 1),
       # 4 queries x 2 rollouts: every step sees every training query, so

@@ -66,13 +66,18 @@ def test_stage2_resume_takes_refresh_settings_and_refuses_index_structure():
     changed = {"env": dict(saved["env"], **{field: "x"})}
     with pytest.raises(trainer.ResumeConfigError, match=f"env.{field}"):
       trainer.check_resume(saved, changed, Stage2.resume_refuses)
-  # The environment's corpus is the evaluation corpus: fixed on resume.
-  with pytest.raises(trainer.ResumeConfigError, match="eval.corpus_size"):
-    trainer.check_resume(
-        {"eval": {"corpus_size": 500}},
-        {"eval": {"corpus_size": 0}},
-        Stage2.resume_refuses,
-    )
+  # The environment's corpus and the stage 1 it started from: fixed on
+  # resume. The evaluation's corpus is not the environment's: applied.
+  for block, field in (("train_corpus", "size"), ("stage1", "total_steps")):
+    with pytest.raises(trainer.ResumeConfigError, match=f"{block}.{field}"):
+      trainer.check_resume(
+          {block: {field: 500}}, {block: {field: 0}}, Stage2.resume_refuses
+      )
+  assert trainer.check_resume(
+      {"eval": {"corpus_size": 500}},
+      {"eval": {"corpus_size": 0}},
+      Stage2.resume_refuses,
+  ) == {"eval.corpus_size": (500, 0)}
 
 
 def _rl_config(**changes):

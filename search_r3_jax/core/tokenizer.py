@@ -142,6 +142,35 @@ class Tokenizer:
     embed_pos = len(ids) + response.index(self.embed_token_id)
     return ids + response, len(ids), embed_pos
 
+  def reasoning_example(
+      self,
+      prompts: PromptConfig,
+      text: str,
+      analysis: str,
+      max_text_tokens: Optional[int] = None,
+      max_analysis_tokens: Optional[int] = None,
+  ) -> tuple[list[int], int, int]:
+    """A full reasoning turn for supervised training: the reasoning query
+    prompt, then the assistant turn `analysis` + " " + `prompts.embed_suffix`
+    and the end-of-turn token (the layout `reasoning_row` gives a rollout
+    that wrote this analysis).
+
+    Returns:
+      (ids, response_start, embed_pos), as `training_example`.
+    """
+    ids = self._head_body_tail(prompts, "query", text, True, max_text_tokens)
+    body = self.encode(analysis.strip())
+    if self.embed_token_id in body:
+      raise ValueError(
+          f"the analysis {analysis!r} contains {EMBED_TOKEN}; the token "
+          "belongs to the embed suffix alone"
+      )
+    if max_analysis_tokens is not None:
+      body = body[:max_analysis_tokens]
+    suffix = self.encode(" " + prompts.embed_suffix) + [self.end_of_turn_id]
+    embed_pos = len(ids) + len(body) + suffix.index(self.embed_token_id)
+    return ids + body + suffix, len(ids), embed_pos
+
   @property
   def end_of_turn_id(self) -> int:
     """The token that closes an assistant turn (the eos token)."""

@@ -47,6 +47,8 @@ _FEATURES = {
     "scores": lambda: tfds.features.Sequence(np.int32),
     "positive": tfds.features.Text,
     "negatives": lambda: tfds.features.Sequence(tfds.features.Text()),
+    # A training triple's own analysis of its query ("" when it has none).
+    "reasoning": tfds.features.Text,
     # Extras of the embedded default (wiki_fanout).
     "parent_id": tfds.features.Text,
     "missing_doc_ids": lambda: tfds.features.Sequence(tfds.features.Text()),

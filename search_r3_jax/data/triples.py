@@ -2,9 +2,12 @@
 
 One object per line:
 
-    {"query": "...", "positive": "...", "negatives": ["...", ...]}
+    {"query": "...", "positive": "...", "negatives": ["...", ...],
+     "reasoning": "..."}
 
-Split `train` holds (query, positive, negatives) in file order. `negatives`
+Split `train` holds (query, positive, negatives, reasoning) in file order.
+`reasoning` is optional: a line's own analysis of its query, which stage 1
+trains as a reasoning query as given ("" or absent: none). `negatives`
 may be an empty list (in-batch negatives still apply); its sizes are recorded
 in the metadata (`negatives_min`, `negatives_max`). Malformed JSON, a missing
 field, an empty string anywhere, or a `negatives` that is not a list of
@@ -25,6 +28,9 @@ import tensorflow_datasets as tfds
 from search_r3_jax.data import common
 from search_r3_jax.data.common import DataError
 
+# Every triple has `reasoning`: its own analysis of the query, or "".
+FIELDS = common.TRIPLE_FIELDS + ("reasoning",)
+
 
 @dataclasses.dataclass
 class TriplesConfig(tfds.core.BuilderConfig):
@@ -36,8 +42,9 @@ class TriplesConfig(tfds.core.BuilderConfig):
 class Triples(common.Builder):
   """Training triples (query, positive, hard negatives) from a JSONL file."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  FIELDS = common.TRIPLE_FIELDS
+  # 1.1.0: the optional `reasoning` field.
+  VERSION = tfds.core.Version("1.1.0")
+  FIELDS = FIELDS
   DESCRIPTION = __doc__
 
   def __init__(
@@ -67,7 +74,7 @@ class Triples(common.Builder):
     if not sizes:
       raise DataError(f"{path}: no triples")
     self._record_splits(
-        {"train": common.TRIPLE_FIELDS},
+        {"train": FIELDS},
         source=str(path),
         num_examples=len(sizes),
         negatives_min=min(sizes),
@@ -83,7 +90,15 @@ def _iter_triples(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
       nonempty=("query", "positive"),
       lists=("negatives",),
   ):
-    yield n, {f: obj[f] for f in common.TRIPLE_FIELDS}
+    reasoning = obj.get("reasoning", "")
+    if not isinstance(reasoning, str):
+      raise DataError(
+          f"{path}:{n}: field 'reasoning' must be a string, got "
+          f"{type(reasoning).__name__}"
+      )
+    yield n, dict(
+        {f: obj[f] for f in common.TRIPLE_FIELDS}, reasoning=reasoning
+    )
 
 
 def triples_builder(

@@ -9,7 +9,7 @@ evaluated queries plus distractors sampled with a fixed seed, up to
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -58,6 +58,18 @@ def subset(
   return {d: corpus[d] for d in ids}, kept
 
 
+def sample_corpus(
+    corpus: Mapping[str, str], size: int, seed: int
+) -> dict[str, str]:
+  """A seeded sample of `size` documents (0 or more than there are: all of
+  them), drawn from the document ids alone: no question chooses it."""
+  ids = sorted(corpus)
+  if size and size < len(ids):
+    rng = np.random.default_rng(seed)
+    ids = sorted(rng.choice(ids, size, replace=False).tolist())
+  return {d: corpus[d] for d in ids}
+
+
 def flat_figures(
     figures: Mapping[str, Mapping[str, float]], tag: str = ""
 ) -> dict[str, float]:
@@ -92,8 +104,14 @@ class Evaluator:
     self.reasoning = reasoning
 
   @classmethod
-  def from_config(cls, data_cfg, eval_cfg) -> "Evaluator":
-    corpus, splits = data_sources.eval_data(data_cfg, tuple(eval_cfg.splits))
+  def from_config(
+      cls, data_cfg, eval_cfg, full: Optional[tuple] = None
+  ) -> "Evaluator":
+    """The evaluation a config names; `full` is the (corpus, splits) of
+    `data_sources.eval_data` when the caller has read them already."""
+    corpus, splits = full or data_sources.eval_data(
+        data_cfg, tuple(eval_cfg.splits)
+    )
     corpus, splits = subset(
         corpus, splits, eval_cfg.corpus_size, eval_cfg.max_queries
     )
@@ -103,6 +121,31 @@ class Evaluator:
 
   def __call__(self, model) -> dict[str, dict[str, float]]:
     return self.score(model, self.documents(model), reasoning=self.reasoning)
+
+  def flat(
+      self,
+      model,
+      *,
+      modes: Sequence[bool] = (False, True),
+      max_new_tokens: int = 128,
+      samples: Optional[list] = None,
+      docs: Optional[np.ndarray] = None,
+  ) -> dict[str, float]:
+    """Flat figures of `model` with reasoning off (`split/metric`) and/or on
+    (`split+reasoning/metric`, with `emitted`), the documents encoded once.
+    """
+    docs = self.documents(model) if docs is None else docs
+    flat = {}
+    for reasoning in modes:
+      figures = self.score(
+          model,
+          docs,
+          reasoning=reasoning,
+          max_new_tokens=max_new_tokens,
+          samples=samples,
+      )
+      flat.update(flat_figures(figures, "+reasoning" if reasoning else ""))
+    return flat
 
   def documents(self, model) -> np.ndarray:
     """[N, D] embeddings of the corpus documents, in `doc_ids` order."""

@@ -11,6 +11,7 @@ documents gives their embeddings (InfoNCE, triplet).
 
 from __future__ import annotations
 
+import json
 from typing import Mapping, Optional, Sequence
 import zlib
 
@@ -29,10 +30,12 @@ from search_r3_jax.core.prompts import PromptConfig
 from search_r3_jax.core.tokenizer import Tokenizer
 from search_r3_jax.data import sources as data_lib
 from search_r3_jax.retrieval import evaluation
+from search_r3_jax.training import analyses as analyses_lib
 from search_r3_jax.training import losses as losses_lib
 from search_r3_jax.training import train_state
 from search_r3_jax.training.registry import call_with
 from search_r3_jax.training.registry import parameters
+from search_r3_jax.training.runtime import say
 from search_r3_jax.training.train_state import gradient_step
 from search_r3_jax.training.train_state import TrainState
 from search_r3_jax.training.workdir import load_model
@@ -53,10 +56,15 @@ class Batcher:
   """Raw stage-1 examples -> fixed-shape arrays (one compile for all steps).
 
   Arrays, B examples with K = 1 + num_negatives documents each:
-    q_tokens [B, Tq] int32: query prompt + assistant turn
-      "The embedding is <|embed_token|>." + end-of-turn, right-padded.
-    q_mask [B, Tq] int32: 1 on the response tokens (the SFT/KL targets).
-    q_embed_pos [B] int32: index of `<|embed_token|>` in q_tokens.
+    q_tokens [B, Tq] int32: query prompt + assistant turn, right-padded. A
+      plain query's turn is "The embedding is <|embed_token|>." +
+      end-of-turn; an example with a non-empty `reasoning` is a reasoning
+      query (the reasoning prompt, then the analysis, " The embedding is
+      <|embed_token|>." and end-of-turn).
+    q_mask [B, Tq] int32: 1 on the response tokens (the SFT/KL targets:
+      the analysis and the suffix of a reasoning query).
+    q_embed_pos [B] int32: index of `<|embed_token|>` in q_tokens (after
+      the analysis, for a reasoning query).
     d_tokens [B, K, Td] int32: document prompts ending at the embed token,
       the positive first.
     d_lengths [B, K] int32: tokens per document prompt.
@@ -80,6 +88,7 @@ class Batcher:
     self.num_negatives = num_negatives
     # Room the templates take, so texts are cut to fit the fixed lengths.
     self._q_overhead = len(tokenizer.training_example(prompts, "query", "x")[0])
+    self._r_overhead = len(tokenizer.reasoning_example(prompts, "x", "")[0])
     self._d_overhead = len(tokenizer.embedding_prompt(prompts, "document", "x"))
     for name, total, over in (
         ("query_len", query_len, self._q_overhead),
@@ -110,12 +119,30 @@ class Batcher:
             f"example {ex.get('id', i)!r} has {len(negatives)} negatives, "
             f"the config asks for {self.num_negatives}"
         )
-      ids, start, embed_pos = self.tok.training_example(
-          self.prompts,
-          "query",
-          ex["query"],
-          max_text_tokens=self.query_len - self._q_overhead + 1,
-      )
+      analysis = ex.get("reasoning") or ""
+      if analysis.strip():
+        # The query text keeps at most half the room, the analysis the rest.
+        room = self.query_len - self._r_overhead + 1
+        if room < 2:
+          raise ValueError(
+              f"query_len={self.query_len} leaves no room for a reasoning "
+              f"query: its template alone takes {self._r_overhead - 1} tokens"
+          )
+        text = self.tok.encode(ex["query"])[: max(room // 2, 1)]
+        ids, start, embed_pos = self.tok.reasoning_example(
+            self.prompts,
+            ex["query"],
+            analysis,
+            max_text_tokens=len(text),
+            max_analysis_tokens=max(room - len(text), 0),
+        )
+      else:
+        ids, start, embed_pos = self.tok.training_example(
+            self.prompts,
+            "query",
+            ex["query"],
+            max_text_tokens=self.query_len - self._q_overhead + 1,
+        )
       out["q_tokens"][i, : len(ids)] = ids
       out["q_lengths"][i] = len(ids)
       out["q_mask"][i, start : len(ids)] = 1
@@ -293,10 +320,10 @@ class Stage1:
       "random_init",
       "param_dtype",
       "data",
+      "reasoning",
   )
 
   def __init__(self, cfg, workdir: Optional[str] = None):
-    del workdir  # stage 1 saves nothing besides the checkpoint
     self.cfg = cfg
     if cfg.batch_size % jax.process_count():
       raise ValueError(
@@ -324,12 +351,58 @@ class Stage1:
         batch_size=cfg.batch_size // jax.process_count(),
         seed=cfg.seed,
     )
+    self.analyses, self.analysis_summary = self._analyses(cfg, workdir)
     self.evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
     self.rng = jax.random.key(cfg.seed)
     self._position = self.loader.get_state()  # after the last drawn batch
 
   def policy(self) -> Policy:
     return self._policy.with_params(self.state.params)
+
+  def _analyses(self, cfg, workdir) -> tuple[dict[str, str], dict]:
+    """The starting model's analyses of this run's reasoning queries
+    (`analyses.py`), made before any step: the constructor's parameters are
+    the starting model's, on a fresh run and on a resume alike."""
+    acfg = analyses_lib.AnalysisConfig(**dict(cfg.get("reasoning", {})))
+    if not acfg.share:
+      return {}, {}
+    # The examples this run will draw: the same loader, seed and batches.
+    preview = data_lib.train_loader(
+        cfg.data,
+        batch_size=cfg.batch_size // jax.process_count(),
+        seed=cfg.seed,
+    )
+    examples = [
+        ex
+        for _ in range(cfg.total_steps)
+        for ex in preview.next_batch()
+        if not (ex.get("reasoning") or "").strip()
+    ]
+    model = json.dumps(
+        {k: cfg.get(k) for k in ("model", "model_dir", "init_from")}
+        | {"random_init": dict(cfg.random_init or {})},
+        sort_keys=True,
+    )
+    name = analyses_lib.FILE
+    if jax.process_count() > 1:
+      name = f"analyses.{jax.process_index()}.jsonl"
+    kept, summary = analyses_lib.load_or_make(
+        workdir,
+        self._policy,
+        examples,
+        acfg,
+        model=model,
+        doc_len=cfg.doc_len,
+        query_len=cfg.query_len,
+        filename=name,
+        say=say,
+    )
+    say(
+        f"reasoning queries: {summary['made']} analyses written, "
+        f"{summary['kept']} kept by the rejection filter "
+        f"({100 * summary['share_kept']:.0f}%)"
+    )
+    return kept, summary
 
   def summary(self) -> str:
     return (
@@ -352,15 +425,26 @@ class Stage1:
     """Dispatches one step; the metrics come back as device arrays (the
     trainer reads them after the next step is dispatched)."""
     del step, guard  # the trainer guards when it reads the metrics
-    examples = self.loader.next_batch()
+    examples = [self._with_analysis(ex) for ex in self.loader.next_batch()]
     self._position = self.loader.get_state()
     host = self.batcher(examples)
+    share = np.mean([bool(ex["reasoning"]) for ex in examples])
     batch = {
         k: jax.make_array_from_process_local_data(self.batch_sh[k], v)
         for k, v in host.items()
     }
     self.state, metrics = self.step_fn(self.state, batch, self.rng)
-    return dict(metrics, tokens=self.batcher.tokens_per_batch(host))
+    return dict(
+        metrics,
+        reasoning_share=share,
+        tokens=self.batcher.tokens_per_batch(host),
+    )
+
+  def _with_analysis(self, ex: dict) -> dict:
+    """The example with its analysis: its own (`reasoning` in the data), the
+    model-written one that was kept, or "" (a plain query)."""
+    own = (ex.get("reasoning") or "").strip()
+    return dict(ex, reasoning=own or self.analyses.get(ex["query"], ""))
 
   def update_is_finite(self) -> bool:
     # The loss and gradient were computed before the update; an exploding
@@ -376,8 +460,19 @@ class Stage1:
     return evaluation.flat_figures(self.evaluator.bm25())
 
   def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
+    """Dev figures with reasoning off, and on where the run trains
+    reasoning queries (with the analyses the model wrote)."""
     del step
-    return evaluation.flat_figures(self.evaluator(self.policy())), []
+    acfg = self.cfg.get("reasoning", {})
+    reasoning = bool(acfg and acfg.get("share"))
+    samples = [] if reasoning else None
+    flat = self.evaluator.flat(
+        self.policy(),
+        modes=(False, True) if reasoning else (False,),
+        max_new_tokens=int(self.cfg.eval.get("max_new_tokens", 48)),
+        samples=samples,
+    )
+    return flat, samples or []
 
   def postfix(self, values: dict) -> dict[str, str]:
     out = {"loss": f"{values['loss']:.4f}"}

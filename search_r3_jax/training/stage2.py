@@ -17,14 +17,16 @@ Each step:
   5. refresh: the environment re-encodes the regions that drifted and the
      documents the step touched, with the new parameters.
 
-The environment's corpus is the evaluation corpus (every gold page of the
-evaluated dev questions plus sampled distractors up to `eval.corpus_size`,
-documents cut to `eval.doc_len` tokens; 0 is the full corpus). Its first
-index is seeded with the document embeddings the step-0 evaluation computed
-(the same model, the same documents), so nothing is encoded twice. Training
-queries are the data set's training pairs whose positive is in that corpus
-(for wiki_fanout: page titles and first sentences), the positive being the
-one gold document.
+The environment's corpus is a seeded sample of `train_corpus.size`
+documents of the whole corpus (0: all of it), drawn from the document ids
+alone, documents cut to `eval.doc_len` tokens. Training queries are the data
+set's training pairs whose positive is in that corpus (for wiki_fanout: page
+titles and first sentences), the positive being the one gold document. No
+evaluation question chooses either; the evaluation has its own corpus
+(`eval.corpus_size`: every gold page of the evaluated dev questions plus
+sampled distractors, or the full corpus). Where the two corpora are the
+same documents, the environment's first index is seeded with the step-0
+evaluation's document embeddings.
 
 Outputs in the workdir, besides stage 1's (config.json, metrics.jsonl, tb/,
 plots/, checkpoints/): env/<step>/ (the environment at each checkpoint, for
@@ -290,9 +292,9 @@ class Stage2:
       "param_dtype",
       "data",
       "eval.splits",
-      "eval.corpus_size",
       "eval.doc_len",
-      "eval.max_queries",
+      "train_corpus",
+      "stage1",
   ) + tuple(
       f"env.{f.name}"
       for f in dataclasses.fields(EnvConfig)
@@ -333,8 +335,12 @@ class Stage2:
         shardings,
         batch_size=self.group * self.nq,
     )
-    self.evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
-    self.corpus = dict(zip(self.evaluator.doc_ids, self.evaluator.doc_texts))
+    full = data_lib.eval_data(cfg.data, tuple(cfg.eval.splits))
+    self.evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval, full)
+    # The environment's corpus: a seeded sample of the whole corpus
+    # (`train_corpus`), drawn without looking at any evaluation question.
+    tc = cfg.train_corpus
+    self.corpus = evaluation.sample_corpus(full[0], int(tc.size), int(tc.seed))
     self.stream = QueryStream(
         training_queries(cfg.data, self.corpus, tuple(cfg.data.query_kinds)),
         cfg.seed,
@@ -401,7 +407,10 @@ class Stage2:
     evaluation's document embeddings when there was one (the same model and
     documents: nothing is encoded twice)."""
     if self.env is None:
-      self.build_env(self._eval_docs)
+      same = self._eval_docs is not None and list(self.corpus) == list(
+          self.evaluator.doc_ids
+      )
+      self.build_env(self._eval_docs if same else None)
 
   def baseline(self) -> dict[str, float]:
     return evaluation.flat_figures(self.evaluator.bm25())
@@ -412,17 +421,10 @@ class Stage2:
     del step
     m = self.policy()
     docs = self.evaluator.documents(m)
-    flat, samples = {}, []
-    for reasoning in (False, True):
-      figures = self.evaluator.score(
-          m,
-          docs,
-          reasoning=reasoning,
-          max_new_tokens=self.cfg.rl.max_new_tokens,
-          samples=samples,
-      )
-      tag = "+reasoning" if reasoning else ""
-      flat.update(evaluation.flat_figures(figures, tag))
+    samples = []
+    flat = self.evaluator.flat(
+        m, max_new_tokens=self.cfg.rl.max_new_tokens, samples=samples, docs=docs
+    )
     self._eval_docs = docs
     return flat, samples
 

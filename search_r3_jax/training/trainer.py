@@ -187,6 +187,17 @@ def guard_for(step: int, checkpoints: Checkpointer) -> Guard:
   return guard
 
 
+def finished_steps(workdir: str) -> int:
+  """The latest checkpointed step of a workdir (0: none, or no workdir)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return 0
+  checkpoints = Checkpointer(workdir, keep=1)
+  try:
+    return checkpoints.latest_step() or 0
+  finally:
+    checkpoints.close()
+
+
 def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
   """Runs `stage_cls(cfg, workdir)` to `cfg.total_steps`; returns the last
   evaluation's flat figures ({} when none ran)."""
