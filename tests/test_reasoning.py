@@ -87,6 +87,11 @@ def test_reasoning_row_layout_by_hand(tiny_smollm):
   b = batcher([long, ex[1]])
   assert b["q_lengths"][0] == 96
   assert b["q_tokens"][0, 95] == tok.end_of_turn_id
+  # A row too short for the reasoning template is refused, naming it.
+  short = sft.Batcher(tok, prompts, query_len=40, doc_len=32, num_negatives=1)
+  short([ex[1]])  # plain queries fit
+  with pytest.raises(ValueError, match="query_len=40 leaves no room for a "):
+    short([ex[0]])
   with pytest.raises(ValueError, match="contains <|embed_token|>"):
     tok.reasoning_example(prompts, "q", "it is <|embed_token|> here")
 
