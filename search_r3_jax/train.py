@@ -25,6 +25,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from search_r3_jax.training.lock import WorkdirLock
+from search_r3_jax.training.lock import WorkdirLockedError
 from search_r3_jax.training.runtime import NonFiniteLossError
 from search_r3_jax.training.runtime import say
 from search_r3_jax.training.trainer import finished_steps
@@ -71,13 +73,17 @@ def run(cfg, workdir: str) -> dict:
       and cfg.get("stage1_first")
       and cfg.get("stage1") is not None
   ):
-    sub = os.path.join(workdir, STAGE1_DIR)
-    s1 = cfg.stage1
-    if finished_steps(sub) != s1.total_steps:
-      say(f"stage 1 first, in {sub}")
-      train(s1, sub, stage_class(s1))
-    say(f"stage 2 from {sub}")
-    cfg.init_from = sub
+    os.makedirs(workdir, exist_ok=True)
+    # The main job's lock covers both stages.
+    with WorkdirLock(workdir, say=say):
+      sub = os.path.join(workdir, STAGE1_DIR)
+      s1 = cfg.stage1
+      if finished_steps(sub) != s1.total_steps:
+        say(f"stage 1 first, in {sub}")
+        train(s1, sub, stage_class(s1))
+      say(f"stage 2 from {sub}")
+      cfg.init_from = sub
+      return train(cfg, workdir, stage_class(cfg))
   return train(cfg, workdir, stage_class(cfg))
 
 
@@ -91,7 +97,7 @@ def main(argv):
     if not workdir:
       raise SystemExit("error: give --workdir (the config names no workdir)")
     run(cfg, workdir)
-  except (NonFiniteLossError, ResumeConfigError) as e:
+  except (NonFiniteLossError, ResumeConfigError, WorkdirLockedError) as e:
     raise SystemExit(f"error: {e}") from None
 
 

@@ -1,11 +1,16 @@
 """The shared training loop's own rules: a resumed run applies or refuses a
 changed setting by name, and every registry a config names is checked."""
 
+import json
+import os
+import subprocess
+
 import ml_collections
 import pytest
 from test_rl import tiny_config
 
 from search_r3_jax import config_blocks
+from search_r3_jax.training import lock
 from search_r3_jax.training import stage2
 from search_r3_jax.training import trainer
 from search_r3_jax.training.stage1 import Stage1
@@ -122,3 +127,50 @@ def test_config_blocks_take_their_defaults_from_the_dataclasses():
   assert config_blocks.rewards() == DEFAULT_WEIGHTS
   with pytest.raises(ValueError, match="unknown environment setting"):
     config_blocks.env(refresh_evry=3)
+
+
+# ------------------------------------------------------------------ lock
+
+
+def _write_lock(workdir, pid, host=None):
+  import socket
+
+  (workdir / "run.lock").write_text(
+      json.dumps(
+          dict(host=host or socket.gethostname(), pid=pid, started="earlier")
+      )
+  )
+
+
+def test_a_second_run_on_a_workdir_is_refused_naming_the_holder(tmp_path):
+  from search_r3_jax.training.lock import WorkdirLockedError
+
+  holder = subprocess.Popen(["sleep", "60"])
+  try:
+    _write_lock(tmp_path, holder.pid)
+    with pytest.raises(WorkdirLockedError, match=f"process {holder.pid}"):
+      trainer.train(_rl_config(), str(tmp_path), Stage2)
+    assert not (tmp_path / "config.json").exists()  # nothing was touched
+    # Another host's lock cannot be checked from here: refused too.
+    _write_lock(tmp_path, 1, host="another-host")
+    with pytest.raises(WorkdirLockedError, match="host another-host"):
+      lock.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_released_on_exit(tmp_path):
+  gone = subprocess.Popen(["true"])
+  gone.wait()  # a process id that no longer runs
+  _write_lock(tmp_path, gone.pid)
+  said = []
+  with lock.WorkdirLock(str(tmp_path), say=said.append) as held:
+    assert held.held and any("stale lock" in s for s in said)
+    mine = json.loads((tmp_path / "run.lock").read_text())
+    assert mine["pid"] == os.getpid()
+    # The same process taking it again (the main job's chain) is no conflict.
+    with lock.WorkdirLock(str(tmp_path)) as inner:
+      assert not inner.held
+    assert (tmp_path / "run.lock").exists()
+  assert not (tmp_path / "run.lock").exists()

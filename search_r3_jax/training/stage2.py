@@ -64,6 +64,7 @@ from search_r3_jax.training import rewards as rewards_lib
 from search_r3_jax.training import rollouts as rollouts_lib
 from search_r3_jax.training import train_state as ts_lib
 from search_r3_jax.training.rollouts import Rollouts
+from search_r3_jax.training.runtime import say
 from search_r3_jax.training.trainer import Guard
 from search_r3_jax.training.workdir import load_model
 
@@ -418,7 +419,6 @@ class Stage2:
   def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
     """Dev figures with reasoning off (`split/metric`) and on
     (`split+reasoning/metric`), and the analyses the model wrote."""
-    del step
     m = self.policy()
     docs = self.evaluator.documents(m)
     samples = []
@@ -426,6 +426,15 @@ class Stage2:
         m, max_new_tokens=self.cfg.rl.max_new_tokens, samples=samples, docs=docs
     )
     self._eval_docs = docs
+    emitted = [v for k, v in flat.items() if k.endswith("+reasoning/emitted")]
+    if emitted and not any(emitted) and not self.cfg.rl.fallback_reward:
+      say(
+          f"step {step}: the model emitted <|embed_token|> in none of its "
+          "evaluated analyses; with rl.fallback_reward=False (the paper's "
+          "rule) rollouts without it all score the format penalty and GRPO "
+          "has no signal between them. Start from stage 1 (the default "
+          "main job) or set rl.fallback_reward=True."
+      )
     return flat, samples
 
   def postfix(self, values: dict) -> dict[str, str]:

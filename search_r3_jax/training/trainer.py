@@ -31,6 +31,7 @@ import numpy as np
 import tqdm
 
 from search_r3_jax.training.checkpoint import Checkpointer
+from search_r3_jax.training.lock import WorkdirLock
 from search_r3_jax.training.runtime import MetricWriter
 from search_r3_jax.training.runtime import NonFiniteLossError
 from search_r3_jax.training.runtime import say
@@ -199,9 +200,15 @@ def finished_steps(workdir: str) -> int:
 
 
 def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
-  """Runs `stage_cls(cfg, workdir)` to `cfg.total_steps`; returns the last
+  """Runs `stage_cls(cfg, workdir)` to `cfg.total_steps`, holding the
+  workdir's lock (one writer per workdir, `lock.py`); returns the last
   evaluation's flat figures ({} when none ran)."""
   os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir, say=say):
+    return _train(cfg, workdir, stage_cls)
+
+
+def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
   checkpoints = Checkpointer(workdir, keep=cfg.keep_checkpoints)
   start = checkpoints.latest_step() or 0
   try:
