@@ -528,3 +528,40 @@ def test_build_rejects_bad_corpora(engine):
     VectorIndex.build(["a", "b", "c"], x, engine=engine)
   with pytest.raises(IndexInputError, match="unknown index engine"):
     VectorIndex.build(["a", "b", "c", "d"], x, engine="faiss")
+
+
+def test_a_saved_index_never_unpickles(tmp_path):
+  """ScaNN's own loader unpickles `scann_docids.pkl`; the index keeps its
+  ids as JSON, writes no pickle, and never reads one: a pickle planted in a
+  saved index (one that would create a file) does nothing, and the loaded
+  index searches as the saved one did (rebuilt from the store where its
+  JSON ids are gone)."""
+  import pickle
+
+  index, ids, x = _small("scann", n=300)
+  index.upsert(
+      ["new"], _unit(np.random.default_rng(4).standard_normal((1, D))), step=2
+  )
+  index.delete(["doc3"])
+  path = tmp_path / "idx"
+  index.save(path)
+  sdir = path / "scann"
+  assert not (sdir / "scann_docids.pkl").exists()
+  assert json.loads((sdir / "scann_docids.json").read_text())
+  want = index.search(x[:12], 5)
+
+  planted = tmp_path / "planted"
+
+  class Payload:
+
+    def __reduce__(self):
+      return (open, (str(planted), "w"))
+
+  (sdir / "scann_docids.pkl").write_bytes(pickle.dumps(Payload()))
+  got = VectorIndex.load(path).search(x[:12], 5)
+  assert not planted.exists() and got.ids == want.ids
+  (sdir / "scann_docids.json").unlink()
+  with pytest.warns(UserWarning, match="never loaded"):
+    rebuilt = VectorIndex.load(path)
+  assert not planted.exists()
+  assert rebuilt.search(x[:12], 5).ids == want.ids

@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 from typing import Optional, Sequence
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +47,8 @@ ENGINES = ("scann", "exact")
 # over 10k vectors costs a few milliseconds per query batch.
 SCANN_TREE_MIN = 16384
 FORMAT_VERSION = 1
+# The ScaNN searcher's document ids, as JSON (ScaNN itself pickles them).
+SCANN_IDS = "scann_docids.json"
 
 
 class IndexInputError(ValueError):
@@ -406,8 +409,16 @@ class VectorIndex:
       with open(os.path.join(tmp, "ids.json"), "w", encoding="utf-8") as f:
         json.dump(self.ids, f)
       if self._scann is not None:
-        os.makedirs(os.path.join(tmp, "scann"))
-        self._scann.serialize(os.path.join(tmp, "scann"), relative_path=True)
+        sdir = os.path.join(tmp, "scann")
+        os.makedirs(sdir)
+        self._scann.serialize(sdir, relative_path=True)
+        # ScaNN pickles its document ids; loading a pickle runs whatever it
+        # holds. The ids are kept as JSON instead, and the pickle dropped.
+        with open(os.path.join(sdir, SCANN_IDS), "w", encoding="utf-8") as f:
+          json.dump(list(self._scann.docids), f)
+        pkl = os.path.join(sdir, "scann_docids.pkl")
+        if os.path.exists(pkl):
+          os.remove(pkl)
       with open(os.path.join(tmp, "index.json"), "w") as f:
         json.dump(
             {
@@ -462,13 +473,45 @@ class VectorIndex:
       sdir = os.path.join(path, "scann")
       if not os.path.isdir(sdir):
         raise FileNotFoundError(f"{path}: missing ScaNN directory {sdir}")
-      index._scann = scann.scann_ops_pybind.load_searcher(sdir)
+      index._scann = _load_scann(sdir, index)
       if index._scann.size() != len(index):
         raise IndexInputError(
             f"{sdir}: ScaNN holds {index._scann.size()} "
             f"vectors, the store {len(index)} live ones"
         )
     return index
+
+
+def _load_scann(sdir: str, index: "VectorIndex"):
+  """The saved ScaNN searcher, read without unpickling anything: its ids
+  from the JSON `save` writes. A folder without them (or with ScaNN's own
+  pickle, which is never read) gets a searcher rebuilt from the store."""
+  from scann.scann_ops.py import scann_ops_pybind as sp
+
+  ids_path = os.path.join(sdir, SCANN_IDS)
+  assets = os.path.join(sdir, "scann_assets.pbtxt")
+  if os.path.isfile(ids_path) and os.path.isfile(assets):
+    with open(ids_path, encoding="utf-8") as f:
+      docids = json.load(f)
+    if not isinstance(docids, list) or not all(
+        isinstance(d, str) for d in docids
+    ):
+      raise IndexInputError(f"{ids_path}: expected a JSON list of ids")
+    with open(assets, encoding="utf-8") as f:
+      return sp.ScannSearcher(
+          sp.scann_pybind.ScannNumpy(sdir, f.read()), docids
+      )
+  pkl = os.path.join(sdir, "scann_docids.pkl")
+  why = (
+      f"{pkl} is a pickle, which is never loaded (it could run code)"
+      if os.path.exists(pkl)
+      else f"{ids_path} is missing"
+  )
+  warnings.warn(f"{sdir}: {why}; rebuilding the ScaNN searcher from the store")
+  rows = np.flatnonzero(index.alive)
+  return _build_scann(
+      index.vectors[rows], [index.ids[r] for r in rows], index.params
+  )
 
 
 def read_meta(
