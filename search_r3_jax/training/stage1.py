@@ -33,6 +33,7 @@ from search_r3_jax.retrieval import evaluation
 from search_r3_jax.training import analyses as analyses_lib
 from search_r3_jax.training import losses as losses_lib
 from search_r3_jax.training import train_state
+from search_r3_jax.training import trainer
 from search_r3_jax.training.registry import call_with
 from search_r3_jax.training.registry import parameters
 from search_r3_jax.training.runtime import say
@@ -310,18 +311,8 @@ class Stage1:
 
   name = "stage 1"
   # A resumed run keeps its model, data and seed (the saved data position
-  # points into that data).
-  resume_refuses = (
-      "stage",
-      "seed",
-      "model",
-      "model_dir",
-      "init_from",
-      "random_init",
-      "param_dtype",
-      "data",
-      "reasoning",
-  )
+  # points into that data) and the analyses it trained on.
+  resume_refuses = trainer.KEEPS_ON_RESUME + ("reasoning",)
 
   def __init__(self, cfg, workdir: Optional[str] = None):
     self.cfg = cfg

@@ -63,6 +63,7 @@ from search_r3_jax.training import losses as losses_lib
 from search_r3_jax.training import rewards as rewards_lib
 from search_r3_jax.training import rollouts as rollouts_lib
 from search_r3_jax.training import train_state as ts_lib
+from search_r3_jax.training import trainer
 from search_r3_jax.training.rollouts import Rollouts
 from search_r3_jax.training.runtime import say
 from search_r3_jax.training.trainer import Guard
@@ -281,25 +282,21 @@ class Stage2:
   """
 
   name = "stage 2"
-  # A resumed run keeps its model, data, seed, environment corpus (the
-  # evaluation corpus) and index structure.
+  # A resumed run keeps its model, data, seed, environment corpus, the
+  # stage 1 it started from and its index structure.
   resume_refuses = (
-      "stage",
-      "seed",
-      "model",
-      "model_dir",
-      "init_from",
-      "random_init",
-      "param_dtype",
-      "data",
-      "eval.splits",
-      "eval.doc_len",
-      "train_corpus",
-      "stage1",
-  ) + tuple(
-      f"env.{f.name}"
-      for f in dataclasses.fields(EnvConfig)
-      if f.name not in ENV_APPLIED_ON_RESUME
+      trainer.KEEPS_ON_RESUME
+      + (
+          "eval.splits",
+          "eval.doc_len",
+          "train_corpus",
+          "stage1",
+      )
+      + tuple(
+          f"env.{f.name}"
+          for f in dataclasses.fields(EnvConfig)
+          if f.name not in ENV_APPLIED_ON_RESUME
+      )
   )
 
   def __init__(self, cfg, workdir: Optional[str] = None):

@@ -39,6 +39,19 @@ from search_r3_jax.training.runtime import write_run_plots
 
 Guard = Callable[[dict], None]
 
+# Fields every stage keeps on resume: the model it started from, the data
+# its saved position points into, the seed.
+KEEPS_ON_RESUME = (
+    "stage",
+    "seed",
+    "model",
+    "model_dir",
+    "init_from",
+    "random_init",
+    "param_dtype",
+    "data",
+)
+
 
 class Stage(Protocol):
   """What the loop needs from a training stage."""
