@@ -203,3 +203,20 @@ def test_workdir_loads_as_a_model(straight):
   np.testing.assert_array_equal(np.asarray(m.model.embed[...]), want)
   emb = m.encode_documents(["paris is a city"])
   assert emb.shape == (1, 64)
+
+
+def test_a_run_killed_before_its_first_checkpoint_leaves_no_rows(tmp_path):
+  """A rerun of a workdir without a checkpoint starts over, and the dead
+  run's rows (here a step-0 train row and an evaluation) go with it."""
+  tmp_path.mkdir(exist_ok=True)
+  dead = [
+      {"kind": "train", "step": 0, "loss": 99.0},
+      {"kind": "eval", "step": 0, "dev_sub/ndcg@10": 0.5},
+  ]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in dead)
+  )
+  _run(tmp_path, "--config.total_steps=2", "--config.checkpoint_every=2")
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  train = [r["step"] for r in rows if r["kind"] == "train"]
+  assert train == [0, 1] and all(r.get("loss") != 99.0 for r in rows)

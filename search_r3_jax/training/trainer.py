@@ -235,10 +235,12 @@ def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
   say(stage.summary())
   writer = MetricWriter(workdir)
   samples_dir = os.path.join(workdir, "samples")
+  # Rows a killed run logged past its last checkpoint go; with no
+  # checkpoint, all of them (the run starts over).
+  writer.truncate_after(start if start else -1)
   if start:
     stage.state, position = checkpoints.restore(stage.state)
     stage.resume(position, start)
-    writer.truncate_after(start)
     say(
         f"resumed from {checkpoints.directory} at step {start}, data "
         f"position {position}"
