@@ -51,9 +51,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Stage 1 first: without `init_from`, the program trains this stage-1
   # config in <workdir>/stage1 (resumable like any run) and starts stage 2
-  # from it. CPU-sized: 64 steps of 8 examples, half of the queries given
-  # an analysis by the base model (those the filter keeps become reasoning
-  # queries), documents cut to 96 tokens, one small evaluation at the end.
+  # from it. CPU-sized: 64 steps of 8 examples, half of each batch
+  # reasoning queries (the base model's analyses of half the run's queries,
+  # those the filter keeps, taken in turn), documents cut to 96 tokens, one
+  # small evaluation at the end.
   c.stage1_first = True
   c.stage1 = blocks.stage1("tiny" if arg == "tiny" else "")
   if arg != "tiny":

@@ -128,8 +128,12 @@ def rewards(**overrides) -> dict:
 def reasoning(**overrides) -> ml_collections.ConfigDict:
   """Stage 1's reasoning queries: `analyses.AnalysisConfig`'s fields and
   defaults (the share of training queries the starting model writes an
-  analysis for, its budget and sampling, the rejection filter)."""
+  analysis for, its budget and sampling, the rejection filter), and
+  `batch_share`, the share of each batch that is reasoning queries."""
   values = dataclasses.asdict(AnalysisConfig())
+  # The share of every batch that is reasoning queries: plain examples give
+  # way to the kept analyses' queries, in turn, where a batch has fewer.
+  values["batch_share"] = 0.5
   unknown = sorted(set(overrides) - set(values))
   if unknown:
     raise ValueError(

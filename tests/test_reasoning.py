@@ -258,3 +258,34 @@ def test_a_tiny_model_learns_to_reason_then_emit_the_token(mesh):
   assert sft_loss[-1] < 0.25 * sft_loss[0], sft_loss
   # An analysis comes before the token.
   assert all(d.analysis.strip() for d in details if d.emitted)
+
+
+def test_batches_are_topped_up_with_reasoning_queries_in_turn():
+  import types
+
+  pool = [dict(query=f"r{i}", reasoning=f"analysis {i}") for i in range(3)]
+  fake = types.SimpleNamespace(batch_share=0.5, pool=pool)
+
+  def batch(step, own=0):
+    examples = [
+        dict(query=f"p{i}", reasoning="a" if i < own else "") for i in range(8)
+    ]
+    sft.Stage1._top_up(fake, examples, step)
+    return examples
+
+  b = batch(step=0)
+  assert [ex["query"] for ex in b] == ["p0", "p1", "p2", "p3"] + [
+      "r0",
+      "r1",
+      "r2",
+      "r0",
+  ]
+  # The next step goes on where the last left off; the same step is the
+  # same batch (a resumed run draws what the killed one did).
+  assert [ex["query"] for ex in batch(step=1)[4:]] == ["r1", "r2", "r0", "r1"]
+  assert batch(step=1) == batch(step=1)
+  # A batch with its own reasoning queries is topped up only to the share.
+  b = batch(step=0, own=3)
+  assert sum(bool(ex["reasoning"]) for ex in b) == 4 and b[7]["query"] == "r0"
+  fake.batch_share = 0.0
+  assert all(not ex["reasoning"] for ex in batch(step=0))

@@ -342,7 +342,9 @@ class Stage1:
         batch_size=cfg.batch_size // jax.process_count(),
         seed=cfg.seed,
     )
+    self.pool: list[dict] = []
     self.analyses, self.analysis_summary = self._analyses(cfg, workdir)
+    self.batch_share = float(cfg.get("reasoning", {}).get("batch_share", 0.0))
     self.evaluator = evaluation.Evaluator.from_config(cfg.data, cfg.eval)
     self.rng = jax.random.key(cfg.seed)
     self._position = self.loader.get_state()  # after the last drawn batch
@@ -354,7 +356,9 @@ class Stage1:
     """The starting model's analyses of this run's reasoning queries
     (`analyses.py`), made before any step: the constructor's parameters are
     the starting model's, on a fresh run and on a resume alike."""
-    acfg = analyses_lib.AnalysisConfig(**dict(cfg.get("reasoning", {})))
+    settings = dict(cfg.get("reasoning", {}))
+    settings.pop("batch_share", None)  # how batches use them, not how made
+    acfg = analyses_lib.AnalysisConfig(**settings)
     if not acfg.share:
       return {}, {}
     # The examples this run will draw: the same loader, seed and batches.
@@ -393,6 +397,12 @@ class Stage1:
         f"{summary['kept']} kept by the rejection filter "
         f"({100 * summary['share_kept']:.0f}%)"
     )
+    # The reasoning queries batches are topped up from (`batch_share`).
+    seen = set()
+    for ex in examples:
+      if ex["query"] in kept and ex["query"] not in seen:
+        seen.add(ex["query"])
+        self.pool.append(dict(ex, reasoning=kept[ex["query"]]))
     return kept, summary
 
   def summary(self) -> str:
@@ -415,9 +425,10 @@ class Stage1:
   def step(self, step: int, guard=None) -> dict:
     """Dispatches one step; the metrics come back as device arrays (the
     trainer reads them after the next step is dispatched)."""
-    del step, guard  # the trainer guards when it reads the metrics
+    del guard  # the trainer guards when it reads the metrics
     examples = [self._with_analysis(ex) for ex in self.loader.next_batch()]
     self._position = self.loader.get_state()
+    self._top_up(examples, step)
     host = self.batcher(examples)
     share = np.mean([bool(ex["reasoning"]) for ex in examples])
     batch = {
@@ -430,6 +441,20 @@ class Stage1:
         reasoning_share=share,
         tokens=self.batcher.tokens_per_batch(host),
     )
+
+  def _top_up(self, examples: list[dict], step: int) -> None:
+    """Makes at least `batch_share` of the batch reasoning queries: plain
+    examples at the end of the batch give way to reasoning queries of the
+    kept analyses, taken in turn (by step, so a resumed run takes the
+    same). Few analyses survive the filter, and the step from an analysis to
+    `<|embed_token|>` is learnt only from those rows."""
+    want = int(round(self.batch_share * len(examples)))
+    need = want - sum(bool(ex["reasoning"]) for ex in examples)
+    if need <= 0 or not self.pool:
+      return
+    plain = [i for i, ex in enumerate(examples) if not ex["reasoning"]]
+    for j, i in enumerate(plain[-need:]):
+      examples[i] = self.pool[(step * want + j) % len(self.pool)]
 
   def _with_analysis(self, ex: dict) -> dict:
     """The example with its analysis: its own (`reasoning` in the data), the
