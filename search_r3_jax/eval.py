@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 import time
 
 from absl import app
@@ -38,6 +37,7 @@ from search_r3_jax.core.policy import Policy
 from search_r3_jax.data import sources as data_sources
 from search_r3_jax.retrieval import evaluation
 from search_r3_jax.training.runtime import say
+from search_r3_jax.training.trainer import finished_steps
 from search_r3_jax.training.workdir import load_workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -55,13 +55,8 @@ def model_identity(workdir, cfg) -> dict:
   """What names the evaluated parameters: the workdir and its checkpoint
   step, or the model path/preset."""
   if workdir:
-    steps = sorted(
-        int(p.name)
-        for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
-        if p.name.isdigit()
-    )
     return dict(
-        workdir=os.path.abspath(workdir), step=steps[-1] if steps else None
+        workdir=os.path.abspath(workdir), step=finished_steps(workdir) or None
     )
   return dict(model=cfg.model, model_dir=cfg.get("model_dir"))
 
