@@ -162,6 +162,7 @@ def grpo_batch(
     )
   n = rollouts.size
   tokens = np.full((n, seq_len), pad_id, np.int32)
+  targets = np.full((n, seq_len), pad_id, np.int32)
   lengths = np.zeros((n,), np.int32)
   mask = np.zeros((n, seq_len), np.float32)
   embed_pos = np.zeros((n,), np.int32)
@@ -174,12 +175,11 @@ def grpo_batch(
           f"rollout {i} has {len(row)} tokens, more than seq_len {seq_len}"
       )
     tokens[i, : len(row)] = row
+    targets[i, : len(row)] = row
+    targets[i, len(p) : len(p) + len(r)] = r  # the sampled ids, end ids too
     lengths[i] = len(row)
     mask[i, len(p) : len(p) + len(r)] = 1.0
     embed_pos[i] = len(row) - 1
-  targets = tokens.copy()
-  for i, (p, r) in enumerate(zip(rollouts.prompts, rollouts.responses)):
-    targets[i, len(p) : len(p) + len(r)] = r  # the sampled ids, end ids too
   return dict(
       tokens=tokens,
       targets=targets,
