@@ -73,6 +73,12 @@ def test_reasoning_row_layout_by_hand(tiny_smollm):
   np.testing.assert_array_equal(
       np.flatnonzero(b["q_mask"][0]), np.arange(len(head), len(want))
   )
+  # The KL covers the analysis alone: the fixed suffix is the
+  # cross-entropy's, the reference having never seen <|embed_token|>.
+  np.testing.assert_array_equal(
+      np.flatnonzero(b["q_kl_mask"][0]),
+      np.arange(len(head), len(head) + len(analysis)),
+  )
   # The embedding is taken at the token that follows the analysis and the
   # suffix's words.
   pos = b["q_embed_pos"][0]
@@ -82,11 +88,14 @@ def test_reasoning_row_layout_by_hand(tiny_smollm):
   ids, start, embed_pos = tok.training_example(prompts, "query", ex[1]["query"])
   assert list(b["q_tokens"][1, : b["q_lengths"][1]]) == ids
   assert b["q_embed_pos"][1] == embed_pos
+  assert not b["q_kl_mask"][1].any()  # a plain turn is all suffix
   # A long analysis is cut to fit the row, never the template.
   long = dict(ex[0], reasoning=" ".join(["word"] * 200))
   b = batcher([long, ex[1]])
   assert b["q_lengths"][0] == 96
   assert b["q_tokens"][0, 95] == tok.end_of_turn_id
+  kl = np.flatnonzero(b["q_kl_mask"][0])
+  assert kl[-1] + 1 + len(suffix) + 1 == 96  # analysis, then the suffix
   # A row too short for the reasoning template is refused, naming it.
   short = sft.Batcher(tok, prompts, query_len=40, doc_len=32, num_negatives=1)
   short([ex[1]])  # plain queries fit

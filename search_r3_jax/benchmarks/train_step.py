@@ -188,6 +188,8 @@ def synthetic_examples(n: int, num_negatives: int, seed: int = 0):
 
   The positive describes the queried (noun, place); the hard negatives share
   the noun or the place but not both, so they overlap the query lexically.
+  Every other example is a reasoning query with a one-sentence analysis, so
+  the KL (over analysis tokens only) has targets.
   """
   rng = np.random.default_rng(seed)
   out = []
@@ -202,14 +204,15 @@ def synthetic_examples(n: int, num_negatives: int, seed: int = 0):
       else:
         other = (rng.choice([x for x in _NOUNS if x != noun]), place)
       negatives.append(_document(rng, *other)[0])
-    out.append(
-        {
-            "id": f"synthetic-{i}",
-            "query": query,
-            "positive": positive,
-            "negatives": negatives,
-        }
-    )
+    ex = {
+        "id": f"synthetic-{i}",
+        "query": query,
+        "positive": positive,
+        "negatives": negatives,
+    }
+    if i % 2:
+      ex["reasoning"] = f"The question is about the {noun} in {place}."
+    out.append(ex)
   return out
 
 
@@ -351,7 +354,10 @@ def torch_losses(model, ref, batch, loss_cfg):
         input_ids=q, attention_mask=q_attn, use_cache=False
     ).last_hidden_state
     logq = F.log_softmax(ref.lm_head(ref_h).float()[:, :-1], -1)
-  kl = ((logp.exp() * (logp - logq)).sum(-1) * mask).sum() / denom
+  kl_mask = batch["q_kl_mask"][:, 1:].float()
+  kl = ((logp.exp() * (logp - logq)).sum(-1) * kl_mask).sum() / (
+      kl_mask.sum().clamp_min(1.0)
+  )
 
   qn, dn = _unit(q_emb.float()), _unit(d_emb.float())
   if loss_cfg["in_batch"]:

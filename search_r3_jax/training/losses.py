@@ -48,21 +48,24 @@ def next_token_cross_entropy(
 
 @register("kl")
 def token_kl(
-    logits: jax.Array, ref_logits: jax.Array, target_mask: jax.Array
+    logits: jax.Array, ref_logits: jax.Array, kl_mask: jax.Array
 ) -> jax.Array:
-  """Mean over response positions of KL(policy ‖ reference), exact over V.
+  """Mean over the masked positions of KL(policy ‖ reference), exact over V.
+
+  Stage 1 masks the analysis tokens alone (`Batcher`'s `q_kl_mask`): the
+  fixed suffix is taught by the cross-entropy only.
 
   Position t-1's distribution predicts token t, so the mask is shifted the
   same way as in `next_token_cross_entropy`.
 
   Args:
     logits, ref_logits: [B, T, V] (the reference without gradient).
-    target_mask: [B, T].
+    kl_mask: [B, T], 1 where token t is a KL target.
   """
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
   logq = jax.nn.log_softmax(ref_logits[:, :-1].astype(jnp.float32), -1)
   kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1)
-  return _masked_mean(kl, target_mask[:, 1:])
+  return _masked_mean(kl, kl_mask[:, 1:])
 
 
 def _unit(x: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ from search_r3_jax.core.encoding import right_padded_forward
 from search_r3_jax.core.ops import l2_normalize
 from search_r3_jax.core.policy import Policy
 from search_r3_jax.core.prompts import PromptConfig
+from search_r3_jax.core.tokenizer import embed_suffix_ids
 from search_r3_jax.core.tokenizer import Tokenizer
 from search_r3_jax.data import sources as data_lib
 from search_r3_jax.retrieval import evaluation
@@ -45,12 +46,13 @@ BATCH_KEYS = (
     "q_tokens",
     "q_lengths",
     "q_mask",
+    "q_kl_mask",
     "q_embed_pos",
     "d_tokens",
     "d_lengths",
     "d_groups",
 )
-_BATCH_NDIMS = (2, 1, 2, 1, 3, 2, 2)
+_BATCH_NDIMS = (2, 1, 2, 2, 1, 3, 2, 2)
 
 
 class Batcher:
@@ -62,8 +64,13 @@ class Batcher:
       end-of-turn; an example with a non-empty `reasoning` is a reasoning
       query (the reasoning prompt, then the analysis, " The embedding is
       <|embed_token|>." and end-of-turn).
-    q_mask [B, Tq] int32: 1 on the response tokens (the SFT/KL targets:
-      the analysis and the suffix of a reasoning query).
+    q_mask [B, Tq] int32: 1 on the response tokens (the SFT targets: the
+      analysis and the suffix of a reasoning query).
+    q_kl_mask [B, Tq] int32: 1 on the analysis tokens alone (the KL
+      targets). The suffix is fixed text the reference never saw (it has
+      never met `<|embed_token|>`), so a KL there would hold the token's
+      probability down where the suffix asks for it; a plain query's turn
+      is all suffix and has no KL targets.
     q_embed_pos [B] int32: index of `<|embed_token|>` in q_tokens (after
       the analysis, for a reasoning query).
     d_tokens [B, K, Td] int32: document prompts ending at the embed token,
@@ -91,6 +98,11 @@ class Batcher:
     self._q_overhead = len(tokenizer.training_example(prompts, "query", "x")[0])
     self._r_overhead = len(tokenizer.reasoning_example(prompts, "x", "")[0])
     self._d_overhead = len(tokenizer.embedding_prompt(prompts, "document", "x"))
+    # Suffix tokens before `<|embed_token|>` in a reasoning turn, so the
+    # analysis is the response less those and what follows the token.
+    self._suffix_before_embed = (
+        len(embed_suffix_ids(tokenizer, prompts, leading_space=True)) - 1
+    )
     for name, total, over in (
         ("query_len", query_len, self._q_overhead),
         ("doc_len", doc_len, self._d_overhead),
@@ -108,6 +120,7 @@ class Batcher:
         "q_tokens": np.full((b, self.query_len), pad, np.int32),
         "q_lengths": np.zeros((b,), np.int32),
         "q_mask": np.zeros((b, self.query_len), np.int32),
+        "q_kl_mask": np.zeros((b, self.query_len), np.int32),
         "q_embed_pos": np.zeros((b,), np.int32),
         "d_tokens": np.full((b, k, self.doc_len), pad, np.int32),
         "d_lengths": np.ones((b, k), np.int32),
@@ -121,6 +134,7 @@ class Batcher:
             f"the config asks for {self.num_negatives}"
         )
       analysis = ex.get("reasoning") or ""
+      analysis_len = 0
       if analysis.strip():
         # The query text keeps at most half the room, the analysis the rest.
         room = self.query_len - self._r_overhead + 1
@@ -137,6 +151,7 @@ class Batcher:
             max_text_tokens=len(text),
             max_analysis_tokens=max(room - len(text), 0),
         )
+        analysis_len = embed_pos - start - self._suffix_before_embed
       else:
         ids, start, embed_pos = self.tok.training_example(
             self.prompts,
@@ -147,6 +162,7 @@ class Batcher:
       out["q_tokens"][i, : len(ids)] = ids
       out["q_lengths"][i] = len(ids)
       out["q_mask"][i, start : len(ids)] = 1
+      out["q_kl_mask"][i, start : start + analysis_len] = 1
       out["q_embed_pos"][i] = embed_pos
       docs = [ex["positive"]] + negatives[: self.num_negatives]
       for j, doc in enumerate(docs):
@@ -173,8 +189,9 @@ def sft_losses(graphdef, params, ref_params, batch, loss_cfg):
 
   Every loss named in `loss_cfg["weights"]` is looked up in the registry
   (`losses.py`) and called with what its arguments name, from: `logits`,
-  `ref_logits` (the frozen reference's, no gradient), `tokens` and
-  `target_mask` (the query rows and their response mask), `queries` and
+  `ref_logits` (the frozen reference's, no gradient), `tokens`,
+  `target_mask` (the query rows and their response mask), `kl_mask` (the
+  analysis tokens alone), `queries` and
   `docs` (the embeddings at the embed token, [B, D] and [B, K, D]),
   `doc_groups`, and the settings `tau`, `margin`, `in_batch`. The forward
   passes a loss does not need are skipped.
@@ -212,6 +229,7 @@ def sft_losses(graphdef, params, ref_params, batch, loss_cfg):
       logits=logits,
       tokens=q,
       target_mask=batch["q_mask"],
+      kl_mask=batch["q_kl_mask"],
       queries=q_emb,
       docs=d_emb,
       doc_groups=batch.get("d_groups"),
