@@ -210,3 +210,49 @@ def test_optimizer_moments_are_sharded_like_their_parameters(
     assert mu.sharding.is_equivalent_to(p.sharding, p.ndim), path
     checked += not p.sharding.is_fully_replicated
   assert checked > 0  # some parameter is really split, and so is its moment
+
+
+def test_embed_token_row_learns_at_its_own_rate(tiny_dir, one_device_mesh):
+  """`embed_token_lr_scale` multiplies the first update of the embed
+  token's embedding row and head column by exactly that factor and leaves
+  every other parameter's update as it was."""
+  m = SearchR3.from_pretrained(str(tiny_dir), mesh=one_device_mesh)
+  e = m.tokenizer.embed_token_id
+  batcher = sft.Batcher(
+      m.tokenizer, m.prompts, query_len=59, doc_len=31, num_negatives=2
+  )
+  moved = []
+  for scale in (1.0, 10.0):
+    tx, schedule = ts.make_optimizer(
+        _opt_cfg(embed_token_lr_scale=scale), embed_token_ids=(e,)
+    )
+    graphdef, state, shardings = ts.create_train_state(
+        m.model, tx, one_device_mesh
+    )
+    step, batch_sh = sft.make_sft_step(
+        graphdef, tx, schedule, LOSS_CFG, one_device_mesh, shardings, 4
+    )
+    before = jax.device_get(state.params)
+    state, _ = step(state, _device_batch(batcher, batch_sh), jax.random.key(0))
+    after = jax.device_get(state.params)
+    moved.append(
+        jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), before, after)
+    )
+  plain, scaled = moved
+  np.testing.assert_allclose(
+      scaled["embed"].value[e], 10 * plain["embed"].value[e], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      scaled["lm_head"].value[:, e],
+      10 * plain["lm_head"].value[:, e],
+      rtol=1e-5,
+  )
+  assert np.abs(plain["embed"].value[e]).max() > 0
+  # The rest moves alike (to float rounding: the two steps compile to
+  # different programs).
+  rest = np.arange(m.cfg.vocab_size) != e
+  same = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+  same(scaled["embed"].value[rest], plain["embed"].value[rest])
+  same(scaled["lm_head"].value[:, rest], plain["lm_head"].value[:, rest])
+  for name in ("wq", "w_down", "attn_norm"):
+    same(scaled["blocks"][name].value, plain["blocks"][name].value)

@@ -299,7 +299,9 @@ def stage1_step(cfg, model, mesh):
   """The stage-1 pieces a config asks for: (graphdef, train state, jitted
   step, batch shardings, `Batcher`). `model` has `.model` (the Decoder) and
   `.tokenizer` (a `LoadedDecoder`, or a `SearchR3`)."""
-  tx, schedule = train_state.make_optimizer(cfg.optimizer)
+  tx, schedule = train_state.make_optimizer(
+      cfg.optimizer, embed_token_ids=(model.tokenizer.embed_token_id,)
+  )
   needs_ref = bool(cfg.loss.weights.get("kl"))
   graphdef, state, shardings = train_state.create_train_state(
       model.model, tx, mesh, with_reference=needs_ref

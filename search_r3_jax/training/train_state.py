@@ -38,11 +38,48 @@ class TrainState:
   ref_params: Any = None
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict):
+def scale_token_rows(
+    token_ids: tuple[int, ...], factor: float
+) -> optax.GradientTransformation:
+  """Multiplies the updates of the given tokens' rows of the embedding
+  table (`embed`, [V, D]) and columns of an untied output head (`lm_head`,
+  [D, V]) by `factor`; every other update passes unchanged.
+
+  A token added to the vocabulary (`<|embed_token|>`) starts as the mean
+  row; under Adam every coordinate moves at most about the learning rate
+  per step, so at a fine-tuning rate its logit climbs far too slowly to
+  win where the training text puts it. A larger rate for its row alone
+  lets it, without touching the rest of the model.
+  """
+  ids = jnp.asarray(token_ids, jnp.int32)
+
+  def scale(path, u):
+    # A parameter's path ends with its name, then (nnx) the `value` field.
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    name = keys[-2] if len(keys) > 1 and keys[-1] == "value" else keys[-1]
+    if name == "embed" and u.ndim == 2:
+      return u.at[ids].multiply(factor)
+    if name == "lm_head" and u.ndim == 2:
+      return u.at[:, ids].multiply(factor)
+    return u
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, embed_token_ids: tuple[int, ...] = ()
+):
   """AdamW with linear warmup, cosine decay and global-norm clipping.
 
   Reads cfg.learning_rate, warmup_steps, total_steps, weight_decay, b1, b2,
-  clip_norm, grad_accum_steps. Weight decay skips vectors (norms, biases).
+  clip_norm, grad_accum_steps, and `embed_token_lr_scale`: the learning
+  rate of `embed_token_ids`' rows relative to the rest (`scale_token_rows`;
+  1, or absent, leaves them alone). Weight decay skips vectors (norms,
+  biases).
 
   `warmup_steps` and `total_steps` count steps of the train loop; with
   gradient accumulation over k steps the optimizer updates every k-th step,
@@ -74,6 +111,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict):
           mask=decay_mask,
       ),
   )
+  row_scale = float(cfg.get("embed_token_lr_scale", 1.0))
+  if row_scale != 1.0 and embed_token_ids:
+    tx = optax.chain(tx, scale_token_rows(tuple(embed_token_ids), row_scale))
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k)
   return tx, schedule
