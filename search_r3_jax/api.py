@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TYPE_CHECKING
 
 from jax.sharding import Mesh
 
@@ -31,6 +31,9 @@ from search_r3_jax.core.policy import Policy
 from search_r3_jax.core.prompts import PromptConfig
 from search_r3_jax.core.quantized import QuantizedWeights
 from search_r3_jax.core.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+  from search_r3_jax.retrieval.documents import DocumentIndex
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +268,25 @@ class SearchR3:
   encode_queries = _delegate(Policy.encode_queries)
   logits = _delegate(Policy.logits)
   logprobs = _delegate(Policy.logprobs)
+
+  # -- searching a user's documents ------------------------------------------
+
+  def index(self, documents, **kwargs) -> "DocumentIndex":
+    """Embeds `documents` (strings, (id, text) pairs or mappings with
+    `text` and optional `id`/`title`) into a searchable `DocumentIndex`:
+    `.search(queries, k, reasoning=...)`, `.save(path)`. Keyword arguments
+    go to `DocumentIndex.build` (engine, doc_len, batch_size, progress,
+    model_name)."""
+    from search_r3_jax.retrieval.documents import DocumentIndex
+
+    return DocumentIndex.build(self, documents, **kwargs)
+
+  def load_index(self, path) -> "DocumentIndex":
+    """A `DocumentIndex` saved by `.save(path)`, queried with this model
+    (whose embedding width must be the saved vectors')."""
+    from search_r3_jax.retrieval.documents import DocumentIndex
+
+    return DocumentIndex.load(path, self)
 
 
 def _pack_for_kernels(
