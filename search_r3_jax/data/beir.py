@@ -14,9 +14,11 @@ appearance. Queries that no qrels file names are not in any split.
                      builder_kwargs={"path": "/data/scifact"})
 
 Bad data (see common.DataError):
-  - malformed JSON, a missing `_id`/`text`, an empty `text` (corpus or query),
-    a duplicate id, a malformed qrels line: an error naming file and line.
-    An empty `title` is fine (many corpora have none).
+  - malformed JSON, a byte that is not UTF-8 (with its byte offset), a
+    missing `_id`/`text`, an empty `text` (corpus or query), a duplicate id,
+    a malformed qrels line: an error naming file and line. An empty `title`
+    is fine (many corpora have none).
+  - a corpus, queries or qrels file without a record: an error naming it.
   - a qrels line naming a document or query that does not exist: an error,
     unless `skip_unknown_qrels=True`; then such lines are left out, counted in
     the metadata (`unknown_qrels`) and logged with their first line numbers.
@@ -220,6 +222,8 @@ def _scan_corpus(path: pathlib.Path) -> set[str]:
           f"(first at line {first_line[doc_id]})"
       )
     first_line[doc_id] = n
+  if not first_line:
+    raise DataError(f"{path}: no documents (the file is empty)")
   return set(first_line)
 
 
@@ -236,6 +240,8 @@ def _read_queries(path: pathlib.Path) -> dict[str, str]:
           f"(first at line {first_line[qid]})"
       )
     queries[qid], first_line[qid] = obj["text"], n
+  if not queries:
+    raise DataError(f"{path}: no queries (the file is empty)")
   return queries
 
 
@@ -274,6 +280,15 @@ def _group_qrels(
       )
     seen[qid, did] = n
     grouped.setdefault(qid, []).append((did, score))
+  if not grouped:
+    raise DataError(
+        f"{path}: no judgements"
+        + (
+            f" left ({bad['lines']} lines name an unknown document or query)"
+            if bad["lines"]
+            else " (the file is empty)"
+        )
+    )
   return grouped, bad
 
 

@@ -11,12 +11,14 @@ fields that belong to each split are written into the dataset's metadata
     triples  query, positive, negatives          one training example
 
 Bad input never disappears silently: it raises `DataError` with
-`path:line: what` (see `iter_jsonl`, `read_qrels`), or, where a builder offers
-a skip flag, it is counted in the metadata and logged.
+`path:line: what` (see `iter_jsonl`, `read_qrels`; a byte that is not UTF-8
+also gets its byte offset in the file), or, where a builder offers a skip
+flag, it is counted in the metadata and logged.
 """
 
 from __future__ import annotations
 
+import codecs
 import inspect
 import json
 import os
@@ -28,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from search_r3_jax.core.errors import UserError
 from search_r3_jax.core.paths import cache_root
 from search_r3_jax.core.paths import DATA_DIR_ENV
 
@@ -61,7 +64,7 @@ _LIST_FIELDS = frozenset(
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Bad input data. The message starts with `path:line:` where one exists."""
 
 
@@ -98,6 +101,30 @@ def _where(path: os.PathLike | str, line: int) -> str:
   return f"{path}:{line}"
 
 
+def read_lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
+  """Yields (line number, text) for every line of a UTF-8 file, the line
+  ending dropped (a byte-order mark at the start is dropped too).
+
+  Raises:
+    DataError: `path:line: ...` with the byte offset in the file of the
+      first byte that is not UTF-8.
+  """
+  offset = 0  # of the line's first byte in the file
+  with path.open("rb") as f:
+    for n, raw in enumerate(f, start=1):
+      if n == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw, offset = raw[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(
+            f"{_where(path, n)}: not UTF-8: byte 0x{raw[e.start]:02x} at "
+            f"byte offset {offset + e.start} (byte {e.start + 1} of the line)"
+        ) from None
+      offset += len(raw)
+      yield n, text.rstrip("\r\n")
+
+
 def iter_jsonl(
     path: pathlib.Path,
     required: Sequence[str],
@@ -122,42 +149,41 @@ def iter_jsonl(
   """
   if not path.is_file():
     raise DataError(f"{path}: no such file")
-  with path.open(encoding="utf-8") as f:
-    for n, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue  # a trailing or stray blank line carries no record
-      try:
-        obj = json.loads(raw)
-      except json.JSONDecodeError as e:
+  for n, raw in read_lines(path):
+    if not raw.strip():
+      continue  # a trailing or stray blank line carries no record
+    try:
+      obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+      raise DataError(
+          f"{_where(path, n)}: malformed JSON: {e.msg} " f"(column {e.colno})"
+      ) from None
+    if not isinstance(obj, dict):
+      raise DataError(
+          f"{_where(path, n)}: expected a JSON object, "
+          f"got {type(obj).__name__}"
+      )
+    for field in required:
+      if field not in obj:
+        raise DataError(f"{_where(path, n)}: missing field {field!r}")
+      value = obj[field]
+      if (
+          field in ids
+          and isinstance(value, int)
+          and not isinstance(value, bool)
+      ):
+        obj[field] = value = str(value)
+      if field in lists:
+        check_text_list(path, n, field, value)
+        continue
+      if not isinstance(value, str):
         raise DataError(
-            f"{_where(path, n)}: malformed JSON: {e.msg} " f"(column {e.colno})"
-        ) from None
-      if not isinstance(obj, dict):
-        raise DataError(
-            f"{_where(path, n)}: expected a JSON object, "
-            f"got {type(obj).__name__}"
+            f"{_where(path, n)}: field {field!r} must be a "
+            f"string, got {type(value).__name__}"
         )
-      for field in required:
-        if field not in obj:
-          raise DataError(f"{_where(path, n)}: missing field {field!r}")
-        value = obj[field]
-        if (
-            field in ids
-            and isinstance(value, int)
-            and not isinstance(value, bool)
-        ):
-          obj[field] = value = str(value)
-        if field in lists:
-          check_text_list(path, n, field, value)
-          continue
-        if not isinstance(value, str):
-          raise DataError(
-              f"{_where(path, n)}: field {field!r} must be a "
-              f"string, got {type(value).__name__}"
-          )
-        if field in nonempty and not value.strip():
-          raise DataError(f"{_where(path, n)}: empty field {field!r}")
-      yield n, obj
+      if field in nonempty and not value.strip():
+        raise DataError(f"{_where(path, n)}: empty field {field!r}")
+    yield n, obj
 
 
 def check_text_list(
@@ -190,29 +216,27 @@ def read_qrels(path: pathlib.Path) -> Iterator[tuple[int, str, str, int]]:
     DataError: `path:line: ...` for a line without three tab-separated
       columns, an empty id, or a non-integer score.
   """
-  with path.open(encoding="utf-8") as f:
-    for n, raw in enumerate(f, start=1):
-      line = raw.rstrip("\r\n")
-      if not line.strip():
-        continue
-      cols = line.split("\t")
-      if n == 1 and cols[0].strip() == "query-id":
-        continue
-      if len(cols) != 3:
-        raise DataError(
-            f"{_where(path, n)}: expected 3 tab-separated columns "
-            f"(query-id, corpus-id, score), got {len(cols)}"
-        )
-      qid, did, score = (c.strip() for c in cols)
-      if not qid or not did:
-        raise DataError(f"{_where(path, n)}: empty query-id or corpus-id")
-      try:
-        value = int(score)
-      except ValueError:
-        raise DataError(
-            f"{_where(path, n)}: score {score!r} is not an " "integer"
-        ) from None
-      yield n, qid, did, value
+  for n, line in read_lines(path):
+    if not line.strip():
+      continue
+    cols = line.split("\t")
+    if n == 1 and cols[0].strip() == "query-id":
+      continue
+    if len(cols) != 3:
+      raise DataError(
+          f"{_where(path, n)}: expected 3 tab-separated columns "
+          f"(query-id, corpus-id, score), got {len(cols)}"
+      )
+    qid, did, score = (c.strip() for c in cols)
+    if not qid or not did:
+      raise DataError(f"{_where(path, n)}: empty query-id or corpus-id")
+    try:
+      value = int(score)
+    except ValueError:
+      raise DataError(
+          f"{_where(path, n)}: score {score!r} is not an " "integer"
+      ) from None
+    yield n, qid, did, value
 
 
 def to_python(value: Any) -> Any:
