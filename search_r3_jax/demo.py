@@ -10,11 +10,12 @@ for retrieval, so the ranking shows the mechanics, not the quality.
 
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from search_r3_jax import cli
+
+cli.define_model_flags()
 
 MAX_NEW = flags.DEFINE_integer("max_new_tokens", 48, "Reasoning length.")
 
@@ -37,7 +38,7 @@ def main(argv):
   t0 = time.perf_counter()
   model = cli.load_model()
   print(
-      f"loaded {cli.MODEL.value}: {model.cfg.num_params() / 1e6:.0f}M "
+      f"loaded {flags.FLAGS.model}: {model.cfg.num_params() / 1e6:.0f}M "
       f"params, d={model.cfg.hidden_size}, embed token id "
       f"{model.tokenizer.embed_token_id} ({time.perf_counter() - t0:.1f}s)"
   )
@@ -76,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

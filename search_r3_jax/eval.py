@@ -16,6 +16,10 @@ query: its analysis, whether the model emitted `<|embed_token|>` itself,
 the gold and top documents) and cache/ (the corpus embeddings, keyed by the
 model and the document settings: a second run of the same model and
 documents does not encode the corpus again).
+
+Every setting is checked before anything is written or loaded
+(`config_check.py`); a bad one, like any error of input, is one line
+`error: ...` and exit status 2 (`cli.run`; `--verbose` shows the traceback).
 """
 
 from __future__ import annotations
@@ -25,19 +29,21 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from search_r3_jax import cli
+from search_r3_jax import config_check
 from search_r3_jax.core import sharding as shd
+from search_r3_jax.core.errors import UserError
 from search_r3_jax.core.loading import load_decoder
 from search_r3_jax.core.policy import Policy
 from search_r3_jax.data import sources as data_sources
 from search_r3_jax.retrieval import evaluation
 from search_r3_jax.training.runtime import say
 from search_r3_jax.training.trainer import finished_steps
+from search_r3_jax.training.workdir import is_workdir
 from search_r3_jax.training.workdir import load_workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -101,12 +107,18 @@ def markdown(results: dict) -> str:
 def evaluate(cfg, workdir=None, output=None) -> dict:
   """Runs the evaluation and writes its files; returns results.json's
   content."""
+  # Every setting and path first: a bad one costs nothing.
+  config_check.check_config(cfg, "eval")
   if not workdir and not cfg.model:
-    raise ValueError("give --workdir or config.model")
+    raise UserError("give --workdir or config.model")
+  if workdir and not is_workdir(workdir):
+    raise FileNotFoundError(
+        f"--workdir={workdir}: not a training workdir (no config.json "
+        "and checkpoints/)"
+    )
   output = output or (os.path.join(workdir, "eval") if workdir else None)
   if not output:
-    raise ValueError("give --output (no workdir to write into)")
-  os.makedirs(os.path.join(output, "cache"), exist_ok=True)
+    raise UserError("give --output (no workdir to write into)")
   t0 = time.perf_counter()
   mesh = shd.make_mesh(tuple(cfg.mesh))
   loaded = (
@@ -115,6 +127,8 @@ def evaluate(cfg, workdir=None, output=None) -> dict:
       else load_decoder(cfg.model, model_dir=cfg.get("model_dir"), mesh=mesh)
   )
   policy = Policy.from_model(loaded.model, loaded.tokenizer, mesh)
+  # Written once the model loaded: a missing or corrupt one leaves nothing.
+  os.makedirs(os.path.join(output, "cache"), exist_ok=True)
   ev = cfg.eval
   evaluator = evaluation.Evaluator.from_config(cfg.data, ev)
   identity = model_identity(workdir, cfg)
@@ -171,10 +185,10 @@ def evaluate(cfg, workdir=None, output=None) -> dict:
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  if _CONFIG.value is None:
+    raise UserError("give --config=configs/eval.py[:variant]")
   evaluate(_CONFIG.value, _WORKDIR.value, _OUTPUT.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

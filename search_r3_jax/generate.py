@@ -7,6 +7,8 @@ from absl import flags
 
 from search_r3_jax import cli
 
+cli.define_model_flags()
+
 PROMPT = flags.DEFINE_multi_string(
     "prompt", None, "Prompt (repeatable); default: read lines from stdin."
 )
@@ -38,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -14,23 +14,26 @@ A non-finite loss or gradient, or updated parameters whose forward is not
 finite, stops the run with a message; the last checkpoint (all of whose
 steps were finite) stays. The loop is `training/trainer.py`; the stages are
 `training/stage1.py` and `training/stage2.py`.
+
+Every setting is checked before the workdir is written or a model loaded
+(`config_check.py`: unknown fields, types, ranges, the mesh against the
+devices); a bad one, like any error of input, is one line `error: ...` and
+exit status 2 (`cli.run`; `--verbose` shows the traceback).
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from search_r3_jax import cli
+from search_r3_jax import config_check
+from search_r3_jax.core.errors import UserError
 from search_r3_jax.training.lock import WorkdirLock
-from search_r3_jax.training.lock import WorkdirLockedError
-from search_r3_jax.training.runtime import NonFiniteLossError
 from search_r3_jax.training.runtime import say
 from search_r3_jax.training.trainer import finished_steps
-from search_r3_jax.training.trainer import ResumeConfigError
 from search_r3_jax.training.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -89,17 +92,15 @@ def run(cfg, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # library chatter (orbax, tfds)
-  try:
-    cfg = _CONFIG.value
-    workdir = _WORKDIR.value or cfg.get("workdir")
-    if not workdir:
-      raise SystemExit("error: give --workdir (the config names no workdir)")
-    run(cfg, workdir)
-  except (NonFiniteLossError, ResumeConfigError, WorkdirLockedError) as e:
-    raise SystemExit(f"error: {e}") from None
+  cfg = _CONFIG.value
+  if cfg is None:
+    raise UserError("give --config=configs/NAME.py[:variant]")
+  config_check.check_config(cfg, "train")
+  workdir = _WORKDIR.value or cfg.get("workdir")
+  if not workdir:
+    raise UserError("give --workdir (the config names no workdir)")
+  run(cfg, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
