@@ -20,6 +20,7 @@ import os
 from absl import app
 from absl import flags
 
+from search_r3_jax import cli
 from search_r3_jax.core import sharding as shd
 from search_r3_jax.core.loading import load_decoder
 from search_r3_jax.core.weights import hf_write
@@ -78,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
