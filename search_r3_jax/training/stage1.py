@@ -521,3 +521,11 @@ class Stage1:
 
   def prune_extra(self, kept_steps: set[int]) -> None:
     pass
+
+  @classmethod
+  def extras(cls, workdir: str, step: int) -> dict[str, str]:
+    return {}
+
+  @classmethod
+  def check_extra(cls, workdir: str, step: int) -> Optional[str]:
+    return None

@@ -53,10 +53,12 @@ from search_r3_jax.core.tokenizer import embed_suffix_ids
 from search_r3_jax.data import sources as data_lib
 from search_r3_jax.data.common import split_fields
 from search_r3_jax.data.common import to_python
+from search_r3_jax.retrieval import environment as environment_lib
 from search_r3_jax.retrieval import evaluation
 from search_r3_jax.retrieval.environment import document_encoder
 from search_r3_jax.retrieval.environment import EnvConfig
 from search_r3_jax.retrieval.environment import RetrievalEnvironment
+from search_r3_jax.retrieval.index import read_meta
 from search_r3_jax.training import advantages as advantages_lib
 from search_r3_jax.training import grpo
 from search_r3_jax.training import losses as losses_lib
@@ -64,6 +66,7 @@ from search_r3_jax.training import rewards as rewards_lib
 from search_r3_jax.training import rollouts as rollouts_lib
 from search_r3_jax.training import train_state as ts_lib
 from search_r3_jax.training import trainer
+from search_r3_jax.training.checkpoint import cause
 from search_r3_jax.training.rollouts import Rollouts
 from search_r3_jax.training.runtime import say
 from search_r3_jax.training.trainer import Guard
@@ -453,6 +456,36 @@ class Stage2:
     for name in os.listdir(self.env_root):
       if name.isdigit() and int(name) not in kept_steps and int(name) < newest:
         shutil.rmtree(os.path.join(self.env_root, name), ignore_errors=True)
+
+  @classmethod
+  def extras(cls, workdir: str, step: int) -> dict[str, str]:
+    return {"env": os.path.join(workdir, "env", str(step))}
+
+  @classmethod
+  def check_extra(cls, workdir: str, step: int) -> Optional[str]:
+    """What is wrong with the environment saved with `step`, from its files
+    (None: it looks complete; a damaged array shows when `resume` loads
+    it)."""
+    path = cls.extras(workdir, step)["env"]
+    if not os.path.isdir(path):
+      return f"no environment: {path} is missing"
+    missing = [
+        name
+        for name in ("environment.json", "environment.npz", "index")
+        if not os.path.exists(os.path.join(path, name))
+    ]
+    if missing:
+      return f"incomplete environment: {path} has no " + ", ".join(missing)
+    try:
+      read_meta(
+          os.path.join(path, "environment.json"),
+          "environment",
+          environment_lib.FORMAT_VERSION,
+          ("config", "step", "size"),
+      )
+    except (OSError, ValueError) as e:
+      return f"unreadable environment: {cause(e)}"
+    return None
 
   # -- one step, in its phases -----------------------------------------------
 

@@ -6,9 +6,12 @@ a batch and take a step; this loop owns everything around that:
   1. `config.json`: written into the workdir; on a resumed run the saved one
      is compared with this run's and every changed field is either applied
      (said on the console) or refused, naming the field (`check_resume`).
-  2. Resume order: the workdir's latest checkpoint (state, data position,
-     the stage's extras such as the environment) -> `init_from` -> scratch.
-     Rows a killed run logged past that checkpoint are dropped.
+  2. Resume order: the workdir's newest checkpoint that reads (state, data
+     position, the stage's extras such as the environment) -> `init_from`
+     -> scratch. A newer step that is incomplete or does not restore is set
+     aside (`checkpoint.Checkpointer.set_aside`, said in one line); with
+     steps but none that reads, the run stops, listing them. Rows a killed
+     run logged past the step resumed from are dropped.
   3. Each step is dispatched before the previous step's metrics are read,
      so the host never stalls the device; reading them runs the non-finite
      guard (loss and gradient norm), and before every checkpoint the stage
@@ -16,7 +19,12 @@ a batch and take a step; this loop owns everything around that:
   4. Evaluation at step 0, every `eval_every` steps and at the end, before
      the checkpoint of the same step (a run killed in between repeats the
      evaluation on resume rather than losing it).
-  5. Metrics to metrics.jsonl and TensorBoard, a progress bar, PNG plots.
+  5. A checkpoint that cannot be written stops the run (`CheckpointError`,
+     naming the step and the cause) within a step of the failure being
+     known: the stage's extras are written before the checkpoint, and the
+     background write is checked every step, before the next save and at
+     the end.
+  6. Metrics to metrics.jsonl and TensorBoard, a progress bar, PNG plots.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ import jax
 import numpy as np
 import tqdm
 
+from search_r3_jax.training.checkpoint import cause
 from search_r3_jax.training.checkpoint import Checkpointer
+from search_r3_jax.training.checkpoint import CheckpointError
 from search_r3_jax.training.lock import WorkdirLock
 from search_r3_jax.training.runtime import MetricWriter
 from search_r3_jax.training.runtime import NonFiniteLossError
@@ -92,6 +102,16 @@ class Stage(Protocol):
     ...
 
   def prune_extra(self, kept_steps: set[int]) -> None:
+    ...
+
+  # What a step holds besides its checkpoint, for resume (called before the
+  # stage is built): {name: path}, and what is wrong with them (None: fine).
+  @classmethod
+  def extras(cls, workdir: str, step: int) -> dict[str, str]:
+    ...
+
+  @classmethod
+  def check_extra(cls, workdir: str, step: int) -> Optional[str]:
     ...
 
 
@@ -202,14 +222,81 @@ def guard_for(step: int, checkpoints: Checkpointer) -> Guard:
 
 
 def finished_steps(workdir: str) -> int:
-  """The latest checkpointed step of a workdir (0: none, or no workdir)."""
+  """The newest checkpointed step of a workdir whose files are complete
+  (0: none, or no workdir); the workdir is only read."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     return 0
-  checkpoints = Checkpointer(workdir, keep=1)
+  checkpoints = Checkpointer(workdir, keep=1, writer=False)
   try:
-    return checkpoints.latest_step() or 0
+    return checkpoints.newest_good_step() or 0
   finally:
     checkpoints.close()
+
+
+def _rejected_text(checkpoints: Checkpointer, rejected) -> str:
+  return (
+      f"no checkpoint in {checkpoints.directory} can be resumed from; it "
+      "has "
+      + "; ".join(f"step {step}: {why}" for step, _, why in rejected)
+      + ". Nothing was moved: repair or remove them, or use a new --workdir"
+  )
+
+
+def _first_readable(checkpoints: Checkpointer, workdir: str, stage_cls):
+  """The newest step whose files look complete (None: the workdir has no
+  step).
+
+  Raises:
+    CheckpointError: it has steps, but none looks complete.
+  """
+  rejected = []
+  for step in reversed(checkpoints.all_steps()):
+    why = checkpoints.problem(step) or stage_cls.check_extra(workdir, step)
+    if why is None:
+      return step
+    rejected.append((step, "incomplete", why))
+  if rejected:
+    raise CheckpointError(_rejected_text(checkpoints, rejected))
+  return None
+
+
+def _resume(
+    checkpoints: Checkpointer, stage: Stage, workdir: str
+) -> tuple[int, dict]:
+  """Restores the newest step that reads into `stage`: newest first, a step
+  whose files are incomplete or whose restore fails is passed over, and set
+  aside once an older step has restored (a restore that fails for every
+  step is the run's problem, not the steps'; nothing moves then).
+
+  Returns:
+    (step, data position); (0, {}) for a workdir without steps.
+
+  Raises:
+    CheckpointError: no step reads; the message lists each and why.
+  """
+  stage_cls = type(stage)
+  rejected = []  # (step, tag, why), newest first
+  for step in reversed(checkpoints.all_steps()):
+    why = checkpoints.problem(step) or stage_cls.check_extra(workdir, step)
+    if why is not None:
+      rejected.append((step, "incomplete", why))
+      continue
+    try:
+      state, position = checkpoints.restore(stage.state, step)
+      stage.resume(position, step)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      rejected.append((step, "unreadable", f"restore failed: {cause(e)}"))
+      continue
+    stage.state = state
+    for bad, tag, why in rejected:
+      dest = checkpoints.set_aside(
+          bad, tag, why, stage_cls.extras(workdir, bad)
+      )
+      say(f"checkpoint step {bad} set aside in {dest}: {why}")
+    return step, position
+  if rejected:
+    raise CheckpointError(_rejected_text(checkpoints, rejected))
+  return 0, {}
 
 
 def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
@@ -223,24 +310,23 @@ def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
 
 def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
   checkpoints = Checkpointer(workdir, keep=cfg.keep_checkpoints)
-  start = checkpoints.latest_step() or 0
   try:
-    # Checked before the stage loads anything: a refused change costs
-    # nothing.
-    write_config(cfg, workdir, bool(start), stage_cls.resume_refuses)
+    # Checked before the stage loads anything: a refused change, or a
+    # workdir without a step to resume from, costs nothing.
+    resuming = _first_readable(checkpoints, workdir, stage_cls) is not None
+    write_config(cfg, workdir, resuming, stage_cls.resume_refuses)
     stage = stage_cls(cfg, workdir)
+    start, position = _resume(checkpoints, stage, workdir)
   except BaseException:
-    checkpoints.close()
+    checkpoints.close(raise_errors=False)
     raise
   say(stage.summary())
   writer = MetricWriter(workdir)
   samples_dir = os.path.join(workdir, "samples")
-  # Rows a killed run logged past its last checkpoint go; with no
+  # Rows a killed run logged past the step it resumes from go; with no
   # checkpoint, all of them (the run starts over).
   writer.truncate_after(start if start else -1)
   if start:
-    stage.state, position = checkpoints.restore(stage.state)
-    stage.resume(position, start)
     say(
         f"resumed from {checkpoints.directory} at step {start}, data "
         f"position {position}"
@@ -310,15 +396,24 @@ def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
           f"checkpoint in {checkpoints.directory} is intact: step "
           f"{checkpoints.latest_step()}"
       )
+    checkpoints.check()  # the previous save, before this one writes
     # The stage's extras (the environment) first: a checkpoint step always
     # has them.
-    stage.save_extra(done)
+    try:
+      stage.save_extra(done)
+    except Exception as e:
+      where = ", ".join(stage_cls.extras(workdir, done).values())
+      raise checkpoints.failure(
+          done, f"{where or 'its extras'}: {cause(e)}"
+      ) from e
     checkpoints.save(done, stage.state, stage.position())
     stage.prune_extra(set(checkpoints.manager.all_steps()) | {done})
 
   pending: Optional[tuple[int, dict]] = None
+  failed = True
   try:
     for step in range(start, cfg.total_steps):
+      checkpoints.poll()  # a background write that failed stops the run
       metrics = stage.step(step, guard_for(step, checkpoints))
       if pending is not None:
         finish(*pending)
@@ -337,9 +432,13 @@ def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
         save(done)
     if pending is not None:
       finish(*pending)
+    failed = False
   finally:
     bar.close()
-    checkpoints.close()
-    writer.close()
-    write_run_plots(workdir)
+    try:
+      # Stopping on another error, a failed save is said, not raised.
+      checkpoints.close(raise_errors=not failed)
+    finally:
+      writer.close()
+      write_run_plots(workdir)
   return last_eval

@@ -59,9 +59,10 @@ def load_workdir(
     mesh: Optional[Mesh] = None,
     step: Optional[int] = None,
 ) -> LoadedDecoder:
-  """The model of a training workdir at its latest (or given) checkpoint:
-  its config's starting model with the checkpoint's parameters (restored
-  alone, without the optimizer state).
+  """The model of a training workdir at its newest complete (or the given)
+  checkpoint: its config's starting model with the checkpoint's parameters
+  (restored alone, without the optimizer state). The workdir is only read,
+  so this works while its run is saving.
 
   Raises:
     FileNotFoundError: the workdir has no finished checkpoint.
@@ -70,11 +71,20 @@ def load_workdir(
   with open(p / "config.json", encoding="utf-8") as f:
     cfg = ml_collections.ConfigDict(json.load(f))
   mesh = mesh or shd.make_mesh(tuple(cfg.mesh))
-  ck = checkpoint.Checkpointer(p)
+  ck = checkpoint.Checkpointer(p, writer=False)
   try:
-    if (step if step is not None else ck.latest_step()) is None:
+    if step is None:
+      # The newest step whose files are complete: what finished_steps
+      # reports for the workdir.
+      step = ck.newest_good_step()
+    if step is None:
       raise FileNotFoundError(
-          f"{p} is a training workdir without a finished " "checkpoint"
+          f"{p} is a training workdir without a finished checkpoint"
+          + (
+              f" (its steps {ck.all_steps()} are incomplete)"
+              if ck.all_steps()
+              else ""
+          )
       )
     loaded = load_model(cfg, mesh)
     params = ck.restore_params(nnx.state(loaded.model, nnx.Param), step)
