@@ -43,6 +43,7 @@ USER_ERRORS = (
     ("search_r3_jax.core.weights.common", "WeightsError"),
     ("search_r3_jax.data.common", "DataError"),
     ("search_r3_jax.retrieval.index", "IndexInputError"),
+    ("search_r3_jax.training.checkpoint", "CheckpointError"),
     ("search_r3_jax.training.lock", "WorkdirLockedError"),
     ("search_r3_jax.training.runtime", "NonFiniteLossError"),
     ("search_r3_jax.training.trainer", "ResumeConfigError"),

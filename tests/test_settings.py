@@ -245,9 +245,11 @@ def test_stage2_rollouts_against_the_data_parallel_axes():
 def test_user_errors_are_told_from_bugs():
   from search_r3_jax.core.weights.common import WeightsError
   from search_r3_jax.data.common import DataError
+  from search_r3_jax.training.checkpoint import CheckpointError
 
   for e in (
       SettingsError(["x = 1: must be >= 2"]),
+      CheckpointError("checkpoint of step 4 could not be written: full"),
       DataError("f.jsonl:3: bad"),
       WeightsError("w.gguf is truncated"),
       FileNotFoundError("no such file x"),
