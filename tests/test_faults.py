@@ -281,6 +281,31 @@ def test_a_full_disk_during_a_background_save_stops_the_run(
   assert _non_daemon_threads() <= before
 
 
+def test_a_failed_save_keeps_the_environment_of_the_step_before(
+    tmp_path, monkeypatch, straight
+):
+  """With one checkpoint kept, orbax forgets step 2 as soon as step 4's
+  save starts; the save then fails in the background. Step 2 is still on
+  disk and is what a resume falls back to, so its env/2/ stays, and the
+  rerun from it gives the losses of an uninterrupted run."""
+  _fail_at(
+      monkeypatch,
+      "write_text",
+      "checkpoints/4.orbax-checkpoint-tmp/data",
+      OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "data/metadata"),
+  )
+  cfg = _config(keep_checkpoints=1)
+  with pytest.raises(checkpoint.CheckpointError, match="step 4"):
+    trainer.train(cfg, str(tmp_path), ToyEnv)
+  monkeypatch.undo()
+  assert _steps(tmp_path) == [2]
+  assert os.path.isdir(tmp_path / "env" / "2")
+  trainer.train(cfg, str(tmp_path), ToyEnv)
+  _same_losses(_train_rows(tmp_path), straight[ToyEnv], range(8))
+  assert _steps(tmp_path) == [8]
+  assert sorted(os.listdir(tmp_path / "env")) == ["8"]
+
+
 def test_an_environment_that_cannot_be_written_stops_the_run(
     tmp_path, monkeypatch
 ):

@@ -110,6 +110,17 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def steps_on_disk(self) -> set[int]:
+    """The steps whose directory is still there. Orbax forgets a step it
+    will remove when the next save starts, but deletes its files only once
+    that save is written: until then the old step is the one a resume falls
+    back to, and keeps what goes with it."""
+    try:
+      names = os.listdir(self.directory)
+    except FileNotFoundError:
+      return set()
+    return {int(name) for name in names if name.isdigit()}
+
   # -- saving ----------------------------------------------------------------
 
   def save(self, step: int, state: Any, data_position: dict) -> None:

@@ -452,6 +452,8 @@ class Stage2:
 
   def prune_extra(self, kept_steps: set[int]) -> None:
     """Drops saved environments whose checkpoint orbax has dropped."""
+    if not kept_steps or not os.path.isdir(self.env_root):
+      return
     newest = max(kept_steps)
     for name in os.listdir(self.env_root):
       if name.isdigit() and int(name) not in kept_steps and int(name) < newest:

@@ -407,7 +407,11 @@ def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
           done, f"{where or 'its extras'}: {cause(e)}"
       ) from e
     checkpoints.save(done, stage.state, stage.position())
-    stage.prune_extra(set(checkpoints.manager.all_steps()) | {done})
+    # Only what has no checkpoint on disk any more: a step orbax will drop
+    # once this save is written is still the fallback if it is not.
+    stage.prune_extra(
+        set(checkpoints.all_steps()) | checkpoints.steps_on_disk() | {done}
+    )
 
   pending: Optional[tuple[int, dict]] = None
   failed = True
@@ -438,6 +442,10 @@ def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
     try:
       # Stopping on another error, a failed save is said, not raised.
       checkpoints.close(raise_errors=not failed)
+      if not failed:  # the last save is written: orbax removed what it drops
+        stage.prune_extra(
+            set(checkpoints.all_steps()) | checkpoints.steps_on_disk()
+        )
     finally:
       writer.close()
       write_run_plots(workdir)
