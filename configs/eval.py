@@ -6,7 +6,8 @@
 
 The full `wiki_fanout` corpus (10,033 leads, cut to 64 tokens on the CPU),
 `dev_sub` and `dev_top`, reasoning off and on (greedy, at most 48 tokens:
-stage 2's budget), BM25 beside.
+stage 2's budget), BM25 beside, exact search (`--config.eval.engine=scann`
+for ScaNN). `--config.data.path=DIR` evaluates a BEIR-layout folder instead.
 
 `tiny` is a seconds-long variant for tests: 64 documents (every gold page
 of the evaluated questions plus distractors), 8 questions per split.
@@ -30,6 +31,7 @@ def get_config(arg: str = ""):
       max_new_tokens=48,
       reasoning=(False, True),
       bm25=True,
+      engine="exact",  # or "scann"
   )
   if arg == "tiny":
     c.eval.update(corpus_size=64, doc_len=32, batch_size=16, max_queries=8)

@@ -170,6 +170,7 @@ EVAL_RULES = _EVAL_RULES + (
         lambda v: len(v) > 0,
         "at least one of False (off), True (on)",
     ),
+    one_of("eval.engine", "exact", "scann"),
 )
 RULES = {"stage1": STAGE1_RULES, "stage2": STAGE2_RULES, "eval": EVAL_RULES}
 

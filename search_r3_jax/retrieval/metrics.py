@@ -23,7 +23,9 @@ Qrels = Mapping[str, Mapping[str, int]]  # query id -> {doc id: relevance}
 Run = Mapping[str, Mapping[str, float]]  # query id -> {doc id: score}
 
 
-def _ranked(scores: Mapping[str, float]) -> list[str]:
+def ranked(scores: Mapping[str, float]) -> list[str]:
+  """Document ids best first, ties by document id descending (trec_eval's
+  order, which run files written here keep)."""
   return [
       d
       for d, _ in sorted(
@@ -35,10 +37,10 @@ def _ranked(scores: Mapping[str, float]) -> list[str]:
 def ndcg_at(
     qrels: Mapping[str, int], scores: Mapping[str, float], k: int
 ) -> float:
-  ranked = _ranked(scores)[:k]
+  top = ranked(scores)[:k]
   dcg = sum(
       qrels.get(d, 0) / math.log2(i + 2)
-      for i, d in enumerate(ranked)
+      for i, d in enumerate(top)
       if qrels.get(d, 0) > 0
   )
   ideal = sorted((r for r in qrels.values() if r > 0), reverse=True)[:k]
@@ -52,7 +54,7 @@ def recall_at(
   relevant = {d for d, r in qrels.items() if r > 0}
   if not relevant:
     return 0.0
-  return len(relevant.intersection(_ranked(scores)[:k])) / len(relevant)
+  return len(relevant.intersection(ranked(scores)[:k])) / len(relevant)
 
 
 def evaluate(
@@ -96,8 +98,9 @@ def run_from_topk(
     indices: np.ndarray,
 ) -> dict:
   """A trec-style run dict from top-k scores and document indices
-  (`core.ops.exact_top_k`'s output)."""
+  (`core.ops.exact_top_k`'s output; an index below 0, a hit an engine did
+  not find, is left out)."""
   return {
-      q: {doc_ids[int(j)]: float(s) for s, j in zip(srow, irow)}
+      q: {doc_ids[int(j)]: float(s) for s, j in zip(srow, irow) if j >= 0}
       for q, srow, irow in zip(query_ids, scores, indices)
   }
