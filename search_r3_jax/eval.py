@@ -26,8 +26,8 @@ names them). The corpus is searched exactly or with ScaNN
                  doc-id rank score tag`, the top 100 per query (a
                  title's spaces written as `_`)
   runs/<split>.qrels
-                 the judgements, with the same ids: `trec_eval
-                 runs/dev_sub.qrels runs/dev_sub.reasoning-on.trec`
+                 the judgements the figures were computed on, with the
+                 same ids, in TREC's qrels format (`query-id 0 doc-id grade`)
   samples.jsonl  per query and model setting: the analysis, whether the
                  model emitted `<|embed_token|>` itself, the gold documents
                  and the top 10 hits with their scores
@@ -157,9 +157,7 @@ def trec_id(doc: str) -> str:
 
 def write_trec_qrels(path: str, qrels: dict) -> None:
   """The judgements the figures were computed on, as a TREC qrels file
-  (`query-id 0 doc-id grade`), with the run files' document ids, so
-  `trec_eval runs/<split>.qrels runs/<split>.<setting>.trec` reproduces
-  them."""
+  (`query-id 0 doc-id grade`), with the run files' document ids."""
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     for qid, rel in qrels.items():
