@@ -85,6 +85,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
           top_p=1.0,
           max_query_tokens=48,
           length_bucket=64,
+          # Positions of full-vocabulary logits at a time in the GRPO
+          # log-probabilities (0: the whole sequence at once).
+          logprob_chunk=0,
           inner_epochs=1,
           fallback_reward=False,
           aux_documents=8,

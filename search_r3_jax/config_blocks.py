@@ -47,6 +47,11 @@ def base(stage: int, workdir: str) -> ml_collections.ConfigDict:
   c.random_init = ml_collections.FieldReference(None, field_type=dict)
   c.compute_dtype = "float32"
   c.param_dtype = "float32"
+  # How the blocks compute, not what: "einsum" or "dot_product"
+  # (jax.nn.dot_product_attention); rematerialisation per block "none",
+  # "full" or "dots_saveable" (core/config.py).
+  c.attention = "einsum"
+  c.remat = "none"
   c.mesh = (1, -1, 1)  # ('data', 'fsdp', 'tensor'); -1 is "the rest"
   c.log_every = 1
   c.keep_checkpoints = 3

@@ -40,7 +40,9 @@ import ml_collections
 
 from search_r3_jax import config_blocks
 from search_r3_jax.core import sharding as shd
+from search_r3_jax.core.config import ATTENTION_IMPLS
 from search_r3_jax.core.config import ModelConfig
+from search_r3_jax.core.config import REMAT_POLICIES
 from search_r3_jax.core.errors import UserError
 from search_r3_jax.retrieval.env_config import EnvConfig
 from search_r3_jax.training.advantages import ADVANTAGES
@@ -121,6 +123,8 @@ _TRAIN_RULES = _EVAL_RULES + (
     at_least("keep_checkpoints", 1),
     one_of("compute_dtype", *DTYPES),
     one_of("param_dtype", *DTYPES),
+    one_of("attention", *ATTENTION_IMPLS),
+    one_of("remat", *REMAT_POLICIES),
     at_least("optimizer.learning_rate", 0),
     at_least("optimizer.warmup_steps", 0),
     at_least("optimizer.total_steps", 1),
@@ -157,6 +161,7 @@ STAGE2_RULES = _TRAIN_RULES + (
     within("rl.top_p", 0, 1, open_lo=True),
     at_least("rl.max_query_tokens", 1),
     at_least("rl.length_bucket", 1),
+    at_least("rl.logprob_chunk", 0, " (0: all positions at once)"),
     at_least("rl.inner_epochs", 1),
     at_least("rl.aux_documents", 0),
     at_least("loss.clip_eps", 0),

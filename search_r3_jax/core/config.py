@@ -14,6 +14,15 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
+# How a block computes attention: "einsum" (the reference: scores as one
+# einsum, float32 softmax) or "dot_product" (`jax.nn.dot_product_attention`,
+# which takes cuDNN's fused kernel on a GPU where it applies and XLA's
+# otherwise).
+ATTENTION_IMPLS = ("einsum", "dot_product")
+# What a block keeps for the backward pass: everything ("none"), only its
+# input ("full": all else is recomputed) or its matmul outputs
+# ("dots_saveable").
+REMAT_POLICIES = ("none", "full", "dots_saveable")
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -59,6 +68,10 @@ class ModelConfig:
       float32 regardless).
     scan_layers: run the blocks with `lax.scan` over stacked parameters (fast
       compiles); False unrolls them.
+    attention: one of ATTENTION_IMPLS; the KV-cache decode uses the same.
+    remat: one of REMAT_POLICIES, applied per block in the forward without
+      a KV cache (training); numbers are unchanged, memory traded for
+      recomputation.
   """
 
   arch: str = "llama"
@@ -77,6 +90,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   scan_layers: bool = True
+  attention: str = "einsum"
+  remat: str = "none"
 
   def __post_init__(self):
     if self.arch not in SUPPORTED_ARCHS:
@@ -104,6 +119,15 @@ class ModelConfig:
       raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
     dtype_of(self.param_dtype)
     dtype_of(self.compute_dtype)
+    for name, known in (
+        ("attention", ATTENTION_IMPLS),
+        ("remat", REMAT_POLICIES),
+    ):
+      if getattr(self, name) not in known:
+        raise ConfigError(
+            f"{name}={getattr(self, name)!r} is unknown; one of "
+            f"{', '.join(known)}"
+        )
 
   @property
   def dtype(self):

@@ -65,6 +65,19 @@ def forward_logits(
 _NEG = -1e30
 
 
+def _picked_logprobs(logits, targets, temperature, valid_vocab):
+  """log softmax(logits / temperature)[targets] over the first
+  `valid_vocab` columns; logits [..., V], targets [...]."""
+  scaled = logits.astype(jnp.float32)
+  if temperature != 1.0:
+    scaled = scaled / temperature
+  if valid_vocab is not None and valid_vocab < scaled.shape[-1]:
+    col = jnp.arange(scaled.shape[-1])
+    scaled = jnp.where(col < valid_vocab, scaled, _NEG)
+  picked = jnp.take_along_axis(scaled, targets[..., None], -1)[..., 0]
+  return picked - jax.nn.logsumexp(scaled, -1)
+
+
 def token_logprobs(
     logits: jax.Array,
     tokens: jax.Array,
@@ -75,18 +88,50 @@ def token_logprobs(
   under the distribution the sampler draws from at `temperature`:
   softmax(logits / temperature) over the first `valid_vocab` columns (the
   tokenizer's ids; padding rows of the embedding are never drawn)."""
-  scaled = logits[:, :-1].astype(jnp.float32)
-  if temperature != 1.0:
-    scaled = scaled / temperature
-  if valid_vocab is not None and valid_vocab < scaled.shape[-1]:
-    col = jnp.arange(scaled.shape[-1])
-    scaled = jnp.where(col < valid_vocab, scaled, _NEG)
-  logp = jax.nn.log_softmax(scaled, -1)
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+  return _picked_logprobs(
+      logits[:, :-1], tokens[:, 1:], temperature, valid_vocab
+  )
+
+
+def hidden_logprobs(
+    model,
+    hidden: jax.Array,
+    tokens: jax.Array,
+    temperature: float = 1.0,
+    valid_vocab: Optional[int] = None,
+    chunk: int = 0,
+) -> jax.Array:
+  """`token_logprobs` from the final hidden states [B, T, D], the output
+  head applied `chunk` positions at a time: the float32 logits of at most
+  [B, chunk, V] exist at once, in the forward and (each chunk recomputed
+  under `jax.checkpoint`) in the backward. `chunk=0` is the whole
+  sequence at once."""
+  if not chunk:
+    return token_logprobs(
+        model.logits_from_hidden(hidden), tokens, temperature, valid_vocab
+    )
+  h, targets = hidden[:, :-1], tokens[:, 1:]
+  b, t, d = h.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  h = h.reshape(b, n, chunk, d).swapaxes(0, 1)
+  targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(hc, tc):
+    return _picked_logprobs(
+        model.logits_from_hidden(hc), tc, temperature, valid_vocab
+    )
+
+  out = jax.lax.map(lambda a: one(*a), (h, targets))  # [n, B, chunk]
+  return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "temperature", "valid_vocab")
+    jax.jit,
+    static_argnames=("graphdef", "temperature", "valid_vocab", "chunk"),
 )
 def logprobs(
     graphdef,
@@ -95,9 +140,12 @@ def logprobs(
     lengths: jax.Array,
     temperature: float = 1.0,
     valid_vocab: Optional[int] = None,
+    chunk: int = 0,
 ) -> jax.Array:
   """[B, T-1] log-probabilities of `tokens[:, 1:]` of a right-padded batch
-  (see `token_logprobs`)."""
+  (see `token_logprobs`; `chunk` as in `hidden_logprobs`)."""
   model = nnx.merge(graphdef, state)
-  logits, _, _ = right_padded_forward(model, tokens, lengths)
-  return token_logprobs(logits, tokens, temperature, valid_vocab)
+  _, hidden, _ = right_padded_forward(
+      model, tokens, lengths, return_logits=False
+  )
+  return hidden_logprobs(model, hidden, tokens, temperature, valid_vocab, chunk)

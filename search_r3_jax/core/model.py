@@ -146,6 +146,45 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
+def attention(
+    cfg: ModelConfig,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+) -> jax.Array:
+  """Grouped-query attention: q [B, T, N, H], k and v [B, S, K, H], mask
+  [B, T, S] (True where the query may attend the key) -> [B, T, N, H].
+
+  "einsum" is the reference: the float32 scores of each kv head's G query
+  heads as one einsum; "dot_product" is `jax.nn.dot_product_attention`
+  (GQA and the mask handled there, its logits and softmax in float32). A
+  query whose keys are all masked (left padding) gets uniform weights on
+  both paths, never NaN.
+  """
+  b, t, n, h = q.shape
+  if cfg.attention == "dot_product":
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=h**-0.5
+    )
+  kv_heads = cfg.num_kv_heads
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum(
+      "btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32
+  )
+  scores = scores * (h**-0.5)
+  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  o = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+  return o.reshape(b, t, n, h)
+
+
+_REMAT = {
+    "full": None,  # nothing saved: the block is recomputed from its input
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
 def block(
     cfg: ModelConfig,
     p: dict,
@@ -199,17 +238,7 @@ def block(
     v = jax.lax.dynamic_update_slice(
         cv, v.astype(cv.dtype), (0, cache_index, 0, 0)
     )
-  kv_heads = cfg.num_kv_heads
-  g = cfg.num_heads // kv_heads
-  q = q.reshape(b, t, kv_heads, g, cfg.head_dim)
-  scores = jnp.einsum(
-      "btkgh,bskh->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32
-  )
-  scores = scores * (cfg.head_dim**-0.5)
-  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  o = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt))
-  o = o.reshape(b, t, cfg.num_heads, cfg.head_dim)
+  o = attention(cfg, q, k.astype(dt), v.astype(dt), mask)
   if packed("wo"):
     x = x + qw.matmul(o.reshape(b, t, -1), "wo", layer).astype(dt)
   else:
@@ -366,6 +395,11 @@ class Decoder(nnx.Module):
       cv = jax.lax.dynamic_update_slice(cv, new(v).astype(cv.dtype), at)
       return (x, ck, cv), None
 
+    if cache is None and cfg.remat != "none":
+      # Under scan, CSE across iterations is not a risk (JAX's advice).
+      body = jax.checkpoint(
+          body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers
+      )
     fn, carry = (
         (body, x) if cache is None else (cached_body, (x, cache.k, cache.v))
     )

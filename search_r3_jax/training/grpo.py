@@ -58,17 +58,14 @@ BATCH_KEYS = (
 _BATCH_NDIMS = (2, 2, 1, 2, 2, 1, 1, 3)
 
 
-def _forward(graphdef, params, tokens, lengths):
-  return right_padded_forward(nnx.merge(graphdef, params), tokens, lengths)
-
-
 # [N, T-1] log p(tokens[:, t] | prefix) under some parameters (e.g. the old
 # policy's before several inner epochs): the core's jitted forward.
 logprobs = encoding.logprobs
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "temperature", "valid_vocab")
+    jax.jit,
+    static_argnames=("graphdef", "temperature", "valid_vocab", "logprob_chunk"),
 )
 def policy_outputs(
     graphdef,
@@ -79,6 +76,7 @@ def policy_outputs(
     temperature: float = 1.0,
     valid_vocab: Optional[int] = None,
     targets: Optional[jax.Array] = None,
+    logprob_chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
   """One forward pass of the sampling policy over a GRPO batch: the [N, T-1]
   old log-probabilities and the [N, D] L2-normalised embeddings at
@@ -88,18 +86,22 @@ def policy_outputs(
   rollouts from: softmax(logits / temperature) over the first `valid_vocab`
   columns. Taken from the unscaled logits, the importance ratio, and so the
   gradient, would belong to another policy at any temperature but 1.
+  `logprob_chunk` positions of logits at a time (0: all at once).
   """
-  logits, hidden, _ = _forward(graphdef, params, tokens, lengths)
-  emb = l2_normalize(hidden_at(hidden, embed_pos).astype(jnp.float32))
-  return (
-      losses_lib.token_logprobs(
-          logits,
-          tokens if targets is None else targets,
-          temperature,
-          valid_vocab,
-      ),
-      emb,
+  model = nnx.merge(graphdef, params)
+  _, hidden, _ = right_padded_forward(
+      model, tokens, lengths, return_logits=False
   )
+  emb = l2_normalize(hidden_at(hidden, embed_pos).astype(jnp.float32))
+  logp = encoding.hidden_logprobs(
+      model,
+      hidden,
+      tokens if targets is None else targets,
+      temperature,
+      valid_vocab,
+      logprob_chunk,
+  )
+  return logp, emb
 
 
 def grpo_losses(
@@ -112,23 +114,33 @@ def grpo_losses(
       (KL weight; 0 skips the reference), `aux_weight` (0 skips the
       auxiliary InfoNCE), `tau`, and the sampler's `temperature` and
       `valid_vocab`: the policy's and the reference's log-probabilities are
-      taken under the distribution the rollouts were drawn from.
+      taken under the distribution the rollouts were drawn from;
+      `logprob_chunk` (0: off) bounds their logits to that many positions
+      at a time.
   """
   tokens, lengths = batch["tokens"], batch["lengths"]
   targets = batch.get("targets", tokens)
   temperature = float(cfg.get("temperature", 1.0))
   valid_vocab = cfg.get("valid_vocab")
 
-  def logprobs_of(logits):
-    return losses_lib.token_logprobs(logits, targets, temperature, valid_vocab)
+  chunk = int(cfg.get("logprob_chunk", 0))
 
-  logits, hidden, _ = _forward(graphdef, params, tokens, lengths)
-  logp = logprobs_of(logits)
+  def logprobs_of(p):
+    # Full-vocabulary logits `chunk` positions at a time (0: all at once).
+    model = nnx.merge(graphdef, p)
+    _, hidden, _ = right_padded_forward(
+        model, tokens, lengths, return_logits=False
+    )
+    logp = encoding.hidden_logprobs(
+        model, hidden, targets, temperature, valid_vocab, chunk
+    )
+    return logp, hidden
+
+  logp, hidden = logprobs_of(params)
   mask = batch["mask"][:, 1:]
   beta = float(cfg["beta"])
   if beta:
-    ref_logits, _, _ = _forward(graphdef, ref_params, tokens, lengths)
-    ref_logp = jax.lax.stop_gradient(logprobs_of(ref_logits))
+    ref_logp = jax.lax.stop_gradient(logprobs_of(ref_params)[0])
   else:
     ref_logp = jax.lax.stop_gradient(logp)
   args = (logp, batch["old_logp"], ref_logp, mask, batch["advantages"])

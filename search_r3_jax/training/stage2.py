@@ -326,6 +326,7 @@ class Stage2:
     self.sampling = dict(
         temperature=float(rl.temperature),
         valid_vocab=int(self.tokenizer.vocab_size),
+        logprob_chunk=int(rl.get("logprob_chunk", 0)),
     )
     self.step_fn, self.batch_sh = grpo.make_grpo_step(
         self.graphdef,

@@ -33,6 +33,17 @@ def load_model(cfg, mesh: Mesh) -> LoadedDecoder:
   """The starting model of a training config: `init_from` (a workdir's
   trained parameters, or any model path), a random model (`random_init`),
   or the preset `model`."""
+  loaded = _load_model(cfg, mesh)
+  # How the blocks compute (attention path, rematerialisation) is this
+  # run's choice, whatever made the parameters; the numbers are the same.
+  loaded.model.cfg = loaded.model.cfg.replace(
+      attention=cfg.get("attention", "einsum"),
+      remat=cfg.get("remat", "none"),
+  )
+  return loaded
+
+
+def _load_model(cfg, mesh: Mesh) -> LoadedDecoder:
   if cfg.init_from and is_workdir(cfg.init_from):
     return load_workdir(cfg.init_from, mesh=mesh)
   if cfg.random_init:
