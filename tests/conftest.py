@@ -57,9 +57,16 @@ def write_word_tokenizer(d: pathlib.Path, n_ids: int) -> None:
 
 
 def make_tiny_hf_dir(
-    d: pathlib.Path, arch: str, seed: int = 0, tokenizer_ids: int = 113
+    d: pathlib.Path,
+    arch: str,
+    seed: int = 0,
+    tokenizer_ids: int = 113,
+    dtype: str = "float32",
+    max_shard_size=None,
 ) -> pathlib.Path:
-  """Random tiny Llama or Qwen2 written by transformers' save_pretrained.
+  """Random tiny Llama or Qwen2 written by transformers' save_pretrained,
+  its weights stored as `dtype` (float32, bfloat16 or float16), split into
+  files of at most `max_shard_size` when given.
 
   The tokenizer knows fewer ids than the embedding has rows, like Qwen's
   padded vocabulary.
@@ -87,7 +94,9 @@ def make_tiny_hf_dir(
       if "norm" in name or name.endswith("bias"):
         p.add_(0.1 * torch.randn_like(p))
   d.mkdir(parents=True, exist_ok=True)
-  model.save_pretrained(str(d))
+  model = model.to(getattr(torch, dtype))
+  kw = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
+  model.save_pretrained(str(d), **kw)
   write_word_tokenizer(d, tokenizer_ids)
   return d
 

@@ -61,7 +61,28 @@ def load_decoder(
     scan_layers: bool = True,
 ) -> LoadedDecoder:
   """Reads a preset, an HF directory or a `.gguf` file onto the mesh."""
-  ckpt = load_checkpoint(name_or_path, model_dir=model_dir)
+  return decoder_from_checkpoint(
+      load_checkpoint(name_or_path, model_dir=model_dir),
+      compute_dtype=compute_dtype,
+      param_dtype=param_dtype,
+      mesh=mesh,
+      mesh_shape=mesh_shape,
+      rules=rules,
+      scan_layers=scan_layers,
+  )
+
+
+def decoder_from_checkpoint(
+    ckpt: Checkpoint,
+    *,
+    compute_dtype: str = "float32",
+    param_dtype: str = "float32",
+    mesh: Optional[Mesh] = None,
+    mesh_shape=(1, -1, 1),
+    rules: shd.Rules = shd.DEFAULT_RULES,
+    scan_layers: bool = True,
+) -> LoadedDecoder:
+  """`load_decoder` of a checkpoint already opened."""
   cfg = ModelConfig.from_hf(
       ckpt.hf_config,
       source=ckpt.source,

@@ -28,14 +28,19 @@ class Checkpoint:
     hf_config: dict in HF config.json form (model_type, hidden_size, ...).
     tensor_names: the HF names of all tensors present, e.g.
       "model.layers.0.self_attn.q_proj.weight".
-    get_tensor: returns one tensor by HF name as float32 numpy in HF layout.
-      Lazy so that large checkpoints are read one tensor at a time.
+    get_tensor: returns one tensor by HF name as numpy in HF layout, in
+      the file's dtype (float32 for a dequantized GGUF tensor; bfloat16,
+      float16 or float32 for safetensors, as a memory-mapped view that is
+      read only where it is used). Lazy so that large checkpoints are read
+      one tensor, or one slice of one, at a time.
     tokenizer: a `tokenizers.Tokenizer` (without the embed token).
     chat_template: Jinja chat template, or None.
     bos_token, eos_token, pad_token: token strings, or None.
     get_blocks: for block-quantized files, HF name -> (type name, raw
       uint8 [rows, bytes per row]) in HF row order, or None where the tensor
       is not block-quantized; None for formats without blocks.
+    lazy_tensors: `get_tensor` returns views that cost nothing until read
+      (memory-mapped safetensors), so a loader may call it per shard.
   """
 
   source: str
@@ -49,3 +54,4 @@ class Checkpoint:
   pad_token: Optional[str] = None
   extra: Mapping[str, object] = dataclasses.field(default_factory=dict)
   get_blocks: Optional[Callable[[str], Optional[tuple[str, np.ndarray]]]] = None
+  lazy_tensors: bool = False

@@ -139,21 +139,102 @@ def _np_dtype(cfg: ModelConfig):
 
 
 def _fetch(ckpt: Checkpoint, name: str, expect: tuple) -> np.ndarray:
+  """The tensor in the file's dtype (a view, for memory-mapped files)."""
   if name not in ckpt.tensor_names:
     raise WeightsError(f"{ckpt.source}: tensor {name!r} is missing")
-  w = np.asarray(ckpt.get_tensor(name), dtype=np.float32)
+  w = np.asarray(ckpt.get_tensor(name))
   if tuple(w.shape) != tuple(expect):
     raise WeightsError(
         f"{ckpt.source}: tensor {name!r} has shape "
         f"{tuple(w.shape)}, the config implies {tuple(expect)}"
     )
+  if w.dtype.kind not in "fV" and w.dtype != ml_dtypes.bfloat16:
+    raise WeightsError(
+        f"{ckpt.source}: tensor {name!r} has dtype {w.dtype}, not a float"
+    )
   return w
+
+
+class HostParam:
+  """A parameter of the model's layout, assembled from checkpoint tensors
+  only where it is indexed: `param[idx]` reads, converts and returns just
+  that slice (in the file's dtype where no arithmetic is needed), so a
+  device's shard is read without the whole parameter, or a whole file,
+  ever being in host memory."""
+
+  shape: tuple[int, ...]
+
+  def __getitem__(self, idx) -> np.ndarray:
+    raise NotImplementedError
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    out = self[tuple(slice(None) for _ in self.shape)]
+    return out if dtype is None else out.astype(dtype)
+
+
+class _Stacked(HostParam):
+  """`layers[i]()` is layer i's tensor in our layout; the parameter stacks
+  them on a leading layer axis (or is the single tensor, `stack=False`)."""
+
+  def __init__(self, layers, shape, stack: bool = True):
+    self.layers, self.shape, self.stack = layers, tuple(shape), stack
+
+  def __getitem__(self, idx):
+    idx = tuple(idx)
+    if not self.stack:
+      return np.asarray(self.layers[0]()[idx])
+    picked = range(len(self.layers))[idx[0]]
+    return np.stack([np.asarray(self.layers[i]()[idx[1:]]) for i in picked])
+
+
+class _Rows(HostParam):
+  """A [V_src, D] embedding grown to `vocab` rows, the new rows (and any
+  row set by `set_mean`) the float32 mean of the source rows; `transpose`
+  makes it the [D, V] output head."""
+
+  def __init__(self, base: np.ndarray, vocab: int, transpose: bool = False):
+    self.base, self.vocab, self.transpose = base, int(vocab), transpose
+    d = base.shape[1]
+    self.shape = (d, self.vocab) if transpose else (self.vocab, d)
+    self.overrides: set[int] = set()
+    self._mean = None
+
+  def mean(self) -> np.ndarray:
+    if self._mean is None:
+      total = np.zeros((self.base.shape[1],), np.float64)
+      for i in range(0, self.base.shape[0], 8192):
+        total += self.base[i : i + 8192].astype(np.float64).sum(0)
+      self._mean = (total / self.base.shape[0]).astype(np.float32)
+    return self._mean
+
+  def set_mean(self, row: int) -> None:
+    self.overrides.add(int(row))
+
+  def __getitem__(self, idx):
+    rows_idx, cols_idx = (idx[1], idx[0]) if self.transpose else idx
+    ids = np.arange(self.vocab)[rows_idx]
+    n_src = self.base.shape[0]
+    needs_mean = bool(self.overrides) or ids.size and ids.max() >= n_src
+    if not needs_mean:
+      out = np.asarray(self.base[rows_idx][:, cols_idx])
+    else:
+      out = np.empty((ids.size, self.base.shape[1]), np.float32)
+      src = ids < n_src
+      out[src] = self.base[ids[src]]
+      out[~src] = self.mean()
+      for r in self.overrides:
+        out[ids == r] = self.mean()
+      out = out[:, cols_idx]
+    return out.T if self.transpose else out
 
 
 def host_params(
     ckpt: Checkpoint, cfg: ModelConfig, source_vocab: int
-) -> dict[tuple, np.ndarray]:
-  """Reads every parameter into host numpy arrays keyed by nnx path.
+) -> dict[tuple, np.ndarray | HostParam]:
+  """Every parameter keyed by nnx path, as a `HostParam` read on demand
+  (tensor by tensor, slice by slice) where the checkpoint's tensors are
+  memory-mapped (`ckpt.lazy_tensors`), else as host numpy arrays.
 
   Args:
     ckpt: the checkpoint.
@@ -168,23 +249,19 @@ def host_params(
     used.add(name)
     return _fetch(ckpt, name, expect)
 
-  def grow(w):  # [V_src, D] -> [V, D]
-    if c.vocab_size == source_vocab:
-      return w
-    extra = np.broadcast_to(
-        w.mean(0, keepdims=True), (c.vocab_size - source_vocab, w.shape[1])
-    )
-    return np.concatenate([w, extra], 0)
-
   out = {}
-  out[("embed",)] = grow(
-      get("model.embed_tokens.weight", (source_vocab, c.hidden_size))
+  out[("embed",)] = _Rows(
+      get("model.embed_tokens.weight", (source_vocab, c.hidden_size)),
+      c.vocab_size,
   )
-  out[("final_norm",)] = get("model.norm.weight", (c.hidden_size,))
+  norm = get("model.norm.weight", (c.hidden_size,))
+  out[("final_norm",)] = _Stacked([lambda: norm], norm.shape, stack=False)
   if not c.tie_word_embeddings:
-    out[("lm_head",)] = grow(
-        get("lm_head.weight", (source_vocab, c.hidden_size))
-    ).T
+    out[("lm_head",)] = _Rows(
+        get("lm_head.weight", (source_vocab, c.hidden_size)),
+        c.vocab_size,
+        transpose=True,
+    )
   elif "lm_head.weight" in ckpt.tensor_names:
     used.add("lm_head.weight")  # a tied copy some exporters keep
   hf_shapes = {
@@ -214,11 +291,17 @@ def host_params(
   ] + (["bq", "bk", "bv"] if c.attention_bias else [])
   for ours in names:
     suffix, conv = _BLOCK_MAP[ours]
-    out[("blocks", ours)] = np.stack(
+    hf = [f"model.layers.{i}.{suffix}" for i in range(c.num_layers)]
+    # Every tensor is checked (name, shape) now; its bytes are read later.
+    first = conv(get(hf[0], hf_shapes[ours]), c)
+    for name in hf[1:]:
+      get(name, hf_shapes[ours])
+    out[("blocks", ours)] = _Stacked(
         [
-            conv(get(f"model.layers.{i}.{suffix}", hf_shapes[ours]), c)
-            for i in range(c.num_layers)
-        ]
+            lambda n=name, s=hf_shapes[ours], f=conv: f(_fetch(ckpt, n, s), c)
+            for name in hf
+        ],
+        (c.num_layers,) + first.shape,
     )
   unexpected = sorted(
       n for n in ckpt.tensor_names if n not in used and not _IGNORED.match(n)
@@ -229,6 +312,9 @@ def host_params(
         f"{ckpt.source}: tensors not used by a {c.arch} model with "
         f"{c.num_layers} layers: {unexpected[:5]}{more}"
     )
+  if not getattr(ckpt, "lazy_tensors", False):
+    # Tensors computed on each read (a dequantized GGUF): read each once.
+    out = {k: np.asarray(v, np.float32) for k, v in out.items()}
   return out
 
 
@@ -241,11 +327,14 @@ def set_rows(params: dict, rows: dict[int, str]) -> None:
   for token_id, how in rows.items():
     if how != "mean":
       raise ValueError(f"unknown row init {how!r}")
-    emb = params[("embed",)]
-    emb[token_id] = emb.mean(0)
-    if ("lm_head",) in params:
-      head = params[("lm_head",)]
-      head[:, token_id] = head.mean(1)
+    for key in (("embed",), ("lm_head",)):
+      p = params.get(key)
+      if isinstance(p, _Rows):
+        p.set_mean(token_id)
+      elif p is not None and key == ("embed",):
+        p[token_id] = p.mean(0)
+      elif p is not None:
+        p[:, token_id] = p.mean(1)
 
 
 def model_from_host(
@@ -262,10 +351,13 @@ def model_from_host(
   for path, sharding_var in nnx.to_flat_state(shardings):
     if path not in params:
       raise WeightsError(f"no value for parameter {'/'.join(path)}")
-    host = np.ascontiguousarray(params[path], dtype=dtype)
+    host = params[path]
     sharding = sharding_var.get_value()
+    # Each device's shard is read (and cast) on its own.
     arr = jax.make_array_from_callback(
-        host.shape, sharding, lambda idx, h=host: h[idx]
+        tuple(host.shape),
+        sharding,
+        lambda idx, h=host: np.ascontiguousarray(h[idx], dtype=dtype),
     )
     flat.append((path, sharding_var.replace(arr)))
   state = nnx.from_flat_state(flat)

@@ -8,11 +8,11 @@ import pathlib
 from typing import Optional
 
 import numpy as np
-from safetensors import safe_open
 import tokenizers
 
 from search_r3_jax.core.weights.common import Checkpoint
 from search_r3_jax.core.weights.common import WeightsError
+from search_r3_jax.core.weights.safetensors_mmap import SafetensorsFile
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -71,26 +71,23 @@ def read_hf_dir(path: str | os.PathLike) -> Checkpoint:
     )
   hf_config = _read_json(cfg_path)
 
-  where: dict[str, pathlib.Path] = {}
+  # Each file is mapped once; a tensor is a view of its bytes in the
+  # file's dtype, read only where a parameter's slice uses it.
+  where: dict[str, SafetensorsFile] = {}
   for f in _safetensors_files(d):
     try:
-      with safe_open(str(f), framework="numpy") as st:
-        for name in st.keys():
-          where[name] = f
-    except Exception as e:  # safetensors raises its own error types
+      st = SafetensorsFile(f)
+    except OSError as e:
       raise WeightsError(f"{f}: cannot read safetensors header: {e}") from None
+    for name in st.names():
+      if name in where:
+        raise WeightsError(
+            f"tensor {name!r} is in both {where[name].path} and {f}"
+        )
+      where[name] = st
 
   def get_tensor(name: str) -> np.ndarray:
-    f = where[name]
-    try:
-      with safe_open(str(f), framework="numpy") as st:
-        return st.get_tensor(name).astype(np.float32)
-    except TypeError:  # bf16 is not a numpy dtype: go through flax's reader
-      from safetensors.flax import load_file
-
-      return np.asarray(load_file(str(f))[name], dtype=np.float32)
-    except Exception as e:
-      raise WeightsError(f"{f}: cannot read tensor {name!r}: {e}") from None
+    return where[name].tensor(name)
 
   tok_path = d / "tokenizer.json"
   if not tok_path.exists():
@@ -121,4 +118,5 @@ def read_hf_dir(path: str | os.PathLike) -> Checkpoint:
       eos_token=_token_str(tcfg.get("eos_token")),
       pad_token=_token_str(tcfg.get("pad_token")),
       extra={"generation_config": gen},
+      lazy_tensors=True,
   )
