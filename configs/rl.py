@@ -134,6 +134,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint_every = 2
     c.eval.update(corpus_size=48, doc_len=24, batch_size=16, max_queries=8)
     c.train_corpus.size = 48
+  elif arg in blocks.RECIPES:
+    c.stage1 = blocks.stage1(arg)
+    blocks.apply_recipe(c, arg, stage=2)
   elif arg:
-    raise ValueError(f"unknown variant {arg!r}; known: tiny")
+    raise ValueError(
+        f"unknown variant {arg!r}; known: tiny, {', '.join(blocks.RECIPES)}"
+    )
   return c

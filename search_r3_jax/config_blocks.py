@@ -53,6 +53,12 @@ def base(stage: int, workdir: str) -> ml_collections.ConfigDict:
   c.attention = "einsum"
   c.remat = "none"
   c.mesh = (1, -1, 1)  # ('data', 'fsdp', 'tensor'); -1 is "the rest"
+  # Before loading the model the step is compiled from abstract shapes and
+  # its memory per device printed (training/memory.py); a step whose peak
+  # exceeds `max_device_gib` (0: the device's own limit where JAX reports
+  # one) stops the run there.
+  c.memory_report = True
+  c.max_device_gib = 0.0
   c.log_every = 1
   c.keep_checkpoints = 3
   return c
@@ -92,6 +98,11 @@ def optimizer(
           # The learning rate of `<|embed_token|>`'s row relative to the
           # rest (stage 1 raises it: see train_state.scale_token_rows).
           embed_token_lr_scale=1.0,
+          # "": Adam's moments in the parameters' dtype; "float32":
+          # float32 moments over float32 master weights (for bfloat16
+          # parameters); "bfloat16": the first moment in bfloat16 (the
+          # second follows the parameters).
+          state_dtype="",
       )
   )
   o.update(overrides)
@@ -204,6 +215,102 @@ def stage1(arg: str = "") -> ml_collections.ConfigDict:
         max_queries=16,
         at_start=False,
     )
+  elif arg in RECIPES:
+    apply_recipe(c, arg, stage=1)
   elif arg:
-    raise ValueError(f"unknown variant {arg!r}; known: tiny")
+    raise ValueError(
+        f"unknown variant {arg!r}; known: tiny, {', '.join(RECIPES)}"
+    )
   return c
+
+
+# Recipes for the paper's model, Qwen2.5-1.5B-Instruct (an HF directory:
+# --config.model_dir=DIR or SEARCH_R3_QWEN2_5_1_5B_DIR). Each names a
+# target and the settings that size the run for it; the paper's settings
+# (G = 8, clip 0.2, beta 1e-3, temperature 1, 128 reasoning tokens) are the
+# stage-2 defaults already. `training/memory.py` reports what each needs
+# per device before the first step (docs/accelerators.md).
+RECIPES = {
+    # One TPU v5e chip (Colab's TPU runtime, 16 GB of HBM): bfloat16
+    # parameters and bfloat16 Adam moments, every block rematerialised,
+    # small batches, and no frozen reference (its 2.9 GB): stage 1 without
+    # the KL term, stage 2 with beta 0, as GRACE trains the same model.
+    "qwen1.5b-v5e-1": dict(
+        mesh=(1, 1, 1),
+        param_dtype="bfloat16",
+        state_dtype="bfloat16",
+        remat="full",
+        reference=False,
+        stage1=dict(batch_size=4, query_len=192, doc_len=160, negatives=1),
+        stage2=dict(queries_per_step=1, logprob_chunk=64),
+    ),
+    # A TPU v5e-8 slice (8 chips, 16 GB each): FSDP over the 8 chips,
+    # bfloat16 parameters with float32 Adam moments over float32 master
+    # weights, every block rematerialised.
+    "qwen1.5b-v5e-8": dict(
+        mesh=(1, 8, 1),
+        param_dtype="bfloat16",
+        state_dtype="float32",
+        remat="full",
+        stage1=dict(batch_size=16, query_len=256, doc_len=256, negatives=3),
+        stage2=dict(queries_per_step=4, logprob_chunk=128),
+    ),
+    # 8 H100s (80 GB each): FSDP over the 8 GPUs, float32 parameters and
+    # moments with bfloat16 matmuls (MaxText's default split), cuDNN flash
+    # attention through jax.nn.dot_product_attention; the blocks are
+    # rematerialised (without, XLA's estimate for batch 32 is far over 80 GB).
+    "qwen1.5b-8xh100": dict(
+        mesh=(1, 8, 1),
+        param_dtype="float32",
+        state_dtype="",
+        remat="full",
+        stage1=dict(batch_size=64, query_len=256, doc_len=256, negatives=3),
+        stage2=dict(queries_per_step=16, logprob_chunk=128),
+    ),
+}
+
+
+def apply_recipe(c: ml_collections.ConfigDict, name: str, stage: int) -> None:
+  """Sets `c` (a stage-1 or stage-2 config) to recipe `name`."""
+  r = RECIPES[name]
+  c.model = "qwen2.5-1.5b-instruct"
+  c.mesh = r["mesh"]
+  c.param_dtype = r["param_dtype"]
+  c.compute_dtype = "bfloat16"
+  c.attention = "dot_product"
+  c.remat = r["remat"]
+  c.optimizer.state_dtype = r["state_dtype"]
+  keep_reference = r.get("reference", True)
+  # The full corpus, documents cut to 256 tokens.
+  c.eval.update(corpus_size=0, doc_len=256, batch_size=64, max_queries=0)
+  if stage == 1:
+    s = r["stage1"]
+    c.batch_size = s["batch_size"]
+    c.query_len, c.doc_len = s["query_len"], s["doc_len"]
+    c.data.num_negatives = s["negatives"]
+    c.total_steps = 2000
+    c.optimizer.update(learning_rate=1e-5, warmup_steps=100)
+    c.reasoning.update(max_new_tokens=128, batch_size=32)
+    c.eval.max_new_tokens = 128
+    if not keep_reference:
+      c.loss.weights.kl = 0.0
+    c.eval_every = 500
+    c.checkpoint_every = 250
+  else:
+    s = r["stage2"]
+    c.rl.update(
+        queries_per_step=s["queries_per_step"],
+        max_new_tokens=128,
+        max_query_tokens=64,
+        length_bucket=64,
+        logprob_chunk=s["logprob_chunk"],
+    )
+    c.env.update(engine="scann")
+    if not keep_reference:
+      c.loss.beta = 0.0
+    c.train_corpus.size = 0
+    c.total_steps = 500
+    # GRACE's GRPO rate on the same model (PAPER.md).
+    c.optimizer.update(learning_rate=1e-6, warmup_steps=10)
+    c.eval_every = 100
+    c.checkpoint_every = 50

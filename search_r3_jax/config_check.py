@@ -42,6 +42,7 @@ from search_r3_jax import config_blocks
 from search_r3_jax.core import sharding as shd
 from search_r3_jax.core.config import ATTENTION_IMPLS
 from search_r3_jax.core.config import ModelConfig
+from search_r3_jax.core.config import OPTIMIZER_STATE_DTYPES
 from search_r3_jax.core.config import REMAT_POLICIES
 from search_r3_jax.core.errors import UserError
 from search_r3_jax.retrieval.env_config import EnvConfig
@@ -125,6 +126,8 @@ _TRAIN_RULES = _EVAL_RULES + (
     one_of("param_dtype", *DTYPES),
     one_of("attention", *ATTENTION_IMPLS),
     one_of("remat", *REMAT_POLICIES),
+    at_least("max_device_gib", 0, " (0: the device's own limit)"),
+    one_of("optimizer.state_dtype", *OPTIMIZER_STATE_DTYPES),
     at_least("optimizer.learning_rate", 0),
     at_least("optimizer.warmup_steps", 0),
     at_least("optimizer.total_steps", 1),

@@ -23,6 +23,9 @@ ATTENTION_IMPLS = ("einsum", "dot_product")
 # input ("full": all else is recomputed) or its matmul outputs
 # ("dots_saveable").
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+# The optimizer's state (training/train_state.py): "" the parameters' dtype,
+# "float32" moments over float32 master weights, "bfloat16" moments.
+OPTIMIZER_STATE_DTYPES = ("", "float32", "bfloat16")
 
 _DTYPES = {
     "float32": jnp.float32,

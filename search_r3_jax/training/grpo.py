@@ -58,6 +58,22 @@ BATCH_KEYS = (
 _BATCH_NDIMS = (2, 2, 1, 2, 2, 1, 1, 3)
 
 
+def batch_shapes(n: int, seq_len: int, docs: int, dim: int) -> dict:
+  """(shape, dtype) of every array of a GRPO batch of `n` rollouts of
+  `seq_len` tokens with `docs` auxiliary documents of dimension `dim`."""
+  i32, f32 = jnp.int32, jnp.float32
+  return dict(
+      tokens=((n, seq_len), i32),
+      targets=((n, seq_len), i32),
+      lengths=((n,), i32),
+      mask=((n, seq_len), f32),
+      old_logp=((n, seq_len - 1), f32),
+      advantages=((n,), f32),
+      embed_pos=((n,), i32),
+      docs=((n, docs, dim), f32),
+  )
+
+
 # [N, T-1] log p(tokens[:, t] | prefix) under some parameters (e.g. the old
 # policy's before several inner epochs): the core's jitted forward.
 logprobs = encoding.logprobs

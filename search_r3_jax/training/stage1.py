@@ -33,6 +33,7 @@ from search_r3_jax.data import sources as data_lib
 from search_r3_jax.retrieval import evaluation
 from search_r3_jax.training import analyses as analyses_lib
 from search_r3_jax.training import losses as losses_lib
+from search_r3_jax.training import memory
 from search_r3_jax.training import train_state
 from search_r3_jax.training import trainer
 from search_r3_jax.training.registry import call_with
@@ -41,6 +42,7 @@ from search_r3_jax.training.runtime import say
 from search_r3_jax.training.train_state import gradient_step
 from search_r3_jax.training.train_state import TrainState
 from search_r3_jax.training.workdir import load_model
+from search_r3_jax.training.workdir import planned_model
 
 BATCH_KEYS = (
     "q_tokens",
@@ -325,6 +327,57 @@ def stage1_step(cfg, model, mesh):
   return graphdef, state, step_fn, batch_sh, batcher
 
 
+def batch_shapes(cfg) -> dict[str, tuple[int, ...]]:
+  """The shape of every array of a stage-1 batch (`Batcher`'s output)."""
+  b, k = int(cfg.batch_size), 1 + int(cfg.data.num_negatives)
+  q, d = int(cfg.query_len), int(cfg.doc_len)
+  return dict(
+      q_tokens=(b, q),
+      q_lengths=(b,),
+      q_mask=(b, q),
+      q_kl_mask=(b, q),
+      q_embed_pos=(b,),
+      d_tokens=(b, k, d),
+      d_lengths=(b, k),
+      d_groups=(b, k),
+  )
+
+
+def plan_memory(cfg, model_cfg, mesh, embed_token_id: int, limit=None):
+  """The stage-1 step compiled ahead of time from abstract shapes: (its
+  `memory.MemoryReport`, the compiled step, the abstract state's
+  shardings). Nothing is allocated."""
+  tx, schedule = train_state.make_optimizer(
+      cfg.optimizer, embed_token_ids=(embed_token_id,)
+  )
+  graphdef, state, shardings = memory.abstract_train_state(
+      model_cfg, tx, mesh, with_reference=bool(cfg.loss.weights.get("kl"))
+  )
+  step_fn, batch_sh = make_sft_step(
+      graphdef,
+      tx,
+      schedule,
+      cfg.loss.to_dict(),
+      mesh,
+      shardings,
+      batch_size=cfg.batch_size,
+  )
+  shapes = batch_shapes(cfg)
+  batch = memory.abstract_batch(
+      shapes, {k: jnp.int32 for k in shapes}, batch_sh
+  )
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  rng = jax.ShapeDtypeStruct(
+      rng.shape,
+      rng.dtype,
+      sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
+  report, compiled = memory.report(
+      "stage 1", step_fn, (state, batch, rng), state, batch, limit
+  )
+  return report, compiled, shardings
+
+
 class Stage1:
   """Stage 1 for the trainer loop: batches of training examples, the
   four-loss step, evaluation with reasoning off."""
@@ -345,10 +398,28 @@ class Stage1:
         [k for k, v in cfg.loss.weights.items() if v], "loss.weights"
     )
     mesh = shd.make_mesh(tuple(cfg.mesh))
+    planned = None
+    if cfg.get("memory_report", True):
+      # Sized before anything is allocated; a step that cannot fit stops here.
+      model_cfg, tok = planned_model(cfg)
+      self.memory, compiled, planned_sh = plan_memory(
+          cfg,
+          model_cfg,
+          mesh,
+          tok.embed_token_id,
+          memory.device_limit(cfg.get("max_device_gib", 0.0)),
+      )
+      say(self.memory.text())
+      self.memory.check()
+      planned = (model_cfg, compiled, planned_sh)
     loaded = load_model(cfg, mesh)
     self.graphdef, self.state, self.step_fn, self.batch_sh, self.batcher = (
         stage1_step(cfg, loaded, mesh)
     )
+    if planned is not None:
+      self.step_fn = memory.reuse_compiled(
+          planned, loaded.model.cfg, self.state, self.step_fn
+      )
     self._policy = Policy(
         self.graphdef,
         self.state.params,

@@ -62,6 +62,7 @@ from search_r3_jax.retrieval.index import read_meta
 from search_r3_jax.training import advantages as advantages_lib
 from search_r3_jax.training import grpo
 from search_r3_jax.training import losses as losses_lib
+from search_r3_jax.training import memory
 from search_r3_jax.training import rewards as rewards_lib
 from search_r3_jax.training import rollouts as rollouts_lib
 from search_r3_jax.training import train_state as ts_lib
@@ -71,6 +72,7 @@ from search_r3_jax.training.rollouts import Rollouts
 from search_r3_jax.training.runtime import say
 from search_r3_jax.training.trainer import Guard
 from search_r3_jax.training.workdir import load_model
+from search_r3_jax.training.workdir import planned_model
 
 RANK_BINS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10))
 
@@ -191,6 +193,59 @@ def aux_documents(
   return out
 
 
+def longest_row(tok, cfg) -> int:
+  """The longest GRPO row a config allows with tokenizer `tok`: the
+  reasoning prompt around a query of `rl.max_query_tokens`,
+  `rl.max_new_tokens` sampled and the embed suffix, in `rl.length_bucket`s."""
+  rl = cfg.rl
+  prompts = PromptConfig()
+  template = len(tok.embedding_prompt(prompts, "query", "x", reasoning=True))
+  longest = (
+      template
+      - 1
+      + int(rl.max_query_tokens)
+      + int(rl.max_new_tokens)
+      + len(embed_suffix(tok, prompts))
+  )
+  return round_up(longest, int(rl.length_bucket))
+
+
+def plan_memory(cfg, model_cfg, mesh, *, seq_len: int, limit=None):
+  """The GRPO update compiled ahead of time from abstract shapes for rows
+  of `seq_len` tokens: (its `memory.MemoryReport`, the compiled update).
+  Nothing is allocated."""
+  rl = cfg.rl
+  tx, schedule = ts_lib.make_optimizer(cfg.optimizer)
+  graphdef, state, shardings = memory.abstract_train_state(
+      model_cfg, tx, mesh, with_reference=bool(cfg.loss.beta)
+  )
+  n = int(rl.group_size) * int(rl.queries_per_step)
+  sampling = dict(
+      temperature=float(rl.temperature),
+      valid_vocab=int(model_cfg.vocab_size),
+      logprob_chunk=int(rl.get("logprob_chunk", 0)),
+  )
+  step_fn, batch_sh = grpo.make_grpo_step(
+      graphdef,
+      tx,
+      schedule,
+      dict(cfg.loss.to_dict(), **sampling),
+      mesh,
+      shardings,
+      batch_size=n,
+  )
+  docs = int(rl.aux_documents) if cfg.loss.aux_weight else 1
+  spec = grpo.batch_shapes(n, seq_len, docs, model_cfg.hidden_size)
+  batch = memory.abstract_batch(
+      {k: v[0] for k, v in spec.items()},
+      {k: v[1] for k, v in spec.items()},
+      batch_sh,
+  )
+  return memory.report(
+      "stage 2 update", step_fn, (state, batch), state, batch, limit
+  )
+
+
 def rollout_metrics(ro, sc, group_size: int) -> dict[str, float]:
   reward = np.asarray(sc["reward"], np.float64)
   groups = reward.reshape(-1, group_size)
@@ -308,6 +363,19 @@ class Stage2:
     check_config(cfg)
     self.group, self.nq = int(rl.group_size), int(rl.queries_per_step)
     self.mesh = shd.make_mesh(tuple(cfg.mesh))
+    self.memory = None
+    if cfg.get("memory_report", True):
+      # The update at its longest rows, sized before anything is allocated.
+      model_cfg, tok = planned_model(cfg)
+      self.memory = plan_memory(
+          cfg,
+          model_cfg,
+          self.mesh,
+          seq_len=longest_row(tok, cfg),
+          limit=memory.device_limit(cfg.get("max_device_gib", 0.0)),
+      )[0]
+      say(self.memory.text())
+      self.memory.check()
     loaded = load_model(cfg, self.mesh)
     self.tokenizer = loaded.tokenizer
     tx, schedule = ts_lib.make_optimizer(cfg.optimizer)

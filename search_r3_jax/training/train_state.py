@@ -8,7 +8,7 @@ those shardings in and out.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from flax import nnx
 import flax.struct
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from search_r3_jax.core.config import OPTIMIZER_STATE_DTYPES
 from search_r3_jax.core.model import Decoder
 
 
@@ -70,16 +71,66 @@ def scale_token_rows(
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+STATE_DTYPES = OPTIMIZER_STATE_DTYPES
+
+
+class MasterState(NamedTuple):
+  """`float32_master`'s state: float32 copies of the parameters and the
+  inner optimizer's state over them."""
+
+  master: Any
+  inner: Any
+
+
+def float32_master(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+  """Runs `inner` on float32 master copies of the parameters.
+
+  Parameters stored in bfloat16 (or float16) keep about 3 significant
+  digits: an update below a parameter's rounding step (a fine-tuning rate
+  of 1e-5 against weights of 1e-2 is one) is lost when added to it. Here
+  the gradients are cast to float32, `inner` (and its moments) run on the
+  float32 master, and the update handed back takes each parameter exactly
+  to its master rounded to the parameter's dtype (it is float32, so
+  `optax.apply_updates` adds it without rounding first).
+  """
+  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+  def init(params):
+    master = f32(params)
+    return MasterState(master, inner.init(master))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("float32_master needs the parameters")
+    step, inner_state = inner.update(f32(updates), state.inner, state.master)
+    master = optax.apply_updates(state.master, step)
+    out = jax.tree.map(
+        lambda m, p: m.astype(p.dtype).astype(jnp.float32)
+        - p.astype(jnp.float32),
+        master,
+        params,
+    )
+    return out, MasterState(master, inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(
     cfg: ml_collections.ConfigDict, embed_token_ids: tuple[int, ...] = ()
 ):
   """AdamW with linear warmup, cosine decay and global-norm clipping.
 
   Reads cfg.learning_rate, warmup_steps, total_steps, weight_decay, b1, b2,
-  clip_norm, grad_accum_steps, and `embed_token_lr_scale`: the learning
+  clip_norm, grad_accum_steps, `embed_token_lr_scale`: the learning
   rate of `embed_token_ids`' rows relative to the rest (`scale_token_rows`;
-  1, or absent, leaves them alone). Weight decay skips vectors (norms,
-  biases).
+  1, or absent, leaves them alone), and `state_dtype`: "" (the moments in
+  the parameters' dtype), "float32" (float32 moments over float32 master
+  copies of the parameters, `float32_master`: for bfloat16 parameters) or
+  "bfloat16" (the first moment stored in bfloat16; optax keeps the second
+  in the parameters' dtype, so both are bfloat16 for bfloat16 parameters). Weight decay skips vectors
+  (norms, biases).
 
   `warmup_steps` and `total_steps` count steps of the train loop; with
   gradient accumulation over k steps the optimizer updates every k-th step,
@@ -101,6 +152,11 @@ def make_optimizer(
   )
   schedule = (lambda step: inner(step // k)) if k > 1 else inner
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+  state_dtype = str(cfg.get("state_dtype", ""))
+  if state_dtype not in STATE_DTYPES:
+    raise ValueError(
+        f"optimizer.state_dtype={state_dtype!r}; known: {STATE_DTYPES}"
+    )
   tx = optax.chain(
       optax.clip_by_global_norm(cfg.clip_norm),
       optax.adamw(
@@ -109,11 +165,14 @@ def make_optimizer(
           b2=cfg.b2,
           weight_decay=cfg.weight_decay,
           mask=decay_mask,
+          mu_dtype=jnp.bfloat16 if state_dtype == "bfloat16" else None,
       ),
   )
   row_scale = float(cfg.get("embed_token_lr_scale", 1.0))
   if row_scale != 1.0 and embed_token_ids:
     tx = optax.chain(tx, scale_token_rows(tuple(embed_token_ids), row_scale))
+  if state_dtype == "float32":
+    tx = float32_master(tx)
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k)
   return tx, schedule
@@ -126,16 +185,7 @@ def create_train_state(model: Decoder, tx, mesh, with_reference: bool = True):
     (graphdef, state, state_shardings).
   """
   graphdef, params = nnx.split(model)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  # Moments shaped like a parameter take that parameter's sharding (FSDP
-  # covers them too); counters and the like are replicated.
-  opt_shardings = optax.tree_map_params(
-      tx,
-      lambda _, sharding: sharding,
-      jax.eval_shape(tx.init, params),
-      shardings_of(params),
-      transform_non_params=lambda _: replicated,
-  )
+  opt_shardings = opt_state_shardings(tx, params, shardings_of(params), mesh)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     ref = (
@@ -151,6 +201,20 @@ def create_train_state(model: Decoder, tx, mesh, with_reference: bool = True):
       step=step, params=params, opt_state=opt_state, ref_params=ref
   )
   return graphdef, state, shardings_of(state)
+
+
+def opt_state_shardings(tx, params, param_shardings, mesh):
+  """Shardings of `tx.init(params)`: moments (and master copies) shaped like
+  a parameter take that parameter's sharding, so FSDP covers them too;
+  counters and the like are replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return optax.tree_map_params(
+      tx,
+      lambda _, sharding: sharding,
+      jax.eval_shape(tx.init, params),
+      param_shardings,
+      transform_non_params=lambda _: replicated,
+  )
 
 
 def shardings_of(tree):

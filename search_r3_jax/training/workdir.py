@@ -18,9 +18,13 @@ from jax.sharding import Mesh
 import ml_collections
 
 from search_r3_jax.core import sharding as shd
+from search_r3_jax.core.config import ModelConfig
 from search_r3_jax.core.loading import load_decoder
 from search_r3_jax.core.loading import LoadedDecoder
 from search_r3_jax.core.loading import random_decoder
+from search_r3_jax.core.loading import tokenizer_and_config
+from search_r3_jax.core.tokenizer import Tokenizer
+from search_r3_jax.core.weights.presets import load_checkpoint
 from search_r3_jax.training import checkpoint
 
 
@@ -41,6 +45,38 @@ def load_model(cfg, mesh: Mesh) -> LoadedDecoder:
       remat=cfg.get("remat", "none"),
   )
   return loaded
+
+
+def planned_model(cfg) -> tuple[ModelConfig, Tokenizer]:
+  """(the ModelConfig `load_model(cfg, ...)` will build, its tokenizer),
+  read from the checkpoint's config and tokenizer alone:
+  no weights are read, so a run can be sized before anything is allocated."""
+  if cfg.init_from and is_workdir(cfg.init_from):
+    with open(
+        pathlib.Path(cfg.init_from) / "config.json", encoding="utf-8"
+    ) as f:
+      source = ml_collections.ConfigDict(json.load(f))
+    model_cfg, tok = planned_model(source)
+  else:
+    random = dict(cfg.random_init) if cfg.random_init else None
+    ckpt = load_checkpoint(
+        cfg.model if random is not None else (cfg.init_from or cfg.model),
+        model_dir=cfg.model_dir,
+    )
+    dtypes = dict(compute_dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
+    model_cfg = ModelConfig.from_hf(ckpt.hf_config, source=ckpt.source)
+    if random is not None:
+      model_cfg = model_cfg.replace(**dict(random, **dtypes))
+    else:
+      model_cfg = model_cfg.replace(**dtypes)
+    tok, model_cfg = tokenizer_and_config(ckpt, model_cfg)
+  return (
+      model_cfg.replace(
+          attention=cfg.get("attention", "einsum"),
+          remat=cfg.get("remat", "none"),
+      ),
+      tok,
+  )
 
 
 def _load_model(cfg, mesh: Mesh) -> LoadedDecoder:

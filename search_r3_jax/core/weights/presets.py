@@ -41,6 +41,28 @@ def _smollm2(model_dir: Optional[str]) -> pathlib.Path:
 
 QWEN_DIR_ENV = "SEARCH_R3_QWEN2_5_1_5B_DIR"
 
+# The shape fields of Qwen/Qwen2.5-1.5B-Instruct's config.json: what a
+# recipe for the paper's model is sized and compiled with, ahead of time,
+# where its weights are not at hand (1,543,714,304 parameters, the
+# embedding tied to the output head).
+QWEN2_5_1_5B_CONFIG = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+
 
 def _qwen(model_dir: Optional[str]) -> pathlib.Path:
   model_dir = model_dir or os.environ.get(QWEN_DIR_ENV)
