@@ -9,7 +9,9 @@ project's error classes in `USER_ERRORS`, a missing file, a usage error, an
 override of a config field that does not exist) into one line
 `error: ...` on stderr and exit status 2. Any other exception is a bug and
 keeps its traceback; `--verbose` (or SEARCH_R3_VERBOSE=1) shows the
-traceback of the user's errors too.
+traceback of the user's errors too. Before `main`, a process of a pod joins
+its peers (`core/distributed.py`: --coordinator, --num_processes,
+--process_id, or the cluster's own description).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from search_r3_jax.core import distributed
 from search_r3_jax.core.errors import UserError
 
 VERBOSE = flags.DEFINE_bool(
@@ -91,6 +94,8 @@ def run(main: Callable[[list[str]], Any]) -> None:
       # Library chatter (JAX's backends, orbax, TFDS) stays out of stderr.
       logging.set_verbosity(logging.WARNING)
     try:
+      # Before anything touches a device: a pod's processes join here.
+      distributed.initialize()
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
       if not is_user_error(e) or verbose():

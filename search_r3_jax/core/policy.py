@@ -24,6 +24,7 @@ import numpy as np
 import tqdm
 
 from search_r3_jax.core import decoding
+from search_r3_jax.core import distributed
 from search_r3_jax.core import encoding
 from search_r3_jax.core import sharding as shd
 from search_r3_jax.core.config import ModelConfig
@@ -119,11 +120,17 @@ class Policy:
   def _put(self, x: np.ndarray) -> jax.Array:
     """Host -> device, batch axis split over the mesh's batch axes."""
     sharding = shd.batch_sharding(self.mesh, x.ndim, self.rules, x.shape[0])
-    return jax.device_put(x, sharding)
+    # Across processes every one holds the same host rows and places its
+    # own devices' share.
+    return distributed.put_global(x, sharding)
 
   def _rng(self, seed: int) -> jax.Array:
     # The seed crosses to the device explicitly (transfer guards stay quiet).
-    return jax.random.key(jax.device_put(np.uint32(seed % 2**32)))
+    replicated = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec()
+    )
+    seed = distributed.put_global(np.uint32(seed % 2**32), replicated)
+    return jax.random.key(seed)
 
   def _batch_axes(self):
     """Hashable (a static jit argument): equal across instances."""
@@ -201,7 +208,7 @@ class Policy:
           batch_axes=self._batch_axes(),
           quantized=self.quantized,
       )
-    out = jax.device_get(out)
+    out = distributed.to_host(out)
     return decoding.Generation(*(np.asarray(a)[:n] for a in out))
 
   def generate(
@@ -267,7 +274,7 @@ class Policy:
 
     def fetch(item):
       idx, emb = item
-      out[idx] = np.asarray(jax.device_get(emb))[: len(idx)]
+      out[idx] = np.asarray(distributed.to_host(emb))[: len(idx)]
 
     with jax.set_mesh(self.mesh):
       for s in bar:
@@ -439,7 +446,7 @@ class Policy:
           self._put(padded),
           self._put(np.full((b,), t, np.int32)),
       )
-    return np.array(jax.device_get(logits), np.float32)[:n]
+    return np.array(distributed.to_host(logits), np.float32)[:n]
 
   def logprobs(
       self, tokens: np.ndarray, lengths: np.ndarray, *, temperature: float = 1.0
@@ -464,7 +471,7 @@ class Policy:
           temperature=float(temperature),
           valid_vocab=self.tokenizer.vocab_size,
       )
-    return np.asarray(jax.device_get(out))[:n]
+    return np.asarray(distributed.to_host(out))[:n]
 
 
 def check_texts(texts, what: str) -> list[str]:

@@ -29,8 +29,10 @@ import re
 from typing import Mapping, Optional, Sequence
 import zlib
 
+import jax
 import numpy as np
 
+from search_r3_jax.core import distributed
 from search_r3_jax.core.ops import l2_normalize
 from search_r3_jax.core.prompts import EMBED_TOKEN
 
@@ -273,7 +275,7 @@ def load_or_make(
   path = os.path.join(workdir, filename) if workdir else None
   header = _header(cfg, model, policy.prompts)
   rows = None
-  if path and os.path.exists(path):
+  if path and jax.process_index() == 0 and os.path.exists(path):
     old, old_rows = read(path)
     if old == header:
       rows = old_rows
@@ -281,6 +283,8 @@ def load_or_make(
     else:
       changed = sorted(k for k in header if old.get(k) != header[k])
       say(f"{path} was made with other settings ({changed}); remaking it")
+  # A pod reuses or remakes as process 0 found, with its rows.
+  rows = distributed.broadcast(rows)
   if rows is None:
     rows = make(
         policy,
@@ -291,7 +295,7 @@ def load_or_make(
         query_len=query_len,
         say=say,
     )
-    if path:
+    if path and jax.process_index() == 0:
       tmp = path + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(header) + "\n")

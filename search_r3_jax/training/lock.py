@@ -6,7 +6,9 @@ the run ends, however it ends short of `kill -9`. A lock left behind by a
 process that no longer runs on this host is stale: the next run says so and
 takes it over. A lock held by a live process, or by another host (whose
 processes cannot be checked from here), is refused with the holder named.
-In a multi-process run only process 0 takes the lock, for the whole pod.
+In a multi-process run process 0 takes the lock for the whole pod (the file
+names the pod's size) and tells the others: a refused lock stops every
+process with the same message.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import socket
 import time
 
 import jax
+
+from search_r3_jax.core import distributed
 
 FILE = "run.lock"
 
@@ -51,12 +55,25 @@ class WorkdirLock:
       return {}
 
   def acquire(self) -> "WorkdirLock":
-    if jax.process_index() != 0:
-      return self
+    refused = None
+    if jax.process_index() == 0:
+      try:
+        self._acquire()
+      except WorkdirLockedError as e:
+        refused = str(e)
+    # Every process of a pod learns process 0's outcome: none runs on a
+    # workdir the pod does not hold.
+    refused = distributed.broadcast(refused)
+    if refused is not None:
+      raise WorkdirLockedError(refused)
+    return self
+
+  def _acquire(self) -> None:
     me = dict(
         host=socket.gethostname(),
         pid=os.getpid(),
         started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        processes=jax.process_count(),
     )
     for _ in range(2):
       try:
@@ -66,7 +83,7 @@ class WorkdirLock:
         same_host = holder.get("host") == me["host"]
         pid = holder.get("pid")
         if same_host and pid == me["pid"]:
-          return self  # this process holds it already (the main job's chain)
+          return  # this process holds it already (the main job's chain)
         if same_host and isinstance(pid, int) and not _alive(pid):
           self.say(
               f"{self.path}: stale lock of process {pid} (started "
@@ -76,14 +93,20 @@ class WorkdirLock:
           continue
         raise WorkdirLockedError(
             f"{os.path.dirname(self.path)} is in use by another run: host "
-            f"{holder.get('host')}, process {pid}, started "
+            f"{holder.get('host')}, process {pid}"
+            + (
+                f" (process 0 of a pod of {holder['processes']})"
+                if (holder.get("processes") or 1) > 1
+                else ""
+            )
+            + f", started "
             f"{holder.get('started')} ({self.path}). Wait for it, or remove "
             "the lock file if that run is gone."
         ) from None
       with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(me, f)
       self.held = True
-      return self
+      return
     raise WorkdirLockedError(f"{self.path}: could not take the lock")
 
   def release(self) -> None:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
+from search_r3_jax.core import distributed
 from search_r3_jax.core import sharding as shd
 from search_r3_jax.core.encoding import hidden_at
 from search_r3_jax.core.encoding import right_padded_forward
@@ -458,10 +459,14 @@ class Stage1:
         batch_size=cfg.batch_size // jax.process_count(),
         seed=cfg.seed,
     )
+    # A pod makes the analyses of every process's examples together (one
+    # generation over the global batches, one file), as one process would.
+    local = [preview.next_batch() for _ in range(cfg.total_steps)]
+    every = distributed.allgather(local)
     examples = [
         ex
-        for _ in range(cfg.total_steps)
-        for ex in preview.next_batch()
+        for t in range(cfg.total_steps)
+        for ex in distributed.interleave([part[t] for part in every])
         if not (ex.get("reasoning") or "").strip()
     ]
     model = json.dumps(
@@ -470,8 +475,6 @@ class Stage1:
         sort_keys=True,
     )
     name = analyses_lib.FILE
-    if jax.process_count() > 1:
-      name = f"analyses.{jax.process_index()}.jsonl"
     kept, summary = analyses_lib.load_or_make(
         workdir,
         self._policy,
@@ -517,21 +520,26 @@ class Stage1:
     """Dispatches one step; the metrics come back as device arrays (the
     trainer reads them after the next step is dispatched)."""
     del guard  # the trainer guards when it reads the metrics
-    examples = [self._with_analysis(ex) for ex in self.loader.next_batch()]
+    local = self.loader.next_batch()
     self._position = self.loader.get_state()
+    # The global batch on every process, in one process's order, so the
+    # top-up (and so every row) is the same on any number of processes;
+    # each then builds only the rows its devices hold.
+    examples = distributed.interleave(distributed.allgather(local))
+    examples = [self._with_analysis(ex) for ex in examples]
     self._top_up(examples, step)
-    host = self.batcher(examples)
     share = np.mean([bool(ex["reasoning"]) for ex in examples])
+    rows = distributed.process_rows(
+        self.batch_sh["q_lengths"], (len(examples),)
+    )
+    host = self.batcher(examples[rows])
     batch = {
         k: jax.make_array_from_process_local_data(self.batch_sh[k], v)
         for k, v in host.items()
     }
     self.state, metrics = self.step_fn(self.state, batch, self.rng)
-    return dict(
-        metrics,
-        reasoning_share=share,
-        tokens=self.batcher.tokens_per_batch(host),
-    )
+    tokens = sum(distributed.allgather(self.batcher.tokens_per_batch(host)))
+    return dict(metrics, reasoning_share=share, tokens=tokens)
 
   def _top_up(self, examples: list[dict], step: int) -> None:
     """Makes at least `batch_share` of the batch reasoning queries: plain
