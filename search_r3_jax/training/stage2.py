@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from search_r3_jax.core import distributed
 from search_r3_jax.core import sharding as shd
 from search_r3_jax.core.ops import round_up
 from search_r3_jax.core.policy import Policy
@@ -71,6 +72,7 @@ from search_r3_jax.training.checkpoint import cause
 from search_r3_jax.training.rollouts import Rollouts
 from search_r3_jax.training.runtime import say
 from search_r3_jax.training.trainer import Guard
+from search_r3_jax.training.trainer import ResumeConfigError
 from search_r3_jax.training.workdir import load_model
 from search_r3_jax.training.workdir import planned_model
 
@@ -129,17 +131,37 @@ def training_queries(
 
 
 class QueryStream:
-  """Training queries in a fresh seeded order every epoch, resumable."""
+  """Training queries in a fresh seeded order every epoch, resumable.
 
-  def __init__(self, pairs: list[tuple[str, tuple[str, ...]]], seed: int):
+  On a pod each process draws from its own shard of every epoch's order:
+  entries p, p + n, p + 2n, ... of it (the epoch cut to a multiple of the n
+  processes), so the processes' draws, interleaved, are one process's."""
+
+  def __init__(
+      self,
+      pairs: list[tuple[str, tuple[str, ...]]],
+      seed: int,
+      process_index: int = 0,
+      process_count: int = 1,
+  ):
     self.pairs = list(pairs)
     self.seed = int(seed)
+    self.process_index, self.process_count = process_index, process_count
+    if len(self.pairs) < process_count:
+      raise ValueError(
+          f"{len(self.pairs)} training queries cannot be shared by "
+          f"{process_count} processes"
+      )
     self.epoch, self.cursor = 0, 0
 
   def _order(self) -> np.ndarray:
-    return np.random.default_rng([self.seed, self.epoch]).permutation(
+    order = np.random.default_rng([self.seed, self.epoch]).permutation(
         len(self.pairs)
     )
+    if self.process_count > 1:
+      order = order[: len(order) - len(order) % self.process_count]
+      order = order[self.process_index :: self.process_count]
+    return order
 
   def next(self, n: int) -> list[tuple[str, tuple[str, ...]]]:
     out, order = [], self._order()
@@ -362,6 +384,11 @@ class Stage2:
     rl = cfg.rl
     check_config(cfg)
     self.group, self.nq = int(rl.group_size), int(rl.queries_per_step)
+    if self.nq % jax.process_count():
+      raise ValueError(
+          f"rl.queries_per_step = {self.nq} does not divide over "
+          f"{jax.process_count()} processes"
+      )
     self.mesh = shd.make_mesh(tuple(cfg.mesh))
     self.memory = None
     if cfg.get("memory_report", True):
@@ -411,9 +438,12 @@ class Stage2:
     # (`train_corpus`), drawn without looking at any evaluation question.
     tc = cfg.train_corpus
     self.corpus = evaluation.sample_corpus(full[0], int(tc.size), int(tc.seed))
+    # Each process draws its share of every step's queries.
     self.stream = QueryStream(
         training_queries(cfg.data, self.corpus, tuple(cfg.data.query_kinds)),
         cfg.seed,
+        jax.process_index(),
+        jax.process_count(),
     )
     self.env_cfg = EnvConfig.from_mapping(cfg.env.to_dict())
     self.suffix = embed_suffix(self.tokenizer, self._policy.prompts)
@@ -446,10 +476,27 @@ class Stage2:
     )
 
   def position(self) -> dict:
-    return {"queries": self.stream.get_state()}
+    """The query stream's position; on a pod one per process, in process
+    order (process 0 writes the checkpoint's data position)."""
+    if jax.process_count() == 1:
+      return {"queries": self.stream.get_state()}
+    return {
+        "queries_by_process": distributed.allgather(self.stream.get_state())
+    }
 
   def resume(self, position: dict, step: int) -> None:
-    self.stream.set_state(position["queries"])
+    n = jax.process_count()
+    saved = position.get("queries_by_process")
+    had = len(saved) if saved is not None else 1
+    if had != n:
+      raise ResumeConfigError(
+          f"step {step}'s query positions were saved by {had} "
+          f"process{'es' if had > 1 else ''}, this run has {n}: resume with "
+          f"{had}, or use a new --workdir"
+      )
+    self.stream.set_state(
+        saved[jax.process_index()] if saved is not None else position["queries"]
+    )
     self.env = RetrievalEnvironment.load(
         os.path.join(self.env_root, str(step)), self.corpus
     )
@@ -517,11 +564,27 @@ class Stage2:
     return self._update_finite  # checked after every update, see `update`
 
   def save_extra(self, step: int) -> None:
-    self.env.save(os.path.join(self.env_root, str(step)))
+    # Every process holds the same environment; process 0 writes it and
+    # the pod learns whether that worked.
+    failed = None
+    if jax.process_index() == 0:
+      try:
+        self.env.save(os.path.join(self.env_root, str(step)))
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        if jax.process_count() == 1:
+          raise
+        failed = cause(e)
+    failed = distributed.broadcast(failed)
+    if failed is not None:
+      raise OSError(f"process 0 could not write the environment: {failed}")
 
   def prune_extra(self, kept_steps: set[int]) -> None:
     """Drops saved environments whose checkpoint orbax has dropped."""
-    if not kept_steps or not os.path.isdir(self.env_root):
+    if (
+        not kept_steps
+        or jax.process_index() != 0
+        or not os.path.isdir(self.env_root)
+    ):
       return
     newest = max(kept_steps)
     for name in os.listdir(self.env_root):
@@ -561,13 +624,24 @@ class Stage2:
   # -- one step, in its phases -----------------------------------------------
 
   def _put(self, key: str, x: np.ndarray) -> jax.Array:
-    return jax.make_array_from_process_local_data(self.batch_sh[key], x)
+    """One array of the update's batch from its global host rows (the same
+    on every process): each process gives only the rows its devices hold."""
+    sharding = self.batch_sh[key]
+    rows = distributed.process_rows(sharding, x.shape)
+    return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 
   def rollout(self, step: int) -> tuple[list, Rollouts]:
     """Draws `queries_per_step` training queries and samples `group_size`
     reasoning rollouts of each from the current policy."""
     rl = self.cfg.rl
-    batch_q = self.stream.next(self.nq)
+    # This process's share of the step's queries; the step's rollouts are
+    # sampled for all of them together, in one process's order.
+    batch_q = self.stream.next(self.nq // jax.process_count())
+    if jax.process_count() > 1:
+      batch_q = [
+          (q, tuple(g))
+          for q, g in distributed.interleave(distributed.allgather(batch_q))
+      ]
     ro = rollouts_lib.sample(
         self.policy(),
         [q for q, _ in batch_q],
@@ -608,7 +682,7 @@ class Stage2:
         targets=dev["targets"],
         **self.sampling,
     )
-    return dev, old_logp, np.asarray(jax.device_get(emb))
+    return dev, old_logp, np.asarray(distributed.to_host(emb))
 
   def reward(
       self, ro: Rollouts, gold: list[list[str]], emb: np.ndarray
@@ -640,7 +714,7 @@ class Stage2:
     document's forward with the new parameters."""
     for _ in range(self.cfg.rl.inner_epochs):
       self.state, metrics = self.step_fn(self.state, batch)
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      values = {k: float(v) for k, v in distributed.to_host(metrics).items()}
       if guard is not None:
         guard(values)
     # The loss and gradient above were computed before the update; an
