@@ -301,3 +301,25 @@ def process_rows(
       )
     stop = max(stop, b)
   return slice(start, stop)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """The rows (leading axis) of `x` that this process's devices hold, in
+  order, each once: a process's share of a batch it built with
+  `jax.make_array_from_process_local_data`."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  blocks = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0 if shard.index else 0
+    blocks.setdefault(start, shard)
+  first = process_rows(x.sharding, x.shape)
+  out = np.concatenate(
+      [np.asarray(blocks[k].data) for k in sorted(blocks)], axis=0
+  )
+  if out.shape[0] != first.stop - first.start:
+    raise ValueError(
+        f"process {jax.process_index()}: rows {first} of {x.shape} came back "
+        f"as {out.shape[0]}"
+    )
+  return out

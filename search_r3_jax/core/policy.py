@@ -298,6 +298,61 @@ class Policy:
         fetch(pending)
     return out
 
+  def embed_ids_per_process(
+      self, rows: list[list[int]], batch_size: int = 16
+  ) -> np.ndarray:
+    """`embed_ids` where each process of a pod gives its own rows (their
+    number may differ) and gets back only their embeddings: every batch is
+    built from each process's share (`make_array_from_process_local_data`)
+    and read back from its own devices, so no process holds another's rows.
+    A collective: every process calls it, each with its rows. On one
+    process it is `embed_ids`."""
+    n = jax.process_count()
+    if n == 1:
+      return self.embed_ids(rows, batch_size)
+    order = np.argsort([len(r) for r in rows], kind="stable")[::-1]
+    counts = distributed.allgather(len(rows))
+    batches = -(-max(counts) // batch_size)
+    # One global batch of `b` rows per step, `b // n` from each process,
+    # padded to the longest row any process has in that step.
+    b = self.pad_batch(n * batch_size)
+    if b % n:
+      raise ValueError(f"a batch of {b} rows does not split over {n} processes")
+    mine = b // n
+    longest = [
+        max(
+            (
+                len(rows[i])
+                for i in order[s * batch_size : (s + 1) * batch_size]
+            ),
+            default=1,
+        )
+        for s in range(batches)
+    ]
+    longest = np.max(np.asarray(distributed.allgather(longest)), axis=0)
+    out = np.zeros((len(rows), self.cfg.hidden_size), np.float32)
+    with jax.set_mesh(self.mesh):
+      for s in range(batches):
+        idx = order[s * batch_size : (s + 1) * batch_size]
+        t = round_up(int(longest[s]), LENGTH_BUCKET)
+        ids = np.full((mine, t), self.tokenizer.pad_id, np.int32)
+        lengths = np.ones((mine,), np.int32)
+        for j, i in enumerate(idx):
+          ids[j, : len(rows[i])] = rows[i]
+          lengths[j] = len(rows[i])
+        sh_ids = shd.batch_sharding(self.mesh, 2, self.rules, b)
+        sh_len = shd.batch_sharding(self.mesh, 1, self.rules, b)
+        emb = encoding.embed_last(
+            self.graphdef,
+            self.params,
+            jax.make_array_from_process_local_data(sh_ids, ids, (b, t)),
+            jax.make_array_from_process_local_data(sh_len, lengths, (b,)),
+        )
+        # Rows only on the batch axes (the hidden axis may be split too).
+        emb = jax.device_put(emb, sh_ids)
+        out[idx] = distributed.local_rows(emb)[: len(idx)]
+    return out
+
   def encode_documents(
       self,
       texts: Sequence[str],
@@ -305,12 +360,16 @@ class Policy:
       batch_size: int = 16,
       max_length: int = 512,
       progress: bool = True,
+      per_process: bool = False,
   ) -> np.ndarray:
     """Embeds documents with the document prompt.
 
     Args:
       max_length: documents are cut to this many tokens (the prompt around
         them is kept whole).
+      per_process: on a pod, each process gives its own documents and gets
+        their embeddings (`embed_ids_per_process`); otherwise every process
+        gives the same documents and gets all of them.
     Returns:
       [n, d] float32, L2-normalized.
     """
@@ -320,6 +379,8 @@ class Policy:
         )
         for t in check_texts(texts, "documents")
     ]
+    if per_process:
+      return self.embed_ids_per_process(rows, batch_size)
     return self.embed_ids(rows, batch_size, progress, "encode documents")
 
   def encode_queries(
