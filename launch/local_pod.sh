@@ -87,7 +87,9 @@ for ((i = 0; i < n; i++)); do
     export SEARCH_R3_NUM_PROCESSES="$n"
     export SEARCH_R3_PROCESS_ID="$i"
     export JAX_PLATFORMS=cpu
-    export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
+    # This process's own device count replaces any other in XLA_FLAGS.
+    flags_kept=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[^ ]*//g')
+    export XLA_FLAGS="$flags_kept --xla_force_host_platform_device_count=$devices"
     if [[ -n "$logs" ]]; then
       "$@" 2>&1 | tee "$logs/process_$i.log" | sed -u "s/^/[p$i] /"
     else

@@ -7,9 +7,11 @@ distributed runtime before anything touches a device:
   * explicitly, with `--coordinator=HOST:PORT --num_processes=N
     --process_id=I` (or SEARCH_R3_COORDINATOR, SEARCH_R3_NUM_PROCESSES,
     SEARCH_R3_PROCESS_ID), as `launch/local_pod.sh` starts a local pod;
-  * by itself where the cluster says who its peers are (a TPU pod slice,
-    Slurm, Open MPI, or JAX_COORDINATOR_ADDRESS): JAX's own detection, with
-    `--distributed=auto` (the default) or `on`;
+  * by itself, JAX's own detection: with `--distributed=on` (or
+    SEARCH_R3_DISTRIBUTED=on, as the TPU and GPU launchers set) on a Cloud
+    TPU VM slice, where the peers come from the VM's metadata; and with the
+    default `auto` wherever the environment names them
+    (TPU_WORKER_HOSTNAMES, Slurm, Open MPI, JAX_COORDINATOR_ADDRESS);
   * not at all on one machine without those (`--distributed=off` forces it).
 
 On the CPU the processes talk over gloo collectives, so a pod of local
@@ -40,8 +42,10 @@ DISTRIBUTED = flags.DEFINE_enum(
     "auto",
     ["auto", "on", "off"],
     "Start JAX's multi-process runtime: auto where --coordinator (or "
-    "SEARCH_R3_COORDINATOR) is given or the cluster names its peers (TPU pod, "
-    "Slurm, Open MPI, JAX_COORDINATOR_ADDRESS); on always; off never.",
+    "SEARCH_R3_COORDINATOR) is given or the environment names the peers "
+    "(TPU_WORKER_HOSTNAMES, Slurm, Open MPI, JAX_COORDINATOR_ADDRESS); on "
+    "always, JAX finding the peers itself (a Cloud TPU VM slice); off never "
+    "(also SEARCH_R3_DISTRIBUTED).",
 )
 COORDINATOR = flags.DEFINE_string(
     "coordinator",
@@ -141,7 +145,12 @@ def initialize(log=None) -> bool:
   global _started
   if _started:
     return jax.process_count() > 1
+  # The flag, else SEARCH_R3_DISTRIBUTED (the launchers set it), else auto.
   mode = DISTRIBUTED.value
+  if not DISTRIBUTED.present and os.environ.get(ENV_PREFIX + "DISTRIBUTED"):
+    mode = os.environ[ENV_PREFIX + "DISTRIBUTED"]
+    if mode not in ("auto", "on", "off"):
+      raise UserError(f"{ENV_PREFIX}DISTRIBUTED={mode!r}: give auto, on or off")
   explicit = explicit_settings()
   if mode == "off":
     if explicit is not None:
