@@ -71,15 +71,17 @@ fi
 [[ -n "$logs" ]] && mkdir -p "$logs"
 
 pids=()
-# Stops each process's subshell and what it runs (the command, tee, sed).
+# Each process runs in its own process group (job control), so a signal
+# reaches everything it started: the command, tee and sed. JAX's runtime
+# catches SIGTERM (preemption), so SIGKILL follows after the grace period.
+set -m
 stop_all() {
   local sig="$1"
   for pid in "${pids[@]}"; do
-    pkill "-$sig" -P "$pid" 2>/dev/null
-    kill "-$sig" "$pid" 2>/dev/null
+    kill "-$sig" -- "-$pid" 2>/dev/null
   done
 }
-trap 'stop_all TERM; exit 130' INT TERM
+trap 'stop_all TERM; sleep 2; stop_all KILL; exit 130' INT TERM
 
 for ((i = 0; i < n; i++)); do
   (
@@ -119,7 +121,7 @@ while ((${#running[@]} > 0)); do
     deadline=$((SECONDS + grace))
     while ((SECONDS < deadline)); do
       alive=0
-      for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      for pid in "${pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && alive=1; done
       ((alive)) || break
       sleep 0.2
     done

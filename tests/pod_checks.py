@@ -86,6 +86,68 @@ def sharded_index(out_dir: str) -> None:
   print(f"ok sharded_index process {p}", flush=True)
 
 
+def sharded_environment(out_dir: str) -> None:
+  """The stage-2 environment split over the processes: the same search as
+  one environment over the whole corpus, marks and refreshes only in each
+  process's block, saved per block and loaded back."""
+  from search_r3_jax.retrieval.env_config import EnvConfig
+  from search_r3_jax.retrieval.environment import RetrievalEnvironment
+  from search_r3_jax.retrieval.index import IndexInputError
+  from search_r3_jax.retrieval.sharded import ShardedEnvironment
+
+  p, n = jax.process_index(), jax.process_count()
+  rng = np.random.default_rng(3)
+  size, dim = 41, 12
+  corpus = {f"d{i:02d}": f"text {i}" for i in range(size)}
+  base = rng.normal(size=(size, dim)).astype(np.float32)
+  base /= np.linalg.norm(base, axis=1, keepdims=True)
+  state = {"scale": 0.0}
+  encoded = []
+
+  def vec(text):
+    i = int(text.split()[1])
+    v = base[i] + state["scale"] * np.sin(np.arange(dim) + i)
+    return v / np.linalg.norm(v)
+
+  def encode(texts):
+    encoded.extend(texts)
+    return np.stack([vec(t) for t in texts]) if texts else np.zeros((0, dim))
+
+  encode.collective = True
+  cfg = EnvConfig(engine="exact", k=5, graph_k=3, drift_threshold=0.0)
+  env = ShardedEnvironment(corpus, encode, cfg)
+  block = env.doc_ids[env.rows]
+  assert encoded == [corpus[d] for d in block], "encoded another block"
+  whole = RetrievalEnvironment(corpus, None, cfg, vectors=base)
+  queries = rng.normal(size=(6, dim)).astype(np.float32)
+  got, want = env.search(queries), whole.search(queries)
+  assert got.ids == want.ids, (got.ids, want.ids)
+  np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-6)
+  ids = ["d00", "d40", "d17"]
+  np.testing.assert_allclose(
+      env.embeddings(ids), whole.embeddings(ids), atol=1e-7
+  )
+  marked = env.observe(["d00", "d40"], [["d17"]])
+  assert marked >= 3, marked
+  assert set(np.asarray(env.local.doc_ids)[env.local.touched]) <= set(block)
+  # The policy moved: each block re-encodes its own documents only.
+  state["scale"] = 0.3
+  encoded.clear()
+  report = env.maybe_refresh(1, encode)
+  assert set(encoded) <= {corpus[d] for d in block}, "refreshed another block"
+  assert report["reencoded"] == sum(b["reencoded"] for b in report["blocks"])
+  assert len(report["blocks"]) == n
+  env.save(out_dir)
+  again = ShardedEnvironment.load(out_dir, corpus)
+  assert again.search(queries).ids == env.search(queries).ids
+  try:
+    ShardedEnvironment.load(out_dir, dict(corpus, extra="an extra document"))
+    raise AssertionError("a manifest of another corpus was accepted")
+  except IndexInputError as e:
+    assert "41 documents" in str(e) and "this corpus has 42" in str(e), e
+  print(f"ok sharded_environment process {p}", flush=True)
+
+
 def per_process_encode(workdir: str) -> None:
   """Each process encodes its own documents; the embeddings equal the ones
   of every process encoding all of them."""

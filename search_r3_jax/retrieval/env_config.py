@@ -33,6 +33,11 @@ class EnvConfig:
     touch_neighbors: whose graph neighbours `observe` marks too: "gold"
       (the gold documents'), "all" (gold and retrieved) or "none".
     seed: probe sampling and k-means initialisation.
+    shard_by_process: on a pod, each process holds, encodes and refreshes
+      one block of the corpus (its regions, kNN links and probes are within
+      the block) and searches merge every block's top-k
+      (`sharded.ShardedEnvironment`); False: every process holds the whole
+      environment.
   """
 
   engine: str = "scann"
@@ -48,6 +53,7 @@ class EnvConfig:
   full_refresh_every: int = 0
   touch_neighbors: str = "gold"
   seed: int = 0
+  shard_by_process: bool = False
 
   @classmethod
   def from_mapping(cls, values: Mapping[str, Any]) -> "EnvConfig":

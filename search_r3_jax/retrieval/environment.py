@@ -73,12 +73,23 @@ FORMAT_VERSION = 1
 
 
 def document_encoder(
-    model, *, max_length: int = 128, batch_size: int = 32
+    model, *, max_length: int = 128, batch_size: int = 32, per_process=False
 ) -> EncodeFn:
-  """Encode function of a `Policy` or `SearchR3` (batched, jitted on its
-  mesh)."""
+  """Encode function of a `Policy` (batched, jitted on its mesh). With
+  `per_process` each process of a pod encodes its own texts
+  (`Policy.encode_documents(per_process=True)`): a collective, marked
+  `encode.collective`, which the environment calls even with no texts so
+  that every process makes the same calls."""
 
   def encode(texts: Sequence[str]) -> np.ndarray:
+    if per_process:
+      return model.encode_documents(
+          list(texts),
+          batch_size=batch_size,
+          max_length=max_length,
+          progress=False,
+          per_process=True,
+      )
     return model.encode_documents(
         list(texts),
         batch_size=batch_size,
@@ -86,6 +97,7 @@ def document_encoder(
         progress=False,
     )
 
+  encode.collective = bool(per_process)
   return encode
 
 
@@ -262,11 +274,13 @@ class RetrievalEnvironment:
 
   def _encode(self, encode: EncodeFn, rows: np.ndarray) -> np.ndarray:
     """Fresh vectors of `rows`, checked before anything uses them."""
-    if rows.size == 0:
+    if rows.size == 0 and not getattr(encode, "collective", False):
       return np.zeros(
           (0, self.index.dim if self.index is not None else 0), np.float32
       )
     out = np.asarray(encode([self.texts[r] for r in rows]))
+    if rows.size == 0:  # a collective encoder's share of nothing
+      return out.reshape(0, -1).astype(np.float32)
     if out.ndim != 2 or out.shape[0] != rows.size:
       raise ValueError(
           f"encode returned shape {out.shape} for {rows.size} " "documents"

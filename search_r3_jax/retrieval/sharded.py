@@ -20,7 +20,8 @@ gives its own texts, the call is collective.
 
 `save(path)` writes one directory per shard (`shard-00000-of-00002/`, a
 `VectorIndex`) and a manifest (`manifest.json`: the shard count, the corpus
-size and a digest of its ids, the engine); `load` refuses a manifest whose
+size and a digest of its ids, the engine); `ShardedEnvironment` saves its
+blocks the same way; `load` refuses a manifest whose
 shard count is not the pod's, or whose corpus is not the one given, naming
 both.
 """
@@ -231,21 +232,14 @@ class ShardedIndex:
     self.local.save(os.path.join(path, shard_dir(self.shard, self.shards)))
     distributed.barrier(f"sharded_index_save_{path}")
     if self.shard == 0:
-      manifest = dict(
-          format="sharded_index",
-          version=FORMAT_VERSION,
-          shards=self.shards,
-          size=len(self.ids),
-          corpus=corpus_digest(self.ids),
+      _write_manifest(
+          path,
+          "sharded_index",
+          self.shards,
+          self.ids,
           engine=self.local.engine,
           dim=self.dim,
       )
-      tmp = os.path.join(path, MANIFEST + ".tmp")
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, os.path.join(path, MANIFEST))
     distributed.barrier(f"sharded_index_manifest_{path}")
 
   @classmethod
@@ -257,36 +251,262 @@ class ShardedIndex:
         shards or another corpus (both named).
     """
     path = os.fspath(path)
-    mpath = os.path.join(path, MANIFEST)
-    try:
-      with open(mpath, encoding="utf-8") as f:
-        manifest = json.load(f)
-    except FileNotFoundError:
-      raise IndexInputError(
-          f"{mpath}: no manifest of a sharded index"
-      ) from None
-    except ValueError as e:
-      raise IndexInputError(f"{mpath}: not JSON ({e})") from None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != "sharded_index"
-    ):
-      raise IndexInputError(f"{mpath}: not the manifest of a sharded index")
-    n = jax.process_count()
-    if manifest.get("shards") != n:
-      raise IndexInputError(
-          f"{mpath}: saved as {manifest.get('shards')} shards, this run has "
-          f"{n} processes; load it with {manifest.get('shards')}"
-      )
     ids = list(ids)
-    digest = corpus_digest(ids)
-    if manifest.get("size") != len(ids) or manifest.get("corpus") != digest:
-      raise IndexInputError(
-          f"{mpath}: made for a corpus of {manifest.get('size')} documents "
-          f"(digest {manifest.get('corpus')}), this corpus has {len(ids)} "
-          f"(digest {digest})"
-      )
+    _check_manifest(path, "sharded_index", ids)
+    n = jax.process_count()
     local = VectorIndex.load(
         os.path.join(path, shard_dir(jax.process_index(), n))
     )
     return cls(ids, local)
+
+
+# ------------------------------------------------------------- environment
+
+
+class ShardedEnvironment:
+  """The stage-2 environment of a pod, one block of the corpus per process.
+
+  Each process runs a `RetrievalEnvironment` over its block: it encodes it,
+  partitions it into its own regions, links each of its documents to its
+  nearest neighbours within the block, samples its own drift probes and
+  re-encodes what drifted or was touched there. What a step needs of the
+  whole corpus is collective, and the same on every process: `search`
+  (every process gives the same queries; the blocks' top-k lists are
+  merged), `embeddings` (each block gives the vectors it owns), `observe`
+  (each block marks its own documents) and `maybe_refresh` (each block
+  refreshes itself; the report adds the blocks up). `encode` must be a
+  per-process encoder (`document_encoder(..., per_process=True)`).
+
+  On one process it is one block: a `RetrievalEnvironment` over the whole
+  corpus behind the same interface.
+  """
+
+  def __init__(
+      self,
+      corpus,
+      encode: Optional[EncodeFn] = None,
+      cfg=None,
+      step: int = 0,
+      *,
+      vectors: Optional[np.ndarray] = None,
+      local=None,
+  ):
+    """Builds this process's block from `corpus` ({id: text}, the whole
+    corpus, the same on every process) with `encode`, or from `vectors`
+    (one per document of the whole corpus; each process keeps its rows).
+    `local` (an already built block) is for `load`."""
+    from search_r3_jax.retrieval.environment import RetrievalEnvironment
+
+    self.doc_ids = list(corpus)
+    self.texts = [corpus[d] for d in self.doc_ids]
+    self.shard, self.shards = jax.process_index(), jax.process_count()
+    self.rows = shard_rows(len(self.doc_ids), self.shards, self.shard)
+    if len(self.doc_ids) < self.shards:
+      raise ValueError(
+          f"a corpus of {len(self.doc_ids)} documents cannot be split over "
+          f"{self.shards} processes"
+      )
+    if local is None:
+      block = {d: corpus[d] for d in self.doc_ids[self.rows]}
+      local = RetrievalEnvironment(
+          block,
+          None if vectors is not None else encode,
+          cfg,
+          step,
+          vectors=None if vectors is None else np.asarray(vectors)[self.rows],
+      )
+    self.local = local
+    self._owned = set(self.doc_ids[self.rows])
+
+  # -- what the stage reads ------------------------------------------------
+
+  @property
+  def cfg(self):
+    return self.local.cfg
+
+  @cfg.setter
+  def cfg(self, value):
+    self.local.cfg = value
+
+  @property
+  def size(self) -> int:
+    return len(self.doc_ids)
+
+  @property
+  def step(self) -> int:
+    return self.local.step
+
+  def _index(self) -> ShardedIndex:
+    return ShardedIndex(self.doc_ids, self.local.index, self.shard, self.shards)
+
+  def search(
+      self, queries: np.ndarray, k: Optional[int] = None
+  ) -> SearchResult:
+    """The merged top-k (default `cfg.k`) of the same queries on every
+    process."""
+    k = self.cfg.k if k is None else k
+    return self._index().search(queries, k, per_process=False)
+
+  def embeddings(self, ids: Sequence[str]) -> np.ndarray:
+    """Stored vectors of documents of any block (the same ids on every
+    process). A collective."""
+    ids = list(ids)
+    every = set(self.doc_ids)
+    unknown = [d for d in ids if d not in every]
+    if unknown:
+      raise KeyError(f"unknown document ids {unknown[:3]}")
+    out = np.zeros((len(ids), self.local.index.dim), np.float32)
+    mine = [i for i, d in enumerate(ids) if d in self._owned]
+    if mine:
+      out[mine] = self.local.embeddings([ids[i] for i in mine])
+    # Each document is owned by one block: the blocks' rows add up.
+    return _gather(out).sum(axis=0)
+
+  def observe(self, gold, retrieved=()) -> int:
+    """Marks, in each block, the touched documents it owns; returns how
+    many are marked over all blocks."""
+    from search_r3_jax.retrieval.environment import _flatten
+
+    every = set(self.doc_ids)
+    for d in _flatten(gold) + _flatten(retrieved):
+      if d not in every:
+        raise KeyError(d)
+    keep = lambda ids: [d for d in _flatten(ids) if d in self._owned]
+    self.local.observe(keep(gold), keep(retrieved))
+    marked = int(self.local.touched.sum())
+    return int(sum(distributed.allgather(marked)))
+
+  def maybe_refresh(self, step: int, encode: EncodeFn) -> Optional[dict]:
+    """Every block's `maybe_refresh` (they act on the same steps); the
+    report of the whole corpus: documents re-encoded and drifted regions
+    added up, "full" if any block rebuilt, the drift averaged over blocks
+    by size, and each block's own report under `blocks`."""
+    report = self.local.maybe_refresh(step, encode)
+    if report is None:
+      return None
+    keys = ("kind", "reencoded", "refreshed", "drifted_regions", "drift_mean")
+    mine = {k: report[k] for k in keys if k in report}
+    mine["size"] = self.local.size
+    blocks = distributed.allgather(_plain(mine))
+    total = dict(report)
+    total["reencoded"] = sum(b["reencoded"] for b in blocks)
+    total["refreshed"] = sum(b.get("refreshed", 0) for b in blocks)
+    total["reencoded_fraction"] = total["reencoded"] / self.size
+    total["drifted_regions"] = sum(b["drifted_regions"] for b in blocks)
+    total["drift_mean"] = float(
+        sum(b["drift_mean"] * b["size"] for b in blocks) / self.size
+    )
+    total["kind"] = (
+        "full" if any(b["kind"] == "full" for b in blocks) else ("selective")
+    )
+    total["blocks"] = blocks
+    return total
+
+  # -- files -----------------------------------------------------------------
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Each process writes its block (`shard-<i>-of-<n>/`, an environment
+    directory); process 0 then the manifest. A failure on any process
+    stops every process with the same error."""
+    path = os.fspath(path)
+    _together(
+        lambda: self.local.save(
+            os.path.join(path, shard_dir(self.shard, self.shards))
+        ),
+        "write its block",
+    )
+    _together(
+        lambda: self.shard == 0
+        and _write_manifest(
+            path, "sharded_environment", self.shards, self.doc_ids
+        ),
+        "write the manifest",
+    )
+
+  @classmethod
+  def load(cls, path: str | os.PathLike, corpus) -> "ShardedEnvironment":
+    """This process's block of a saved environment over `corpus`.
+
+    Raises:
+      IndexInputError: no manifest, or one of another shard count or
+        corpus (both named).
+    """
+    from search_r3_jax.retrieval.environment import RetrievalEnvironment
+
+    path = os.fspath(path)
+    ids = list(corpus)
+    _check_manifest(path, "sharded_environment", ids)
+    rows = shard_rows(len(ids), jax.process_count(), jax.process_index())
+    local = RetrievalEnvironment.load(
+        os.path.join(path, shard_dir(jax.process_index(), jax.process_count())),
+        {d: corpus[d] for d in ids[rows]},
+    )
+    return cls(corpus, local=local)
+
+
+def _together(work, what: str) -> None:
+  """Runs `work` on every process; if it fails on any, every process
+  raises an OSError naming which and why (none is left waiting)."""
+  failed = None
+  try:
+    work()
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if jax.process_count() == 1:
+      raise
+    failed = f"process {jax.process_index()} could not {what}: {e}"
+  problems = [f for f in distributed.allgather(failed) if f]
+  if problems:
+    raise OSError("; ".join(problems))
+
+
+def _plain(values: dict) -> dict:
+  """JSON-safe numbers of a report."""
+  out = {}
+  for k, v in values.items():
+    out[k] = v if isinstance(v, str) else float(v)
+  return out
+
+
+def _write_manifest(path: str, kind: str, shards: int, ids, **extra) -> None:
+  manifest = dict(
+      format=kind,
+      format_version=FORMAT_VERSION,
+      shards=shards,
+      size=len(ids),
+      corpus=corpus_digest(ids),
+      **extra,
+  )
+  tmp = os.path.join(path, MANIFEST + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(path, MANIFEST))
+
+
+def _check_manifest(path: str, kind: str, ids) -> dict:
+  """The manifest at `path`, checked against this pod and `ids`."""
+  mpath = os.path.join(path, MANIFEST)
+  try:
+    with open(mpath, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except FileNotFoundError:
+    raise IndexInputError(f"{mpath}: no manifest of a {kind}") from None
+  except ValueError as e:
+    raise IndexInputError(f"{mpath}: not JSON ({e})") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != kind:
+    raise IndexInputError(f"{mpath}: not the manifest of a {kind}")
+  n = jax.process_count()
+  if manifest.get("shards") != n:
+    raise IndexInputError(
+        f"{mpath}: saved as {manifest.get('shards')} shards, this run has "
+        f"{n} processes; load it with {manifest.get('shards')}"
+    )
+  digest = corpus_digest(ids)
+  if manifest.get("size") != len(ids) or manifest.get("corpus") != digest:
+    raise IndexInputError(
+        f"{mpath}: made for a corpus of {manifest.get('size')} documents "
+        f"(digest {manifest.get('corpus')}), this corpus has {len(ids)} "
+        f"(digest {digest})"
+    )
+  return manifest

@@ -56,10 +56,12 @@ from search_r3_jax.data.common import split_fields
 from search_r3_jax.data.common import to_python
 from search_r3_jax.retrieval import environment as environment_lib
 from search_r3_jax.retrieval import evaluation
+from search_r3_jax.retrieval import sharded as sharded_lib
 from search_r3_jax.retrieval.environment import document_encoder
 from search_r3_jax.retrieval.environment import EnvConfig
 from search_r3_jax.retrieval.environment import RetrievalEnvironment
 from search_r3_jax.retrieval.index import read_meta
+from search_r3_jax.retrieval.sharded import ShardedEnvironment
 from search_r3_jax.training import advantages as advantages_lib
 from search_r3_jax.training import grpo
 from search_r3_jax.training import losses as losses_lib
@@ -459,12 +461,22 @@ class Stage2:
     """The current parameters as a `Policy`."""
     return self._policy.with_params(self.state.params)
 
-  def encoder(self):
+  def encoder(self, per_process: bool = False):
+    """The document encoder of the current parameters; `per_process`: each
+    process encodes its own documents (a sharded environment's refresh)."""
     return document_encoder(
         self.policy(),
         max_length=self.cfg.eval.doc_len,
         batch_size=self.cfg.eval.batch_size,
+        per_process=per_process,
     )
+
+  @property
+  def sharded(self) -> bool:
+    return bool(self.env_cfg.shard_by_process)
+
+  def _env_class(self):
+    return ShardedEnvironment if self.sharded else RetrievalEnvironment
 
   # -- the trainer's hooks ---------------------------------------------------
 
@@ -497,7 +509,7 @@ class Stage2:
     self.stream.set_state(
         saved[jax.process_index()] if saved is not None else position["queries"]
     )
-    self.env = RetrievalEnvironment.load(
+    self.env = self._env_class().load(
         os.path.join(self.env_root, str(step)), self.corpus
     )
     # The refresh policy follows this run's config (`ENV_APPLIED_ON_RESUME`;
@@ -510,9 +522,9 @@ class Stage2:
   def build_env(self, vectors: Optional[np.ndarray] = None, step: int = 0):
     """The environment over `corpus`, from `vectors` (one per document, e.g.
     the evaluation's) or encoded with the current parameters."""
-    self.env = RetrievalEnvironment(
+    self.env = self._env_class()(
         self.corpus,
-        None if vectors is not None else self.encoder(),
+        None if vectors is not None else self.encoder(self.sharded),
         self.env_cfg,
         step=step,
         vectors=vectors,
@@ -564,6 +576,9 @@ class Stage2:
     return self._update_finite  # checked after every update, see `update`
 
   def save_extra(self, step: int) -> None:
+    if self.sharded:  # every process writes its block
+      self.env.save(os.path.join(self.env_root, str(step)))
+      return
     # Every process holds the same environment; process 0 writes it and
     # the pod learns whether that worked.
     failed = None
@@ -601,6 +616,29 @@ class Stage2:
     (None: it looks complete; a damaged array shows when `resume` loads
     it)."""
     path = cls.extras(workdir, step)["env"]
+    if not os.path.isdir(path):
+      return f"no environment: {path} is missing"
+    if os.path.exists(os.path.join(path, sharded_lib.MANIFEST)):
+      # A sharded environment: every block it names, each complete.
+      try:
+        manifest = read_meta(
+            os.path.join(path, sharded_lib.MANIFEST),
+            "sharded environment",
+            sharded_lib.FORMAT_VERSION,
+            ("shards",),
+        )
+      except (OSError, ValueError) as e:
+        return f"unreadable environment: {cause(e)}"
+      for i in range(int(manifest["shards"])):
+        block = os.path.join(path, sharded_lib.shard_dir(i, manifest["shards"]))
+        why = cls._check_env_dir(block)
+        if why is not None:
+          return why
+      return None
+    return cls._check_env_dir(path)
+
+  @staticmethod
+  def _check_env_dir(path: str) -> Optional[str]:
     if not os.path.isdir(path):
       return f"no environment: {path} is missing"
     missing = [
@@ -755,7 +793,7 @@ class Stage2:
     times["time_update"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    report = self.env.maybe_refresh(step + 1, self.encoder())
+    report = self.env.maybe_refresh(step + 1, self.encoder(self.sharded))
     times["time_refresh"] = time.perf_counter() - t
 
     values.update(rollout_metrics(ro, sc, self.group))
