@@ -52,11 +52,13 @@ import re
 import time
 
 from absl import flags
+import jax
 from ml_collections import config_flags
 import numpy as np
 
 from search_r3_jax import cli
 from search_r3_jax import config_check
+from search_r3_jax.core import distributed
 from search_r3_jax.core import sharding as shd
 from search_r3_jax.core.errors import UserError
 from search_r3_jax.core.loading import load_decoder
@@ -248,7 +250,11 @@ def evaluate(cfg, workdir=None, output=None) -> dict:
   )
   policy = Policy.from_model(loaded.model, loaded.tokenizer, mesh)
   # Written once the model loaded: a missing or corrupt one leaves nothing.
-  os.makedirs(os.path.join(output, "cache"), exist_ok=True)
+  # On a pod every process computes the same figures (the encodes are
+  # collective) and process 0 writes the files.
+  primary = jax.process_index() == 0
+  if primary:
+    os.makedirs(os.path.join(output, "cache"), exist_ok=True)
   ev = cfg.eval
   evaluator = evaluation.Evaluator.from_config(cfg.data, ev, progress=True)
   identity = model_identity(workdir, cfg)
@@ -256,15 +262,16 @@ def evaluate(cfg, workdir=None, output=None) -> dict:
   cached = os.path.join(output, "cache", f"docs-{key}.npy")
   timing = {}
   t = time.perf_counter()
-  if os.path.exists(cached):
+  if distributed.broadcast(os.path.exists(cached)):
     docs = np.load(cached)
     say(f"corpus embeddings from {cached}")
     timing["cache_hit"] = True
   else:
     say(f"encoding {len(evaluator.doc_ids)} documents")
     docs = evaluator.documents(policy)
-    np.save(cached + ".tmp.npy", docs)
-    os.replace(cached + ".tmp.npy", cached)
+    if primary:
+      np.save(cached + ".tmp.npy", docs)
+      os.replace(cached + ".tmp.npy", cached)
     timing["cache_hit"] = False
   timing["encode_seconds"] = time.perf_counter() - t
   rows, samples, runs = {}, [], {}
@@ -297,6 +304,14 @@ def evaluate(cfg, workdir=None, output=None) -> dict:
       rows=rows,
       timing=timing,
   )
+  if primary:
+    write_outputs(output, results, samples, runs, evaluator)
+  say(markdown(results))
+  return results
+
+
+def write_outputs(output: str, results: dict, samples, runs, evaluator) -> None:
+  """results.json, results.md, samples.jsonl, runs/ and results.png."""
   with open(os.path.join(output, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
   with open(os.path.join(output, "results.md"), "w", encoding="utf-8") as f:
@@ -316,8 +331,6 @@ def evaluate(cfg, workdir=None, output=None) -> dict:
         RUN_TAGS[name],
     )
   write_plot(os.path.join(output, "results.png"), results)
-  say(markdown(results))
-  return results
 
 
 def main(argv):

@@ -6,7 +6,8 @@ Pods of 2 processes x 4 devices against one process of 8 devices (the
 pytest process, conftest's 8 fake devices). Tolerances: stage 1's losses
 agree to 1e-5 relative (the same global batches, reduced in another order);
 stage 2's losses to 5e-3 after 4 steps (Adam at lr 1e-3 carries the
-rounding of the first steps on), its rewards and evaluations exactly.
+rounding of the first steps on), its rewards to 1e-6 (a cosine in each
+fallback reward), its emission rates and evaluations exactly.
 """
 
 import json
@@ -64,7 +65,7 @@ def rows(workdir, kind="train"):
 
 def one_process(config_args, workdir):
   """The same run in this process (8 devices): `--config=FILE:VARIANT`
-  and `--config.FIELD=VALUE` overrides of int or str fields."""
+  and `--config.FIELD=VALUE` overrides of bool, int or str fields."""
   import importlib.util
 
   from search_r3_jax import train
@@ -80,7 +81,11 @@ def one_process(config_args, workdir):
     *parents, leaf = field.split(".")
     for p in parents:
       node = node[p]
-    node[leaf] = int(value) if value.isdigit() else value
+    if value in ("True", "False"):
+      value = value == "True"
+    elif value.isdigit():
+      value = int(value)
+    node[leaf] = value
   train.run(cfg, str(workdir))
 
 
@@ -146,8 +151,9 @@ def test_stage2_on_two_processes_equals_one_process(sft_runs, rl_one, tmp_path):
   a, b = rows(tmp_path / "pod"), rows(rl_one)
   assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
   for x, y in zip(a, b):
-    for key in ("reward_mean", "embed_rate"):
-      assert x[key] == y[key], (x["step"], key, x[key], y[key])
+    assert x["embed_rate"] == y["embed_rate"], x["step"]
+    # Fallback rewards carry a cosine: equal to float32 rounding.
+    assert _close(x["reward_mean"], y["reward_mean"], 1e-6), x["step"]
     for key in ("loss", "kl"):
       assert _close(x[key], y[key], 5e-3), (x["step"], key, x[key], y[key])
   ea, eb = rows(tmp_path / "pod", "eval"), rows(rl_one, "eval")
@@ -177,7 +183,7 @@ def test_stage2_with_the_environment_sharded_by_process(
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   a, b = rows(workdir), rows(rl_one)
   assert [r["step"] for r in a] == [0, 1, 2, 3]
-  assert a[0]["reward_mean"] == b[0]["reward_mean"]
+  assert _close(a[0]["reward_mean"], b[0]["reward_mean"], 1e-6)
   assert _close(a[0]["loss"], b[0]["loss"], 1e-5)
   assert sorted(os.listdir(workdir / "env" / "4")) == [
       "manifest.json",
@@ -318,3 +324,57 @@ def test_local_pod_help_and_bad_arguments():
   ):
     run = subprocess.run([POD, *args], capture_output=True, text=True)
     assert run.returncode == 2 and says in run.stderr, (args, run.stderr)
+
+
+def test_a_pod_refuses_a_workdir_another_run_holds(tmp_path):
+  """Process 0 takes the workdir's lock for the pod; when another run holds
+  it, every process stops with the holder named."""
+  import socket
+
+  workdir = tmp_path / "held"
+  workdir.mkdir()
+  holder = dict(host=socket.gethostname(), pid=os.getpid(), started="then")
+  (workdir / "run.lock").write_text(json.dumps(holder))
+  run = train_pod(workdir, *SFT, timeout=300)
+  assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+  for i in range(2):
+    assert f"[p{i}] error: {workdir} is in use by another run" in run.stdout
+  assert f"process {os.getpid()}" in run.stdout
+  assert json.loads((workdir / "run.lock").read_text()) == holder
+  assert not (workdir / "checkpoints").exists()
+
+
+def test_evaluation_on_two_processes_equals_one_process(sft_runs, tmp_path):
+  """The eval program on a pod: the same figures as in one process, the
+  files written once."""
+  import importlib.util
+
+  from search_r3_jax import eval as eval_program
+
+  workdir = sft_runs[1]
+  run = pod(
+      2,
+      sys.executable,
+      "-m",
+      "search_r3_jax.eval",
+      "--config=configs/eval.py:tiny",
+      f"--workdir={workdir}",
+      f"--output={tmp_path / 'pod'}",
+  )
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  spec = importlib.util.spec_from_file_location(
+      "eval_config", ROOT / "configs" / "eval.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  one = eval_program.evaluate(
+      module.get_config("tiny"), str(workdir), str(tmp_path / "one")
+  )
+  got = json.loads((tmp_path / "pod" / "results.json").read_text())
+  assert got["rows"].keys() == one["rows"].keys()
+  for name, figures in one["rows"].items():
+    for key, value in figures.items():
+      assert _close(got["rows"][name][key], value, 1e-6), (name, key)
+  assert (tmp_path / "pod" / "samples.jsonl").read_text() == (
+      tmp_path / "one" / "samples.jsonl"
+  ).read_text()
