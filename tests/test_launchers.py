@@ -106,19 +106,18 @@ def test_tpu_pod_dry_run_prints_every_command_and_runs_none(standins):
   )
   assert run.returncode == 0, run.stderr
   zone = "--zone=us-west4-a"
+  tpu = lambda *args: ["gcloud", "compute", "tpus", "tpu-vm", *args]
+  pack = f"{tmp}/search_r3_jax.tar.gz"
+  ssh = lambda command: tpu("ssh", "sr3", "--worker=all", zone, command)
   expected = (
       [
-          [
-              "gcloud",
-              "compute",
-              "tpus",
-              "tpu-vm",
+          tpu(
               "create",
               "sr3",
               zone,
               "--accelerator-type=v5litepod-32",
               "--version=v2-alpha-tpuv5-lite",
-          ],
+          ),
           [
               "git",
               "-C",
@@ -126,69 +125,26 @@ def test_tpu_pod_dry_run_prints_every_command_and_runs_none(standins):
               "archive",
               "--format=tar.gz",
               "-o",
-              f"{tmp}/search_r3_jax.tar.gz",
+              pack,
               "HEAD",
           ],
-          [
-              "gcloud",
-              "compute",
-              "tpus",
-              "tpu-vm",
-              "scp",
-              f"{tmp}/search_r3_jax.tar.gz",
-              "sr3:/tmp/search_r3_jax.tar.gz",
-              "--worker=all",
-              zone,
-          ],
-          [
-              "gcloud",
-              "compute",
-              "tpus",
-              "tpu-vm",
-              "ssh",
-              "sr3",
-              "--worker=all",
-              zone,
-              f"--command={INSTALL_TPU}",
-          ],
-          [
-              "gcloud",
-              "compute",
-              "tpus",
-              "tpu-vm",
-              "ssh",
-              "sr3",
-              "--worker=all",
-              zone,
-              f"--command={RUN_TPU}",
-          ],
+          tpu(
+              "scp", pack, "sr3:/tmp/search_r3_jax.tar.gz", "--worker=all", zone
+          ),
+          ssh(f"--command={INSTALL_TPU}"),
+          ssh(f"--command={RUN_TPU}"),
       ]
       + [
-          [
-              "gcloud",
-              "compute",
-              "tpus",
-              "tpu-vm",
+          tpu(
               "scp",
               "sr3:search_r3_jax/run.log",
               f"logs/sr3/worker_{i}.log",
               f"--worker={i}",
               zone,
-          ]
+          )
           for i in range(8)  # a v5e-32 slice has 8 hosts
       ]
-      + [
-          [
-              "gcloud",
-              "compute",
-              "tpus",
-              "tpu-vm",
-              "delete",
-              "sr3",
-              zone,
-              "--quiet",
-          ]
-      ]
+      + [tpu("delete", "sr3", zone, "--quiet")]
   )
   assert _lines(run.stdout) == expected
   assert recorded() == []  # nothing ran
