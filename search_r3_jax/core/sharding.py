@@ -10,6 +10,7 @@ so any model runs on any mesh.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from flax import nnx
@@ -75,7 +76,34 @@ def make_mesh(
         f"mesh shape {shape} needs {math.prod(shape)} devices, " f"have {n}"
     )
   arr = np.asarray(devices).reshape(shape)
-  return Mesh(arr, tuple(axis_names))
+  mesh = Mesh(arr, tuple(axis_names))
+  if jax.process_count() > 1:
+    _log_mesh(mesh)
+  return mesh
+
+
+_logged_meshes: set = set()
+
+
+def _log_mesh(mesh: Mesh) -> None:
+  """Each process of a pod says, once per mesh, its shape and which of its
+  devices the process holds."""
+  key = tuple(mesh.shape.items())
+  if key in _logged_meshes:
+    return
+  _logged_meshes.add(key)
+  mine = sorted(
+      int(i)
+      for i, d in zip(range(mesh.devices.size), mesh.devices.flat)
+      if d.process_index == jax.process_index()
+  )
+  print(
+      f"process {jax.process_index()}/{jax.process_count()}: mesh "
+      + " x ".join(f"{a} {n}" for a, n in mesh.shape.items())
+      + f", this process's devices at mesh positions {mine[0]}..{mine[-1]}",
+      file=sys.stderr,
+      flush=True,
+  )
 
 
 def _axes_of(rule_value) -> tuple[str, ...]:
