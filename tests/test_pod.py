@@ -31,6 +31,10 @@ def _env():
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # each process gets its own device count
   env["JAX_PLATFORMS"] = "cpu"
+  # tests/pod_checks.py runs as a script: the package from this checkout.
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+  )
   return env
 
 
@@ -68,7 +72,11 @@ def one_process(config_args, workdir):
   and `--config.FIELD=VALUE` overrides of bool, int or str fields."""
   import importlib.util
 
-  from search_r3_jax import train
+  # Not search_r3_jax.train: its flags would clash with the eval
+  # program's, which other tests import into this process.
+  from search_r3_jax.training import trainer
+  from search_r3_jax.training.stage1 import Stage1
+  from search_r3_jax.training.stage2 import Stage2
 
   path, variant = config_args[0].split("=", 1)[1].split(":")
   spec = importlib.util.spec_from_file_location("pod_config", ROOT / path)
@@ -86,7 +94,7 @@ def one_process(config_args, workdir):
     elif value.isdigit():
       value = int(value)
     node[leaf] = value
-  train.run(cfg, str(workdir))
+  trainer.train(cfg, str(workdir), Stage2 if cfg.stage == 2 else Stage1)
 
 
 @pytest.fixture(scope="module")

@@ -473,7 +473,8 @@ class Stage2:
 
   @property
   def sharded(self) -> bool:
-    return bool(self.env_cfg.shard_by_process)
+    cfg = getattr(self, "env_cfg", None)
+    return bool(getattr(cfg, "shard_by_process", False))
 
   def _env_class(self):
     return ShardedEnvironment if self.sharded else RetrievalEnvironment
