@@ -129,6 +129,8 @@ class ToyEnv(Toy):
   prune_extra = stage2.Stage2.prune_extra
   position = stage2.Stage2.position
   resume = stage2.Stage2.resume
+  sharded = stage2.Stage2.sharded
+  _env_class = stage2.Stage2._env_class
 
   def __init__(self, cfg, workdir=None):
     super().__init__(cfg, workdir)
