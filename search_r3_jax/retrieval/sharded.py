@@ -229,18 +229,24 @@ class ShardedIndex:
     shard is written."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    self.local.save(os.path.join(path, shard_dir(self.shard, self.shards)))
-    distributed.barrier(f"sharded_index_save_{path}")
-    if self.shard == 0:
-      _write_manifest(
-          path,
-          "sharded_index",
-          self.shards,
-          self.ids,
-          engine=self.local.engine,
-          dim=self.dim,
-      )
-    distributed.barrier(f"sharded_index_manifest_{path}")
+    _together(
+        lambda: self.local.save(
+            os.path.join(path, shard_dir(self.shard, self.shards))
+        ),
+        "write its shard",
+    )
+    _together(
+        lambda: self.shard == 0
+        and _write_manifest(
+            path,
+            "sharded_index",
+            self.shards,
+            self.ids,
+            engine=self.local.engine,
+            dim=self.dim,
+        ),
+        "write the manifest",
+    )
 
   @classmethod
   def load(cls, path: str | os.PathLike, ids: Sequence[str]) -> "ShardedIndex":
