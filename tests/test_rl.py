@@ -822,6 +822,28 @@ def test_exploding_update_stops_with_the_guard(straight, toy, tmp_path):
   assert _restored_params_are_finite(workdir, RESUME_STEPS)
 
 
+def test_resumes_a_workdir_written_before_an_environment_field(
+    straight, toy, tmp_path
+):
+  """A workdir whose config.json predates `env.shard_by_process` resumes
+  (the field's default is how it ran), and its next step is taken."""
+  workdir = _copy_run(straight, tmp_path / "run")
+  cfg = json.loads((workdir / "config.json").read_text())
+  del cfg["env"]["shard_by_process"]
+  (workdir / "config.json").write_text(json.dumps(cfg))
+  overrides = _resume_overrides(toy)
+  overrides.update({"total_steps": RESUME_STEPS + 1})
+  trainer.train(tiny_config(overrides), str(workdir), rl.Stage2)
+  assert sorted(_train_rows(workdir)) == list(range(RESUME_STEPS + 1))
+  # config.json now records the field.
+  assert (
+      json.loads((workdir / "config.json").read_text())["env"][
+          "shard_by_process"
+      ]
+      is False
+  )
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [

@@ -85,6 +85,39 @@ def test_stage2_resume_takes_refresh_settings_and_refuses_index_structure():
   ) == {"eval.corpus_size": (500, 0)}
 
 
+def test_stage2_resumes_a_workdir_made_before_an_environment_field():
+  # A config.json written before env.shard_by_process existed: the run held
+  # one whole environment per process, which is the field's default.
+  saved = {"env": config_blocks.env().to_dict(), "seed": 0}
+  del saved["env"]["shard_by_process"]
+  now = {"env": config_blocks.env().to_dict(), "seed": 0}
+  assert not trainer.check_resume(
+      saved, now, Stage2.resume_refuses, Stage2.resume_defaults
+  )
+  # Without the defaults the missing field reads as a change, and refused.
+  with pytest.raises(trainer.ResumeConfigError, match="shard_by_process"):
+    trainer.check_resume(saved, now, Stage2.resume_refuses)
+  # Set away from its default, it is a change of the saved run, and refused
+  # with the default it ran as named.
+  now["env"]["shard_by_process"] = True
+  with pytest.raises(trainer.ResumeConfigError) as e:
+    trainer.check_resume(
+        saved, now, Stage2.resume_refuses, Stage2.resume_defaults
+    )
+  assert (
+      "env.shard_by_process: saved False (not in the saved config), now True"
+      in str(e.value)
+  )
+  # A field applied on resume, missing from the saved config, is applied.
+  del saved["env"]["refresh_every"]
+  now["env"]["shard_by_process"] = False
+  now["env"]["refresh_every"] += 1
+  changed = trainer.check_resume(
+      saved, now, Stage2.resume_refuses, Stage2.resume_defaults
+  )
+  assert list(changed) == ["env.refresh_every"]
+
+
 def _rl_config(**changes):
   return tiny_config(changes)  # configs/rl.py:tiny with `changes` applied
 

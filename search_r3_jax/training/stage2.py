@@ -380,6 +380,13 @@ class Stage2:
           if f.name not in ENV_APPLIED_ON_RESUME
       )
   )
+  # A workdir made before an environment field existed ran as its default
+  # (env.shard_by_process: one whole environment per process).
+  resume_defaults = {
+      f"env.{f.name}": f.default
+      for f in dataclasses.fields(EnvConfig)
+      if f.default is not dataclasses.MISSING
+  }
 
   def __init__(self, cfg, workdir: Optional[str] = None):
     self.cfg = cfg

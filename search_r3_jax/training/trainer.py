@@ -70,6 +70,8 @@ class Stage(Protocol):
   state: Any  # the TrainState; every step replaces it
   # Config fields (dotted prefixes) a resumed run may not change.
   resume_refuses: tuple[str, ...]
+  # Optional: {dotted field: default} for fields added after workdirs were
+  # made; a saved config without one ran as its default (`check_resume`).
 
   def summary(self) -> str:
     ...
@@ -134,9 +136,17 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def check_resume(
-    saved: dict, now: dict, refuses: tuple[str, ...]
+    saved: dict,
+    now: dict,
+    refuses: tuple[str, ...],
+    defaults: Optional[dict[str, Any]] = None,
 ) -> dict[str, tuple[Any, Any]]:
   """The fields a resumed run changes, as {field: (saved, now)}.
+
+  `defaults` ({dotted field: default}) covers workdirs made before a field
+  existed: a field missing from the saved config ran as its default, so it
+  is a change only where the value now differs from that default (and then
+  it is named as `saved <default> (not in the saved config)`).
 
   Raises:
     ResumeConfigError: a changed field is under one of `refuses` (the model,
@@ -144,6 +154,9 @@ def check_resume(
       setting), naming every such field with both values.
   """
   a, b = flatten(saved), flatten(now)
+  for k, v in (defaults or {}).items():
+    if k not in a and k in b:
+      a[k] = _AddedSince(v)
   changed = {
       k: (a.get(k), b.get(k))
       for k in sorted(set(a) | set(b))
@@ -166,8 +179,29 @@ def check_resume(
   return changed
 
 
+class _AddedSince:
+  """A field a saved config lacks, standing in as the default it ran as."""
+
+  def __init__(self, default):
+    self.default = default
+
+  def __eq__(self, other):
+    other = other.default if isinstance(other, _AddedSince) else other
+    return self.default == other
+
+  def __hash__(self):
+    return hash(repr(self.default))
+
+  def __repr__(self):
+    return f"{self.default!r} (not in the saved config)"
+
+
 def write_config(
-    cfg, workdir: str, resuming: bool, refuses: tuple[str, ...]
+    cfg,
+    workdir: str,
+    resuming: bool,
+    refuses: tuple[str, ...],
+    defaults: Optional[dict[str, Any]] = None,
 ) -> None:
   """Writes config.json; when resuming, first checks it against the saved
   one (`check_resume`) and says which changed fields take effect."""
@@ -176,7 +210,7 @@ def write_config(
   if resuming and os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       saved = json.load(f)
-    changed = check_resume(saved, json.loads(text), refuses)
+    changed = check_resume(saved, json.loads(text), refuses, defaults)
     if changed:
       say(
           "resuming with changed settings, applied from here on: "
@@ -314,7 +348,13 @@ def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
     # Checked before the stage loads anything: a refused change, or a
     # workdir without a step to resume from, costs nothing.
     resuming = _first_readable(checkpoints, workdir, stage_cls) is not None
-    write_config(cfg, workdir, resuming, stage_cls.resume_refuses)
+    write_config(
+        cfg,
+        workdir,
+        resuming,
+        stage_cls.resume_refuses,
+        getattr(stage_cls, "resume_defaults", None),
+    )
     stage = stage_cls(cfg, workdir)
     start, position = _resume(checkpoints, stage, workdir)
   except BaseException:
