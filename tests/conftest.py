@@ -6,7 +6,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
+import json
 import pathlib
 
 import jax
@@ -134,3 +135,25 @@ def smollm2(one_device_mesh):
   from search_r3_jax import SearchR3
 
   return SearchR3.from_pretrained("smollm2-135m", mesh=one_device_mesh)
+
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name: str, variant: str = "", overrides=None):
+  """`configs/<name>.py`'s get_config(variant), with `overrides`
+  ({"dotted.field": value}) applied: what `--config=configs/<name>.py:variant
+  --config.dotted.field=value` gives a program."""
+  spec = importlib.util.spec_from_file_location(
+      f"config_{name}", CONFIGS / f"{name}.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(variant)
+  for key, value in (overrides or {}).items():
+    *path, last = key.split(".")
+    node = cfg
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return cfg

@@ -123,10 +123,12 @@ def sharded_environment(out_dir: str) -> None:
   got, want = env.search(queries), whole.search(queries)
   assert got.ids == want.ids, (got.ids, want.ids)
   np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-6)
-  ids = ["d00", "d40", "d17"]
-  np.testing.assert_allclose(
-      env.embeddings(ids), whole.embeddings(ids), atol=1e-7
-  )
+  # Ids spread over blocks, then ids of one block only (the other sends
+  # nothing), a repeated id among them.
+  for ids in (["d00", "d40", "d17"], ["d01", "d00", "d01"]):
+    np.testing.assert_allclose(
+        env.embeddings(ids), whole.embeddings(ids), atol=1e-7
+    )
   marked = env.observe(["d00", "d40"], [["d17"]])
   assert marked >= 3, marked
   assert set(np.asarray(env.local.doc_ids)[env.local.touched]) <= set(block)

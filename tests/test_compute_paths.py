@@ -200,14 +200,9 @@ def test_unknown_switches_are_refused_by_name():
     CFG.replace(attention="flash")
   with pytest.raises(ConfigError, match="remat='some'"):
     CFG.replace(remat="some")
-  import importlib.util
-  import pathlib
+  from conftest import load_config
 
-  root = pathlib.Path(__file__).resolve().parents[1]
-  spec = importlib.util.spec_from_file_location("rl", root / "configs/rl.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("tiny")
+  cfg = load_config("rl", "tiny")
   cfg.attention, cfg.remat, cfg.rl.logprob_chunk = "flash", "some", -1
   with pytest.raises(config_check.SettingsError) as e:
     config_check.check_config(cfg, "train")

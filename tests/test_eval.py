@@ -4,11 +4,11 @@ on a BEIR fixture folder its figures against a hand computation from its
 own rankings, which are exact search over the model's embeddings; the
 ScaNN engine."""
 
-import importlib.util
 import json
 import math
 import pathlib
 
+from conftest import load_config
 import numpy as np
 import pytest
 
@@ -22,12 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(model):
-  spec = importlib.util.spec_from_file_location(
-      "eval_config", ROOT / "configs" / "eval.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("tiny")
+  cfg = load_config("eval", "tiny")
   cfg.model = str(model)
   return cfg
 

@@ -70,7 +70,7 @@ def rows(workdir, kind="train"):
 def one_process(config_args, workdir):
   """The same run in this process (8 devices): `--config=FILE:VARIANT`
   and `--config.FIELD=VALUE` overrides of bool, int or str fields."""
-  import importlib.util
+  from conftest import load_config
 
   # Not search_r3_jax.train: its flags would clash with the eval
   # program's, which other tests import into this process.
@@ -79,21 +79,15 @@ def one_process(config_args, workdir):
   from search_r3_jax.training.stage2 import Stage2
 
   path, variant = config_args[0].split("=", 1)[1].split(":")
-  spec = importlib.util.spec_from_file_location("pod_config", ROOT / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(variant)
+  overrides = {}
   for arg in config_args[1:]:
     field, value = arg[len("--config.") :].split("=", 1)
-    node = cfg
-    *parents, leaf = field.split(".")
-    for p in parents:
-      node = node[p]
     if value in ("True", "False"):
       value = value == "True"
     elif value.isdigit():
       value = int(value)
-    node[leaf] = value
+    overrides[field] = value
+  cfg = load_config(pathlib.Path(path).stem, variant, overrides)
   trainer.train(cfg, str(workdir), Stage2 if cfg.stage == 2 else Stage1)
 
 

@@ -5,7 +5,6 @@ position and environment, and the non-finite guard (a NaN loss, and an
 exploding update whose loss was still finite, stop the run cleanly)."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import subprocess
 import sys
 import time
 
+from conftest import load_config
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -461,24 +461,8 @@ def _toy_overrides(toy, **extra):
   return out
 
 
-def _load_config(variant):
-  spec = importlib.util.spec_from_file_location(
-      "rl_config", ROOT / "configs" / "rl.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
 def tiny_config(overrides):
-  cfg = _load_config("tiny")
-  for key, value in overrides.items():
-    *path, last = key.split(".")
-    node = cfg
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return cfg
+  return load_config("rl", "tiny", overrides)
 
 
 def _flag(value):
@@ -855,13 +839,13 @@ def test_resumes_a_workdir_written_before_an_environment_field(
     ],
 )
 def test_check_config_names_the_field(field, value, message):
-  cfg = _load_config("tiny")
+  cfg = load_config("rl", "tiny")
   section, name = field.split(".")
   cfg[section][name] = value
   with pytest.raises(ValueError, match=message):
     rl.check_config(cfg)
-  rl.check_config(_load_config("tiny"))  # the shipped variants pass
-  rl.check_config(_load_config(""))
+  rl.check_config(load_config("rl", "tiny"))  # the shipped variants pass
+  rl.check_config(load_config("rl"))
 
 
 def test_training_and_evaluation_embed_one_token_sequence(tiny):

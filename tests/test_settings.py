@@ -2,12 +2,12 @@
 programs report errors of input or settings as one line `error: ...` with
 exit status 2 (cli.run), leaving the workdir unwritten."""
 
-import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
 
+from conftest import load_config
 import ml_collections
 import pytest
 
@@ -19,12 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(name, variant=""):
-  spec = importlib.util.spec_from_file_location(
-      f"config_{name}", ROOT / "configs" / f"{name}.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return load_config(name, variant)
 
 
 def _problems(cfg, kind="train", devices=1):

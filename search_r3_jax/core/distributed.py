@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import flags
 import jax
@@ -247,6 +247,34 @@ def allgather(obj: Any) -> list:
       json.loads(bytes(rows[p, : int(sizes[p][0])]).decode("utf-8"))
       for p in range(jax.process_count())
   ]
+
+
+def gather(x: np.ndarray) -> np.ndarray:
+  """[P, ...]: every process's host array `x` (all of one shape and dtype),
+  in process order, on every process. A collective."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x[None]
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x))
+
+
+def together(work: Callable[[], Any], what: str) -> None:
+  """Runs `work` on every process; if it raises on any, every process
+  raises one OSError naming each process that failed and why, so no
+  process is left waiting at the next collective. A collective. On one
+  process the error itself propagates."""
+  failed = None
+  try:
+    work()
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if jax.process_count() == 1:
+      raise
+    failed = f"process {jax.process_index()} could not {what}: {e}"
+  problems = [f for f in allgather(failed) if f]
+  if problems:
+    raise OSError("; ".join(problems))
 
 
 def broadcast(obj: Any) -> Any:

@@ -283,11 +283,7 @@ class Policy:
         # shape instead of compiling its own.
         b = self.pad_batch(pow2_bucket(len(idx), batch_size))
         t = round_up(max(len(rows[i]) for i in idx), LENGTH_BUCKET)
-        ids = np.full((b, t), self.tokenizer.pad_id, np.int32)
-        lengths = np.ones((b,), np.int32)
-        for j, i in enumerate(idx):
-          ids[j, : len(rows[i])] = rows[i]
-          lengths[j] = len(rows[i])
+        ids, lengths = self._rows_batch(rows, idx, b, t)
         emb = encoding.embed_last(
             self.graphdef, self.params, self._put(ids), self._put(lengths)
         )
@@ -297,6 +293,18 @@ class Policy:
       if pending is not None:
         fetch(pending)
     return out
+
+  def _rows_batch(
+      self, rows: list[list[int]], idx: Sequence[int], b: int, t: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """[b, t] token ids (right-padded) and [b] lengths of `rows[idx]`; the
+    rows past `len(idx)` are padding of length 1."""
+    ids = np.full((b, t), self.tokenizer.pad_id, np.int32)
+    lengths = np.ones((b,), np.int32)
+    for j, i in enumerate(idx):
+      ids[j, : len(rows[i])] = rows[i]
+      lengths[j] = len(rows[i])
+    return ids, lengths
 
   def embed_ids_per_process(
       self, rows: list[list[int]], batch_size: int = 16
@@ -335,11 +343,7 @@ class Policy:
       for s in range(batches):
         idx = order[s * batch_size : (s + 1) * batch_size]
         t = round_up(int(longest[s]), LENGTH_BUCKET)
-        ids = np.full((mine, t), self.tokenizer.pad_id, np.int32)
-        lengths = np.ones((mine,), np.int32)
-        for j, i in enumerate(idx):
-          ids[j, : len(rows[i])] = rows[i]
-          lengths[j] = len(rows[i])
+        ids, lengths = self._rows_batch(rows, idx, mine, t)
         sh_ids = shd.batch_sharding(self.mesh, 2, self.rules, b)
         sh_len = shd.batch_sharding(self.mesh, 1, self.rules, b)
         emb = encoding.embed_last(

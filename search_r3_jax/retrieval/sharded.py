@@ -65,15 +65,6 @@ def shard_dir(shard: int, shards: int) -> str:
   return f"shard-{shard:05d}-of-{shards:05d}"
 
 
-def _gather(x: np.ndarray) -> np.ndarray:
-  """[P, ...] of every process's equally shaped `x`."""
-  if jax.process_count() == 1:
-    return x[None]
-  from jax.experimental import multihost_utils
-
-  return np.asarray(multihost_utils.process_allgather(x))
-
-
 class ShardedIndex:
   """This process's shard of a corpus index, and the collective search over
   all shards."""
@@ -164,7 +155,7 @@ class ShardedIndex:
       width = max(counts)
       padded = np.zeros((width, self.dim), np.float32)
       padded[: len(queries)] = queries
-      every = _gather(padded)
+      every = distributed.gather(padded)
       everyone = np.concatenate([every[p, : counts[p]] for p in range(n)])
       mine = slice(sum(counts[: self.shard]), sum(counts[: self.shard + 1]))
     else:
@@ -185,8 +176,8 @@ class ShardedIndex:
     s_pad = np.full((q, width), -np.inf, np.float32)
     r_pad = np.full((q, width), -1, np.int64)
     s_pad[:, :kk], r_pad[:, :kk] = scores, rows
-    all_s = _gather(s_pad).transpose(1, 0, 2).reshape(q, -1)
-    all_r = _gather(r_pad).transpose(1, 0, 2).reshape(q, -1)
+    all_s = distributed.gather(s_pad).transpose(1, 0, 2).reshape(q, -1)
+    all_r = distributed.gather(r_pad).transpose(1, 0, 2).reshape(q, -1)
     # Best score first; between equal scores the lower corpus row, as one
     # index over the whole corpus orders them. Missing hits go last.
     key_row = np.where(all_r >= 0, all_r, np.iinfo(np.int64).max)
@@ -229,13 +220,13 @@ class ShardedIndex:
     shard is written."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    _together(
+    distributed.together(
         lambda: self.local.save(
             os.path.join(path, shard_dir(self.shard, self.shards))
         ),
         "write its shard",
     )
-    _together(
+    distributed.together(
         lambda: self.shard == 0
         and _write_manifest(
             path,
@@ -361,12 +352,24 @@ class ShardedEnvironment:
     unknown = [d for d in ids if d not in every]
     if unknown:
       raise KeyError(f"unknown document ids {unknown[:3]}")
-    out = np.zeros((len(ids), self.local.index.dim), np.float32)
-    mine = [i for i, d in enumerate(ids) if d in self._owned]
-    if mine:
-      out[mine] = self.local.embeddings([ids[i] for i in mine])
-    # Each document is owned by one block: the blocks' rows add up.
-    return _gather(out).sum(axis=0)
+    # Each block sends only the rows it owns (padded to the largest
+    # block's count), with their places in `ids`.
+    mine = np.asarray(
+        [i for i, d in enumerate(ids) if d in self._owned], np.int64
+    )
+    width = max(int(c) for c in distributed.allgather(len(mine)))
+    dim = self.local.index.dim
+    rows = np.zeros((width, dim), np.float32)
+    where = np.full((width,), -1, np.int64)
+    if len(mine):
+      rows[: len(mine)] = self.local.embeddings([ids[i] for i in mine])
+      where[: len(mine)] = mine
+    all_rows, all_where = distributed.gather(rows), distributed.gather(where)
+    out = np.zeros((len(ids), dim), np.float32)
+    for p in range(all_rows.shape[0]):
+      keep = all_where[p] >= 0
+      out[all_where[p][keep]] = all_rows[p][keep]
+    return out
 
   def observe(self, gold, retrieved=()) -> int:
     """Marks, in each block, the touched documents it owns; returns how
@@ -415,13 +418,13 @@ class ShardedEnvironment:
     directory); process 0 then the manifest. A failure on any process
     stops every process with the same error."""
     path = os.fspath(path)
-    _together(
+    distributed.together(
         lambda: self.local.save(
             os.path.join(path, shard_dir(self.shard, self.shards))
         ),
         "write its block",
     )
-    _together(
+    distributed.together(
         lambda: self.shard == 0
         and _write_manifest(
             path, "sharded_environment", self.shards, self.doc_ids
@@ -448,21 +451,6 @@ class ShardedEnvironment:
         {d: corpus[d] for d in ids[rows]},
     )
     return cls(corpus, local=local)
-
-
-def _together(work, what: str) -> None:
-  """Runs `work` on every process; if it fails on any, every process
-  raises an OSError naming which and why (none is left waiting)."""
-  failed = None
-  try:
-    work()
-  except Exception as e:  # pylint: disable=broad-exception-caught
-    if jax.process_count() == 1:
-      raise
-    failed = f"process {jax.process_index()} could not {what}: {e}"
-  problems = [f for f in distributed.allgather(failed) if f]
-  if problems:
-    raise OSError("; ".join(problems))
 
 
 def _plain(values: dict) -> dict:
