@@ -172,6 +172,59 @@ class Policy:
     Returns:
       `decoding.Generation` of numpy arrays, one row per prompt.
     """
+    out, n = self._generate(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop_ids=stop_ids,
+        capture_stop_hidden=capture_stop_hidden,
+    )
+    out = distributed.to_host(out)
+    return decoding.Generation(*(np.asarray(a)[:n] for a in out))
+
+  def generate_ids_local(
+      self, prompts: Sequence[Sequence[int]], **kwargs
+  ) -> tuple[decoding.Generation, slice]:
+    """`generate_ids` of the same prompts on every process, each process
+    reading back only the rows its own devices generated: (those rows,
+    their place among `prompts`). The rows and their random draws are the
+    ones `generate_ids` gives, so the union over processes is its result.
+    A collective. On one process: every row, `slice(0, len(prompts))`."""
+    out, n = self._generate(prompts, **kwargs)
+    local, rows = [], None
+    for x in out:
+      # Rows split over the batch axes only (a hidden axis may be split
+      # over the model axis), so each process holds whole rows.
+      sh = shd.batch_sharding(self.mesh, x.ndim, self.rules, x.shape[0])
+      x = jax.device_put(x, sh)
+      here = distributed.process_rows(sh, x.shape)
+      if rows is not None and here != rows:
+        raise ValueError(
+            f"generation outputs on rows {here} and {rows} of one batch"
+        )
+      rows = here
+      local.append(distributed.local_rows(x))
+    start, stop = min(rows.start, n), min(rows.stop, n)  # padding rows off
+    gen = decoding.Generation(*(a[: stop - start] for a in local))
+    return gen, slice(start, stop)
+
+  def _generate(
+      self,
+      prompts: Sequence[Sequence[int]],
+      *,
+      max_new_tokens: int = 64,
+      temperature: float = 0.0,
+      top_p: float = 1.0,
+      top_k: int = 0,
+      seed: int = 0,
+      stop_ids: Optional[Sequence[int]] = None,
+      capture_stop_hidden: bool = False,
+  ) -> tuple[decoding.Generation, int]:
+    """`decoding.generate` over the padded batch of `prompts`: (its device
+    arrays, the number of real rows)."""
     if not prompts:
       raise ValueError("generate: no prompts")
     if any(len(p) == 0 for p in prompts):
@@ -208,8 +261,7 @@ class Policy:
           batch_axes=self._batch_axes(),
           quantized=self.quantized,
       )
-    out = distributed.to_host(out)
-    return decoding.Generation(*(np.asarray(a)[:n] for a in out))
+    return out, n
 
   def generate(
       self,

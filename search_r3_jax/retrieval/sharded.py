@@ -337,17 +337,28 @@ class ShardedEnvironment:
     return ShardedIndex(self.doc_ids, self.local.index, self.shard, self.shards)
 
   def search(
-      self, queries: np.ndarray, k: Optional[int] = None
+      self,
+      queries: np.ndarray,
+      k: Optional[int] = None,
+      per_process: bool = False,
   ) -> SearchResult:
     """The merged top-k (default `cfg.k`) of the same queries on every
-    process."""
+    process, or with `per_process` of each process's own (their numbers
+    may differ). A collective."""
     k = self.cfg.k if k is None else k
-    return self._index().search(queries, k, per_process=False)
+    return self._index().search(queries, k, per_process=per_process)
 
-  def embeddings(self, ids: Sequence[str]) -> np.ndarray:
-    """Stored vectors of documents of any block (the same ids on every
-    process). A collective."""
+  def embeddings(
+      self, ids: Sequence[str], per_process: bool = False
+  ) -> np.ndarray:
+    """Stored vectors of documents of any block: of the same ids on every
+    process, or with `per_process` of each process's own. A collective."""
     ids = list(ids)
+    if per_process and jax.process_count() > 1:
+      asked = distributed.allgather(ids)
+      every = self.embeddings([d for part in asked for d in part])
+      start = sum(len(part) for part in asked[: jax.process_index()])
+      return every[start : start + len(ids)]
     every = set(self.doc_ids)
     unknown = [d for d in ids if d not in every]
     if unknown:

@@ -51,6 +51,10 @@ class Rollouts:
   embeddings: np.ndarray
   texts: list[str]
   logprobs: Optional[list[list[float]]] = None
+  # Where these rows' queries start among the step's queries: 0, unless
+  # they are one process's share (`sample(..., local=True)`), whose
+  # `query_index` counts from its own first query.
+  first_query: int = 0
 
   @property
   def size(self) -> int:
@@ -70,10 +74,22 @@ def sample(
     top_p: float = 1.0,
     seed: int = 0,
     max_query_tokens: int = 128,
+    local: bool = False,
 ) -> Rollouts:
   """`group_size` reasoning rollouts per query from `policy` (a
   `core.policy.Policy`, or anything with its `tokenizer`, `prompts` and
-  `generate_ids`)."""
+  `generate_ids`).
+
+  With `local` (a collective: every process gives the same queries), each
+  process keeps only the rollouts its own devices sampled
+  (`Policy.generate_ids_local`): whole groups of its share of the queries,
+  from `first_query` on. They are the rows the whole sample would hold
+  there, drawn with the same randomness.
+
+  Raises:
+    ValueError: with `local`, a process's rows split a group (a batch
+      sharding whose blocks are not whole groups).
+  """
   if group_size < 1:
     raise ValueError(f"group_size must be >= 1, got {group_size}")
   if not queries:
@@ -91,8 +107,7 @@ def sample(
   ]
   prompts = [list(p) for p in base for _ in range(group_size)]
   stop = tuple(tok.eos_ids) + (tok.embed_token_id,)
-  gen = policy.generate_ids(
-      prompts,
+  kwargs = dict(
       max_new_tokens=max_new_tokens,
       temperature=temperature,
       top_p=top_p,
@@ -100,6 +115,18 @@ def sample(
       stop_ids=stop,
       capture_stop_hidden=True,
   )
+  if local:
+    gen, rows = policy.generate_ids_local(prompts, **kwargs)
+    if rows.start % group_size or rows.stop % group_size:
+      raise ValueError(
+          f"this process sampled rollouts {rows.start}..{rows.stop - 1} of "
+          f"{len(prompts)}, which splits a group of {group_size}: make the "
+          "rollouts per process (queries_per_step * group_size / processes) "
+          "a multiple of group_size"
+      )
+  else:
+    gen = policy.generate_ids(prompts, **kwargs)
+    rows = slice(0, len(prompts))
   responses, has_embed, logprobs = [], [], []
   for row, lp, n, stopped in zip(
       gen.tokens, gen.logprobs, gen.lengths, gen.stopped
@@ -115,13 +142,14 @@ def sample(
       tok.decode([x for x in r if x != tok.embed_token_id]) for r in responses
   ]
   return Rollouts(
-      np.repeat(np.arange(len(queries)), group_size),
-      prompts,
+      np.repeat(np.arange((rows.stop - rows.start) // group_size), group_size),
+      prompts[rows],
       responses,
       has_embed,
       emb,
       texts,
       logprobs,
+      first_query=rows.start // group_size,
   )
 
 
@@ -239,16 +267,27 @@ def score(
     searched = np.ones((n,), bool)
   retrieved: list[list[str]] = [[] for _ in range(n)]
   rows = np.flatnonzero(searched)
-  if rows.size:
+  # A collective environment (each process's own rollouts, `collective`) is
+  # searched by every process, with or without rows of its own.
+  collective = getattr(env, "collective", False)
+  if rows.size or collective:
     hits = env.search(emb[rows], k)
     for r, ids in zip(rows, hits.ids):
       retrieved[r] = ids
   row_gold = [list(gold[q]) for q in rollouts.query_index]
+  # One read of the stored vectors of every row's gold documents.
+  flat = [d for g in row_gold for d in g]
+  stored = (
+      env.embeddings(flat)
+      if flat or collective
+      else np.zeros((0, emb.shape[1]), np.float32)
+  )
+  ends = np.cumsum([len(g) for g in row_gold])
   inputs = rewards_lib.RewardInputs(
       retrieved=retrieved,
       gold=row_gold,
       query_emb=emb,
-      gold_emb=[env.embeddings(g) for g in row_gold],
+      gold_emb=np.split(stored, ends[:-1]) if row_gold else [],
       has_embed=searched,
   )
   weights = dict(rewards_lib.DEFAULT_WEIGHTS if weights is None else weights)

@@ -203,8 +203,11 @@ def aux_documents(
   """[N, k, D] stored embeddings: each row's first gold document, then its
   highest-ranked non-gold documents in the index (the auxiliary InfoNCE's
   negatives)."""
-  hits = env.search(emb, k + max(len(g) for g in gold))
-  out = np.zeros((len(gold), k, emb.shape[1]), np.float32)
+  width = max((len(g) for g in gold), default=0)
+  if getattr(env, "collective", False):  # one search width on every process
+    width = max(int(w) for w in distributed.allgather(width))
+  hits = env.search(emb, k + width)
+  chosen = []
   for i, (ids, g) in enumerate(zip(hits.ids, gold)):
     negs = [d for d in ids if d not in g][: k - 1]
     if len(negs) < k - 1:
@@ -213,8 +216,9 @@ def aux_documents(
           f"non-gold documents for row {i}, {k - 1} needed "
           "(lower rl.aux_documents)"
       )
-    out[i] = env.embeddings([g[0]] + negs)
-  return out
+    chosen += [g[0]] + negs
+  # One read of the stored vectors for every row.
+  return env.embeddings(chosen).reshape(len(gold), k, emb.shape[1])
 
 
 def longest_row(tok, cfg) -> int:
@@ -270,7 +274,62 @@ def plan_memory(cfg, model_cfg, mesh, *, seq_len: int, limit=None):
   )
 
 
+class _OwnQueries:
+  """A sharded environment whose searches and stored-vector reads take each
+  process's own queries and ids (their numbers may differ): what scoring
+  one process's rollouts needs. Every call is a collective, so `score`
+  calls `search` even with nothing of its own to search."""
+
+  collective = True
+
+  def __init__(self, env):
+    self.env = env
+
+  def search(self, queries, k=None):
+    return self.env.search(queries, k, per_process=True)
+
+  def embeddings(self, ids):
+    return self.env.embeddings(ids, per_process=True)
+
+
+def _whole_step(ro: Rollouts, sc: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+  """(emitted, response lengths, scores) of every process's rollouts, in
+  the order of the step's rows (host numbers only: rewards, ranks,
+  emission, lengths), for the step's metrics."""
+  if jax.process_count() == 1:
+    return np.asarray(ro.has_embed, bool), ro.response_lengths(), sc
+  mine = dict(
+      reward=np.asarray(sc["reward"], np.float64).tolist(),
+      best_rank=np.asarray(sc["best_rank"]).tolist(),
+      has_embed=np.asarray(ro.has_embed, bool).tolist(),
+      lengths=ro.response_lengths().tolist(),
+      terms={
+          k: np.asarray(v, np.float64).tolist() for k, v in sc["terms"].items()
+      },
+  )
+  parts = distributed.allgather(mine)
+  cat = lambda get: np.asarray([x for p in parts for x in get(p)])
+  every = dict(
+      reward=cat(lambda p: p["reward"]),
+      best_rank=cat(lambda p: p["best_rank"]),
+      terms={k: cat(lambda p, k=k: p["terms"][k]) for k in sc["terms"]},
+  )
+  return (
+      cat(lambda p: p["has_embed"]).astype(bool),
+      cat(lambda p: p["lengths"]),
+      every,
+  )
+
+
 def rollout_metrics(ro, sc, group_size: int) -> dict[str, float]:
+  """The step's figures of rollouts `ro` and their scores `sc`."""
+  return step_metrics(ro.has_embed, ro.response_lengths(), sc, group_size)
+
+
+def step_metrics(
+    has_embed: np.ndarray, lengths: np.ndarray, sc: dict, group_size: int
+) -> dict[str, float]:
+  """`rollout_metrics` from the rollouts' emission flags and lengths."""
   reward = np.asarray(sc["reward"], np.float64)
   groups = reward.reshape(-1, group_size)
   best = np.asarray(sc["best_rank"])
@@ -278,8 +337,8 @@ def rollout_metrics(ro, sc, group_size: int) -> dict[str, float]:
       "reward_mean": reward.mean(),
       "reward_std": reward.std(),
       "reward_group_std": groups.std(1).mean(),
-      "embed_rate": float(np.mean(ro.has_embed)),
-      "reasoning_tokens": float(ro.response_lengths().mean()),
+      "embed_rate": float(np.mean(has_embed)),
+      "reasoning_tokens": float(np.mean(lengths)),
   }
   for name, values in sc["terms"].items():
     out[f"reward_{name}"] = float(np.mean(values))
@@ -669,16 +728,32 @@ class Stage2:
 
   # -- one step, in its phases -----------------------------------------------
 
-  def _put(self, key: str, x: np.ndarray) -> jax.Array:
-    """One array of the update's batch from its global host rows (the same
-    on every process): each process gives only the rows its devices hold."""
+  def _put(self, key: str, x: np.ndarray, ro: Rollouts) -> jax.Array:
+    """One array of the update's batch from this process's rows of it (the
+    rollouts it sampled, `ro`): no process holds another's rows.
+
+    Raises:
+      ValueError: the update's batch sharding puts other rows on this
+        process's devices than the sampler did.
+    """
     sharding = self.batch_sh[key]
-    rows = distributed.process_rows(sharding, x.shape)
-    return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
+    shape = (self.group * self.nq,) + x.shape[1:]
+    rows = distributed.process_rows(sharding, shape)
+    mine = ro.first_query * self.group
+    if (rows.start, rows.stop) != (mine, mine + len(x)):
+      raise ValueError(
+          f"the update's batch puts rows {rows.start}..{rows.stop - 1} on "
+          f"process {jax.process_index()}, whose rollouts are rows "
+          f"{mine}..{mine + len(x) - 1}: the mesh's batch axes must order "
+          "processes alike for sampling and training"
+      )
+    return jax.make_array_from_process_local_data(sharding, x, shape)
 
   def rollout(self, step: int) -> tuple[list, Rollouts]:
     """Draws `queries_per_step` training queries and samples `group_size`
-    reasoning rollouts of each from the current policy."""
+    reasoning rollouts of each from the current policy: (every query of the
+    step with its gold, in one process's order; the rollouts this process
+    sampled, whole groups from `first_query` on)."""
     rl = self.cfg.rl
     # This process's share of the step's queries; the step's rollouts are
     # sampled for all of them together, in one process's order.
@@ -697,17 +772,24 @@ class Stage2:
         top_p=rl.top_p,
         seed=self.cfg.seed * 1_000_003 + step,
         max_query_tokens=rl.max_query_tokens,
+        local=True,
     )
     return batch_q, ro
 
   def forward(self, ro: Rollouts) -> tuple[dict, jax.Array, np.ndarray]:
     """The GRPO batch on the device, the sampling policy's old
-    log-probabilities and every rollout's embedding (one forward pass)."""
+    log-probabilities and the embedding of each of this process's
+    rollouts (one forward pass)."""
     tok = self.tokenizer
     longest = max(
-        len(p) + len(r) + len(self.suffix)
-        for p, r in zip(ro.prompts, ro.responses)
+        (
+            len(p) + len(r) + len(self.suffix)
+            for p, r in zip(ro.prompts, ro.responses)
+        ),
+        default=1,
     )
+    # One shape on every process: the longest row of the whole step.
+    longest = max(int(x) for x in distributed.allgather(longest))
     # Lengths in buckets, so the forward and the update compile a few
     # shapes, not one per step.
     host = rollouts_lib.grpo_batch(
@@ -718,7 +800,7 @@ class Stage2:
         suffix=self.suffix,
         end_ids=tok.eos_ids,
     )
-    dev = {k: self._put(k, v) for k, v in host.items()}
+    dev = {k: self._put(k, v, ro) for k, v in host.items()}
     old_logp, emb = grpo.policy_outputs(
         self.graphdef,
         self.state.params,
@@ -728,18 +810,29 @@ class Stage2:
         targets=dev["targets"],
         **self.sampling,
     )
-    return dev, old_logp, np.asarray(distributed.to_host(emb))
+    # This process's rows only, each whole (the hidden axis gathered
+    # within the process where the model axis splits it).
+    emb = jax.device_put(
+        emb, shd.batch_sharding(self.mesh, 2, batch_size=emb.shape[0])
+    )
+    return dev, old_logp, distributed.local_rows(emb)
 
   def reward(
       self, ro: Rollouts, gold: list[list[str]], emb: np.ndarray
   ) -> tuple[dict, np.ndarray]:
-    """Searches and rewards the rollouts, marks what the step touched in the
-    environment; returns the scores and the auxiliary InfoNCE's documents."""
+    """Searches and rewards this process's rollouts (`gold`: every query's
+    of the step), marks what the whole step touched in the environment;
+    returns the scores of this process's rollouts and the auxiliary
+    InfoNCE's documents."""
     rl = self.cfg.rl
+    env = self.env
+    if self.sharded and jax.process_count() > 1:
+      env = _OwnQueries(env)  # each process searches its own rollouts
+    mine = gold[ro.first_query : ro.first_query + ro.size // self.group]
     sc = rollouts_lib.score(
-        self.env,
+        env,
         ro,
-        gold,
+        mine,
         group_size=self.group,
         weights=dict(self.cfg.rewards),
         k=self.env_cfg.k,
@@ -748,11 +841,16 @@ class Stage2:
     )
     if self.cfg.loss.aux_weight:
       docs = aux_documents(
-          self.env, emb, [gold[q] for q in ro.query_index], rl.aux_documents
+          env, emb, [mine[q] for q in ro.query_index], rl.aux_documents
       )
     else:  # the loss skips the auxiliary InfoNCE; a placeholder of one row
       docs = np.zeros((len(emb), 1, emb.shape[1]), np.float32)
-    self.env.observe(gold, sc["retrieved"])
+    # Every process's environment (or block) marks what the whole step
+    # touched: the queries' gold and every process's retrieved lists.
+    retrieved = [
+        r for part in distributed.allgather(sc["retrieved"]) for r in part
+    ]
+    self.env.observe(gold, retrieved)
     return sc, docs
 
   def update(self, batch: dict, guard: Optional[Guard]) -> dict[str, float]:
@@ -794,8 +892,8 @@ class Stage2:
     batch = dict(
         dev,
         old_logp=old_logp,
-        advantages=self._put("advantages", sc["advantages"]),
-        docs=self._put("docs", docs),
+        advantages=self._put("advantages", sc["advantages"], ro),
+        docs=self._put("docs", docs, ro),
     )
     values = self.update(batch, guard)
     times["time_update"] = time.perf_counter() - t
@@ -804,10 +902,11 @@ class Stage2:
     report = self.env.maybe_refresh(step + 1, self.encoder(self.sharded))
     times["time_refresh"] = time.perf_counter() - t
 
-    values.update(rollout_metrics(ro, sc, self.group))
+    emitted, lengths, every = _whole_step(ro, sc)
+    values.update(step_metrics(emitted, lengths, every, self.group))
     values.update(times)
     values["step_seconds"] = sum(times.values())
-    values["rollout_tokens"] = float(ro.response_lengths().sum())
+    values["rollout_tokens"] = float(np.sum(lengths))
     values["rollout_tokens_per_s"] = values["rollout_tokens"] / max(
         times["time_rollout"], 1e-9
     )
