@@ -352,8 +352,12 @@ def test_rollout_metrics_bins_ranks():
       "best_rank": np.array([1, 3, 0, 7]),
       "terms": {"format": np.array([0, 0, -1, 0])},
   }
-  m = rl.rollout_metrics(r, sc, group_size=2)
+  m = rl.rollout_metrics(r, sc, group_size=2, max_new_tokens=3)
   assert m["reward_mean"] == pytest.approx(0.125)
+  # The one rollout without the token used its whole budget of 3 tokens;
+  # the 4-token one emitted it.
+  assert m["budget_rate"] == 0.25
+  assert rl.rollout_metrics(r, sc, 2, max_new_tokens=4)["budget_rate"] == 0
   assert m["reward_group_std"] == pytest.approx((0.25 + 0.5) / 2)
   assert m["embed_rate"] == 0.75 and m["reasoning_tokens"] == 2.5
   assert m["reward_format"] == -0.25

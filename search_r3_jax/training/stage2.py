@@ -321,15 +321,30 @@ def _whole_step(ro: Rollouts, sc: dict) -> tuple[np.ndarray, np.ndarray, dict]:
   )
 
 
-def rollout_metrics(ro, sc, group_size: int) -> dict[str, float]:
+def rollout_metrics(
+    ro, sc, group_size: int, max_new_tokens: int
+) -> dict[str, float]:
   """The step's figures of rollouts `ro` and their scores `sc`."""
-  return step_metrics(ro.has_embed, ro.response_lengths(), sc, group_size)
+  return step_metrics(
+      ro.has_embed, ro.response_lengths(), sc, group_size, max_new_tokens
+  )
 
 
 def step_metrics(
-    has_embed: np.ndarray, lengths: np.ndarray, sc: dict, group_size: int
+    has_embed: np.ndarray,
+    lengths: np.ndarray,
+    sc: dict,
+    group_size: int,
+    max_new_tokens: int,
 ) -> dict[str, float]:
-  """`rollout_metrics` from the rollouts' emission flags and lengths."""
+  """`rollout_metrics` from the rollouts' emission flags and lengths.
+
+  Of the rollouts without the token, `budget_rate` is the share of all
+  rollouts that used the whole reasoning budget (`max_new_tokens`); the
+  others ended their turn before emitting it.
+  """
+  has_embed = np.asarray(has_embed, bool)
+  out_of_budget = ~has_embed & (np.asarray(lengths) >= max_new_tokens)
   reward = np.asarray(sc["reward"], np.float64)
   groups = reward.reshape(-1, group_size)
   best = np.asarray(sc["best_rank"])
@@ -338,6 +353,7 @@ def step_metrics(
       "reward_std": reward.std(),
       "reward_group_std": groups.std(1).mean(),
       "embed_rate": float(np.mean(has_embed)),
+      "budget_rate": float(np.mean(out_of_budget)),
       "reasoning_tokens": float(np.mean(lengths)),
   }
   for name, values in sc["terms"].items():
@@ -903,7 +919,11 @@ class Stage2:
     times["time_refresh"] = time.perf_counter() - t
 
     emitted, lengths, every = _whole_step(ro, sc)
-    values.update(step_metrics(emitted, lengths, every, self.group))
+    values.update(
+        step_metrics(
+            emitted, lengths, every, self.group, self.cfg.rl.max_new_tokens
+        )
+    )
     values.update(times)
     values["step_seconds"] = sum(times.values())
     values["rollout_tokens"] = float(np.sum(lengths))
