@@ -327,8 +327,11 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     program once it holds the lock reads that program's dataset info (its
     own was made before the dataset existed).
     """
+    if self.data_path.exists():  # written: nothing to lock (or to write)
+      self.download_and_prepare()
+      return self
     with _prepare_lock(os.fspath(self.data_dir)):
-      if not self.info.splits and self.data_path.exists():
+      if self.data_path.exists():  # written by another program meanwhile
         self.info.read_from_directory(self.data_dir)
       self.download_and_prepare()
     return self
