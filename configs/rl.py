@@ -29,7 +29,9 @@ emits the token: it is not searched and gets the format penalty alone
 per step (16 rollouts), a reasoning budget of 48 new tokens (the paper's
 default is 128), 40 steps, learning rate 1e-5, a 500-document environment
 with documents cut to 64 tokens and refreshed every 5 steps, 150 dev_sub
-questions evaluated at steps 0, 20 and 40 with reasoning on and off.
+questions evaluated at steps 0 and 40 with reasoning on and off (step 0 is
+stage 1's final evaluation, logged again rather than computed twice: the
+same parameters and settings).
 
 `rl.fallback_reward=True` (this project's option, for a start that never
 emits the token, such as the base model): a rollout that ends without the
@@ -110,7 +112,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   )
 
   # Evaluation and checkpoints.
-  c.eval_every = 20
+  c.eval_every = 0  # at step 0 and at the end
   c.checkpoint_every = 10
   c.eval = blocks.evaluation(
       splits=("dev_sub",), corpus_size=500, doc_len=64, max_queries=150
@@ -134,6 +136,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint_every = 2
     c.eval.update(corpus_size=48, doc_len=24, batch_size=16, max_queries=8)
     c.train_corpus.size = 48
+    # Stage 1 evaluates as stage 2 does, so its final evaluation is stage
+    # 2's step 0, as in the full-size job.
+    c.stage1.eval.update(
+        splits=("dev_sub",),
+        corpus_size=48,
+        doc_len=24,
+        max_queries=8,
+        max_new_tokens=8,
+    )
   elif arg in blocks.RECIPES:
     c.stage1 = blocks.stage1(arg)
     blocks.apply_recipe(c, arg, stage=2)

@@ -33,6 +33,7 @@ from search_r3_jax import config_check
 from search_r3_jax.core.errors import UserError
 from search_r3_jax.training.lock import WorkdirLock
 from search_r3_jax.training.runtime import say
+from search_r3_jax.training.trainer import final_evaluation
 from search_r3_jax.training.trainer import finished_steps
 from search_r3_jax.training.trainer import train
 
@@ -68,7 +69,8 @@ STAGE1_DIR = "stage1"
 def run(cfg, workdir: str) -> dict:
   """Runs the config: stage 2 without `init_from` and with `stage1_first`
   trains `cfg.stage1` in <workdir>/stage1 first (skipped once it reached
-  its last step) and starts from its result. Returns the last evaluation's
+  its last step) and starts from its result; stage 1's final evaluation is
+  then stage 2's step-0 one where the two evaluate with the same settings. Returns the last evaluation's
   flat figures."""
   if (
       cfg.get("stage", 1) == 2
@@ -86,7 +88,12 @@ def run(cfg, workdir: str) -> dict:
         train(s1, sub, stage_class(s1))
       say(f"stage 2 from {sub}")
       cfg.init_from = sub
-      return train(cfg, workdir, stage_class(cfg))
+      # Stage 1's final evaluation is stage 2's step 0 where both evaluate
+      # alike (the main job's configs do): not computed twice.
+      start_eval = final_evaluation(
+          s1, sub, cfg, stage_class(s1), stage_class(cfg)
+      )
+      return train(cfg, workdir, stage_class(cfg), start_eval)
   return train(cfg, workdir, stage_class(cfg))
 
 

@@ -9,6 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -90,6 +91,55 @@ def test_the_main_job_runs_stage_1_then_stage_2_from_it(straight):
   cfg = json.loads((workdir / "config.json").read_text())
   assert cfg["init_from"] == str(s1)
   assert cfg["rl"]["fallback_reward"] is False  # the paper's rule
+
+
+def test_stage_2_step_0_is_stage_1s_final_evaluation_not_computed_twice(
+    straight, tmp_path
+):
+  workdir, log = straight
+  assert "step-0 evaluation: the starting run's final one" in log
+  s1_eval = _rows(workdir / "stage1" / "metrics.jsonl", "eval")
+  s2_eval = _rows(workdir / "metrics.jsonl", "eval")
+  final = s1_eval[6]
+  logged = s2_eval[0]
+  assert "eval_seconds" not in logged  # logged, not computed
+  assert "eval_seconds" in s2_eval[4]
+  figures = {k for k in final if k.startswith("dev_sub")}
+  assert "dev_sub+reasoning/emitted" in figures
+  assert figures == {k for k in logged if k.startswith("dev_sub")}
+  for k in figures:
+    assert logged[k] == final[k], k
+  # The samples (the analyses the model wrote) come along.
+  assert (workdir / "samples" / "step_0.jsonl").read_text() == (
+      workdir / "stage1" / "samples" / "step_6.jsonl"
+  ).read_text()
+  # Stage 2's own evaluation of stage 1's parameters gives the same figures:
+  # what was logged is what it would have computed.
+  script = textwrap.dedent(f"""
+      import importlib.util, json
+      from search_r3_jax.training.stage2 import Stage2
+      spec = importlib.util.spec_from_file_location("rl", {str(ROOT / "configs" / "rl.py")!r})
+      m = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(m)
+      cfg = m.get_config("tiny")
+      cfg.init_from = {str(workdir / "stage1")!r}
+      flat, _ = Stage2(cfg, {str(tmp_path)!r}).evaluate(0)
+      print("FIGURES", json.dumps(flat))
+      """)
+  out = subprocess.run(
+      [sys.executable, "-c", script],
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=True,
+  )
+  line = [l for l in out.stdout.splitlines() if l.startswith("FIGURES ")][-1]
+  fresh = json.loads(line[len("FIGURES ") :])
+  assert set(fresh) == figures
+  for k in figures:
+    assert fresh[k] == pytest.approx(final[k], rel=1e-6, abs=1e-9), k
 
 
 def test_kill_9_inside_stage_1_between_the_stages_and_inside_stage_2(

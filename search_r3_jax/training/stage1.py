@@ -574,16 +574,28 @@ class Stage1:
   def baseline(self) -> dict[str, float]:
     return evaluation.flat_figures(self.evaluator.bm25())
 
+  @staticmethod
+  def _eval_modes(cfg) -> tuple[bool, ...]:
+    acfg = cfg.get("reasoning", {})
+    return (False, True) if acfg and acfg.get("share") else (False,)
+
+  @classmethod
+  def evaluation_settings(cls, cfg) -> dict:
+    return trainer.evaluation_settings(
+        cfg,
+        modes=cls._eval_modes(cfg),
+        max_new_tokens=int(cfg.eval.get("max_new_tokens", 48)),
+    )
+
   def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
     """Dev figures with reasoning off, and on where the run trains
     reasoning queries (with the analyses the model wrote)."""
     del step
-    acfg = self.cfg.get("reasoning", {})
-    reasoning = bool(acfg and acfg.get("share"))
-    samples = [] if reasoning else None
+    modes = self._eval_modes(self.cfg)
+    samples = [] if True in modes else None
     flat = self.evaluator.flat(
         self.policy(),
-        modes=(False, True) if reasoning else (False,),
+        modes=modes,
         max_new_tokens=int(self.cfg.eval.get("max_new_tokens", 48)),
         samples=samples,
     )

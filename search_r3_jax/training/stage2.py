@@ -627,6 +627,12 @@ class Stage2:
   def baseline(self) -> dict[str, float]:
     return evaluation.flat_figures(self.evaluator.bm25())
 
+  @classmethod
+  def evaluation_settings(cls, cfg) -> dict:
+    return trainer.evaluation_settings(
+        cfg, modes=(False, True), max_new_tokens=cfg.rl.max_new_tokens
+    )
+
   def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
     """Dev figures with reasoning off (`split/metric`) and on
     (`split+reasoning/metric`), and the analyses the model wrote."""

@@ -18,7 +18,10 @@ a batch and take a step; this loop owns everything around that:
      checks that its updated parameters still give a finite forward.
   4. Evaluation at step 0, every `eval_every` steps and at the end, before
      the checkpoint of the same step (a run killed in between repeats the
-     evaluation on resume rather than losing it).
+     evaluation on resume rather than losing it). A run handed the final
+     evaluation of the run it starts from (`start_eval`: the same
+     parameters, evaluated with the same settings) logs that one as its
+     step 0 instead of computing it again.
   5. A checkpoint that cannot be written stops the run (`CheckpointError`,
      naming the step and the cause) within a step of the failure being
      known: the stage's extras are written before the checkpoint, and the
@@ -38,6 +41,7 @@ import jax
 import numpy as np
 import tqdm
 
+from search_r3_jax.core import distributed
 from search_r3_jax.training.checkpoint import cause
 from search_r3_jax.training.checkpoint import Checkpointer
 from search_r3_jax.training.checkpoint import CheckpointError
@@ -105,6 +109,11 @@ class Stage(Protocol):
 
   def prune_extra(self, kept_steps: set[int]) -> None:
     ...
+
+  # Optional: `evaluation_settings(cfg)`, a classmethod giving everything
+  # the stage's evaluation depends on besides the parameters (see
+  # `evaluation_settings` below); two runs whose settings are equal give
+  # equal figures for equal parameters.
 
   # What a step holds besides its checkpoint, for resume (called before the
   # stage is built): {name: path}, and what is wrong with them (None: fine).
@@ -255,6 +264,77 @@ def guard_for(step: int, checkpoints: Checkpointer) -> Guard:
   return guard
 
 
+def evaluation_settings(cfg, *, modes, max_new_tokens: int) -> dict:
+  """What a training run's dev evaluation depends on besides the
+  parameters: the data source, the evaluated subset and how documents are
+  encoded and searched, the reasoning modes and budget, and how the model
+  computes (dtypes, attention, mesh). A plain JSON value, for comparing two
+  runs' evaluations."""
+  e = cfg.eval
+  settings = dict(
+      data={k: cfg.data.get(k) for k in ("name", "path", "data_dir")},
+      eval={
+          k: e.get(k)
+          for k in (
+              "splits",
+              "corpus_size",
+              "max_queries",
+              "engine",
+              "doc_len",
+              "batch_size",
+          )
+      },
+      modes=[bool(m) for m in modes],
+      max_new_tokens=int(max_new_tokens),
+      model={
+          k: cfg.get(k)
+          for k in ("compute_dtype", "param_dtype", "attention", "mesh")
+      },
+  )
+  # Tuples and lists alike, as config.json has them.
+  return json.loads(json.dumps(settings))
+
+
+def final_evaluation(
+    cfg_from, workdir_from: str, cfg_to, stage_from, stage_to
+) -> Optional[tuple[dict[str, float], list[dict]]]:
+  """The evaluation a finished run (`cfg_from` in `workdir_from`) logged at
+  its last step, with its samples, when a run of `cfg_to` starting from
+  that step's parameters would evaluate them with the same settings; else
+  None. Every process must find it for any to use it."""
+  found = None
+  settings = [
+      getattr(cls, "evaluation_settings", None)
+      for cls in (stage_from, stage_to)
+  ]
+  if all(settings) and settings[0](cfg_from) == settings[1](cfg_to):
+    last = int(cfg_from.total_steps)
+    row = None
+    path = os.path.join(workdir_from, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        for line in f:
+          if line.strip():
+            r = json.loads(line)
+            if r.get("kind") == "eval" and r.get("step") == last:
+              row = r
+    if row is not None:
+      flat = {
+          k: float(v)
+          for k, v in row.items()
+          if k not in ("step", "kind", "time", "eval_seconds")
+      }
+      samples = []
+      spath = os.path.join(workdir_from, "samples", f"step_{last}.jsonl")
+      if os.path.exists(spath):
+        with open(spath, encoding="utf-8") as f:
+          samples = [json.loads(line) for line in f if line.strip()]
+      found = (flat, samples)
+  if not all(distributed.allgather(found is not None)):
+    return None
+  return found
+
+
 def finished_steps(workdir: str) -> int:
   """The newest checkpointed step of a workdir whose files are complete
   (0: none, or no workdir); the workdir is only read."""
@@ -333,16 +413,25 @@ def _resume(
   return 0, {}
 
 
-def train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
+def train(
+    cfg,
+    workdir: str,
+    stage_cls: Callable[..., Stage],
+    start_eval: Optional[tuple[dict[str, float], list[dict]]] = None,
+) -> dict:
   """Runs `stage_cls(cfg, workdir)` to `cfg.total_steps`, holding the
   workdir's lock (one writer per workdir, `lock.py`); returns the last
-  evaluation's flat figures ({} when none ran)."""
+  evaluation's flat figures ({} when none ran). `start_eval` (flat figures,
+  samples), from `final_evaluation`, is logged as the step-0 evaluation
+  of a fresh run instead of running it."""
   os.makedirs(workdir, exist_ok=True)
   with WorkdirLock(workdir, say=say):
-    return _train(cfg, workdir, stage_cls)
+    return _train(cfg, workdir, stage_cls, start_eval)
 
 
-def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
+def _train(
+    cfg, workdir: str, stage_cls: Callable[..., Stage], start_eval=None
+) -> dict:
   checkpoints = Checkpointer(workdir, keep=cfg.keep_checkpoints)
   try:
     # Checked before the stage loads anything: a refused change, or a
@@ -376,6 +465,9 @@ def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
     t = time.perf_counter()
     flat, samples = stage.evaluate(step)
     flat["eval_seconds"] = time.perf_counter() - t
+    return record(step, flat, samples)
+
+  def record(step: int, flat: dict, samples: list) -> dict:
     writer.write(step, flat, kind="eval")
     if samples and jax.process_index() == 0:
       os.makedirs(samples_dir, exist_ok=True)
@@ -401,7 +493,14 @@ def _train(cfg, workdir: str, stage_cls: Callable[..., Stage]) -> dict:
     bm25 = stage.baseline()
     writer.write(0, bm25, kind="bm25")
     say("BM25 on the same documents: " + json.dumps(bm25))
-    last_eval = evaluate(0)
+    if start_eval is not None:
+      say(
+          "step-0 evaluation: the starting run's final one (the same "
+          "parameters and evaluation settings), not computed again"
+      )
+      last_eval = record(0, dict(start_eval[0]), list(start_eval[1]))
+    else:
+      last_eval = evaluate(0)
   stage.prepare()
 
   bar = tqdm.tqdm(
