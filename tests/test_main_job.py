@@ -31,14 +31,15 @@ def _env():
   return dict(os.environ, XLA_FLAGS="")  # one CPU device, like a laptop
 
 
-def _run(workdir):
+def _run(workdir, cmd=None, timeout=900):
+  """Runs the job on `workdir` (or `cmd`) to the end; its output."""
   return subprocess.run(
-      _cmd(workdir),
+      cmd or _cmd(workdir),
       cwd=ROOT,
       env=_env(),
       capture_output=True,
       text=True,
-      timeout=900,
+      timeout=timeout,
       check=True,
   )
 
@@ -126,15 +127,7 @@ def test_stage_2_step_0_is_stage_1s_final_evaluation_not_computed_twice(
       flat, _ = Stage2(cfg, {str(tmp_path)!r}).evaluate(0)
       print("FIGURES", json.dumps(flat))
       """)
-  out = subprocess.run(
-      [sys.executable, "-c", script],
-      cwd=ROOT,
-      env=_env(),
-      capture_output=True,
-      text=True,
-      timeout=600,
-      check=True,
-  )
+  out = _run(None, [sys.executable, "-c", script], timeout=600)
   line = [l for l in out.stdout.splitlines() if l.startswith("FIGURES ")][-1]
   fresh = json.loads(line[len("FIGURES ") :])
   assert set(fresh) == figures
