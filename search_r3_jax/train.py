@@ -70,8 +70,8 @@ def run(cfg, workdir: str) -> dict:
   """Runs the config: stage 2 without `init_from` and with `stage1_first`
   trains `cfg.stage1` in <workdir>/stage1 first (skipped once it reached
   its last step) and starts from its result; stage 1's final evaluation is
-  then stage 2's step-0 one where the two evaluate with the same settings. Returns the last evaluation's
-  flat figures."""
+  then stage 2's step-0 one where the two evaluate with the same settings.
+  Returns the last evaluation's flat figures."""
   if (
       cfg.get("stage", 1) == 2
       and not cfg.get("init_from")

@@ -575,30 +575,26 @@ class Stage1:
     return evaluation.flat_figures(self.evaluator.bm25())
 
   @staticmethod
-  def _eval_modes(cfg) -> tuple[bool, ...]:
+  def _eval_args(cfg) -> dict:
+    """The evaluation's reasoning modes (on only where the run trains
+    reasoning queries) and budget."""
     acfg = cfg.get("reasoning", {})
-    return (False, True) if acfg and acfg.get("share") else (False,)
+    return dict(
+        modes=(False, True) if acfg and acfg.get("share") else (False,),
+        max_new_tokens=int(cfg.eval.get("max_new_tokens", 48)),
+    )
 
   @classmethod
   def evaluation_settings(cls, cfg) -> dict:
-    return trainer.evaluation_settings(
-        cfg,
-        modes=cls._eval_modes(cfg),
-        max_new_tokens=int(cfg.eval.get("max_new_tokens", 48)),
-    )
+    return trainer.evaluation_settings(cfg, **cls._eval_args(cfg))
 
   def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
     """Dev figures with reasoning off, and on where the run trains
     reasoning queries (with the analyses the model wrote)."""
     del step
-    modes = self._eval_modes(self.cfg)
-    samples = [] if True in modes else None
-    flat = self.evaluator.flat(
-        self.policy(),
-        modes=modes,
-        max_new_tokens=int(self.cfg.eval.get("max_new_tokens", 48)),
-        samples=samples,
-    )
+    args = self._eval_args(self.cfg)
+    samples = [] if True in args["modes"] else None
+    flat = self.evaluator.flat(self.policy(), samples=samples, **args)
     return flat, samples or []
 
   def postfix(self, values: dict) -> dict[str, str]:
