@@ -114,6 +114,49 @@ def test_eight_devices_equal_one(tiny_dir, one_device_mesh, eight_device_mesh):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [14, 20])
+def test_response_window_scores_the_same_loss_and_gradient(
+    tiny_dir, one_device_mesh, window
+):
+  # Responses span 5..14 positions from position 5; a window of 20 runs
+  # past the 22 scored positions and is moved back to fit.
+  m, graphdef, state, _, _ = _setup(tiny_dir, one_device_mesh)
+  host = _host_batch(m, graphdef, state.params)
+  dev = {k: jnp.asarray(v) for k, v in host.items()}
+  args = (graphdef, state.params, dev["tokens"], dev["lengths"])
+  full_lp, full_emb = grpo.policy_outputs(*args, dev["embed_pos"])
+  lp, emb = grpo.policy_outputs(
+      *args, dev["embed_pos"], mask=dev["mask"], response_window=window
+  )
+  scored = host["mask"][:, 1:] > 0
+  np.testing.assert_allclose(
+      np.asarray(lp)[scored], np.asarray(full_lp)[scored], atol=1e-5
+  )
+  # Each row scores `window` positions; the rest of the row is 0.
+  assert ((np.asarray(lp) != 0).sum(1) <= window).all()
+  np.testing.assert_allclose(np.asarray(emb), np.asarray(full_emb), atol=1e-6)
+
+  def loss_and_grad(w):
+    cfg = dict(CFG, response_window=w)
+    return jax.value_and_grad(
+        lambda p: grpo.grpo_losses(graphdef, p, state.ref_params, dev, cfg)[0]
+    )(state.params)
+
+  (want, want_g), (got, got_g) = loss_and_grad(0), loss_and_grad(window)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_response_window_refuses_a_longer_response():
+  mask = np.zeros((2, 12), np.float32)
+  mask[0, 3:8] = 1.0  # 5 response tokens
+  mask[1, 2:4] = 1.0
+  grpo.check_window(mask, 5)
+  with pytest.raises(ValueError, match="row 0 has a response of 5"):
+    grpo.check_window(mask, 4)
+
+
 def test_updates_favour_positive_advantages(tiny_dir, one_device_mesh):
   cfg = dict(CFG, beta=0.0, aux_weight=0.0)
   m, graphdef, state, step, batch_sh = _setup(

@@ -35,6 +35,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
+import numpy as np
 
 from search_r3_jax.core import encoding
 from search_r3_jax.core import sharding as shd
@@ -79,9 +80,75 @@ def batch_shapes(n: int, seq_len: int, docs: int, dim: int) -> dict:
 logprobs = encoding.logprobs
 
 
+def response_logprobs(
+    model,
+    hidden: jax.Array,
+    targets: jax.Array,
+    mask: Optional[jax.Array],
+    window: int,
+    temperature: float = 1.0,
+    valid_vocab: Optional[int] = None,
+    chunk: int = 0,
+) -> jax.Array:
+  """[N, T-1] log-probabilities of `targets[:, 1:]` from the final hidden
+  states [N, T, D], the output head applied only over each row's response.
+
+  A GRPO row is prompt + at most `window` sampled tokens (`mask` 1 on
+  them, contiguous), and only those positions enter the objective. Each
+  row's log-probabilities are taken over the `window` positions from the
+  one before its first masked token; every other position gets 0 (the mask
+  is 0 there). For SmolLM2-135M the output head is a fifth of a forward, so
+  skipping the prompt's logits saves most of that. `window=0`, no mask, or
+  a window as long as the row: every position, as `hidden_logprobs`.
+  """
+  t = hidden.shape[1] - 1
+  if not window or mask is None or window >= t:
+    return encoding.hidden_logprobs(
+        model, hidden, targets, temperature, valid_vocab, chunk
+    )
+  n = hidden.shape[0]
+  # logp[:, i] scores targets[:, i + 1]: the first response token at
+  # position p is scored at index p - 1. The window is moved back where
+  # it would run past the row (every masked index stays inside it).
+  start = jnp.argmax(mask[:, 1:] > 0, axis=1)
+  start = jnp.minimum(start, t - window)
+  pos = start[:, None] + jnp.arange(window + 1)[None, :]  # [N, W + 1]
+  h = jnp.take_along_axis(hidden, pos[..., None], axis=1)
+  tg = jnp.take_along_axis(targets, pos, axis=1)
+  lp = encoding.hidden_logprobs(model, h, tg, temperature, valid_vocab, chunk)
+  rows = jnp.arange(n)[:, None]
+  out = jnp.zeros((n, t), lp.dtype)
+  return out.at[rows, pos[:, :-1]].set(lp)
+
+
+def check_window(mask: np.ndarray, window: int) -> None:
+  """Raises if a row's masked (response) positions do not fit in `window`
+  positions from its first: `response_logprobs` would drop them."""
+  if not window:
+    return
+  m = np.asarray(mask)[:, 1:] > 0
+  has = m.any(axis=1)
+  first = np.argmax(m, axis=1)
+  last = m.shape[1] - 1 - np.argmax(m[:, ::-1], axis=1)
+  span = np.where(has, last - first + 1, 0)
+  if span.max(initial=0) > window:
+    row = int(np.argmax(span))
+    raise ValueError(
+        f"GRPO batch row {row} has a response of {int(span[row])} positions,"
+        f" more than the log-probability window of {window} (the sampler's"
+        " max_new_tokens)"
+    )
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "temperature", "valid_vocab", "logprob_chunk"),
+    static_argnames=(
+        "graphdef",
+        "temperature",
+        "valid_vocab",
+        "logprob_chunk",
+        "response_window",
+    ),
 )
 def policy_outputs(
     graphdef,
@@ -93,6 +160,8 @@ def policy_outputs(
     valid_vocab: Optional[int] = None,
     targets: Optional[jax.Array] = None,
     logprob_chunk: int = 0,
+    mask: Optional[jax.Array] = None,
+    response_window: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
   """One forward pass of the sampling policy over a GRPO batch: the [N, T-1]
   old log-probabilities and the [N, D] L2-normalised embeddings at
@@ -102,17 +171,21 @@ def policy_outputs(
   rollouts from: softmax(logits / temperature) over the first `valid_vocab`
   columns. Taken from the unscaled logits, the importance ratio, and so the
   gradient, would belong to another policy at any temperature but 1.
-  `logprob_chunk` positions of logits at a time (0: all at once).
+  `logprob_chunk` positions of logits at a time (0: all at once). With
+  `mask` and `response_window`, only the response's positions are scored
+  (`response_logprobs`; 0 elsewhere).
   """
   model = nnx.merge(graphdef, params)
   _, hidden, _ = right_padded_forward(
       model, tokens, lengths, return_logits=False
   )
   emb = l2_normalize(hidden_at(hidden, embed_pos).astype(jnp.float32))
-  logp = encoding.hidden_logprobs(
+  logp = response_logprobs(
       model,
       hidden,
       tokens if targets is None else targets,
+      mask,
+      response_window,
       temperature,
       valid_vocab,
       logprob_chunk,
@@ -132,7 +205,8 @@ def grpo_losses(
       `valid_vocab`: the policy's and the reference's log-probabilities are
       taken under the distribution the rollouts were drawn from;
       `logprob_chunk` (0: off) bounds their logits to that many positions
-      at a time.
+      at a time; `response_window` (0: off), the sampler's budget, scores
+      only each row's response positions (`response_logprobs`).
   """
   tokens, lengths = batch["tokens"], batch["lengths"]
   targets = batch.get("targets", tokens)
@@ -140,6 +214,7 @@ def grpo_losses(
   valid_vocab = cfg.get("valid_vocab")
 
   chunk = int(cfg.get("logprob_chunk", 0))
+  window = int(cfg.get("response_window", 0))
 
   def logprobs_of(p):
     # Full-vocabulary logits `chunk` positions at a time (0: all at once).
@@ -147,8 +222,15 @@ def grpo_losses(
     _, hidden, _ = right_padded_forward(
         model, tokens, lengths, return_logits=False
     )
-    logp = encoding.hidden_logprobs(
-        model, hidden, targets, temperature, valid_vocab, chunk
+    logp = response_logprobs(
+        model,
+        hidden,
+        targets,
+        batch["mask"],
+        window,
+        temperature,
+        valid_vocab,
+        chunk,
     )
     return logp, hidden
 

@@ -252,6 +252,7 @@ def plan_memory(cfg, model_cfg, mesh, *, seq_len: int, limit=None):
       temperature=float(rl.temperature),
       valid_vocab=int(model_cfg.vocab_size),
       logprob_chunk=int(rl.get("logprob_chunk", 0)),
+      response_window=int(rl.max_new_tokens),
   )
   step_fn, batch_sh = grpo.make_grpo_step(
       graphdef,
@@ -506,6 +507,9 @@ class Stage2:
         temperature=float(rl.temperature),
         valid_vocab=int(self.tokenizer.vocab_size),
         logprob_chunk=int(rl.get("logprob_chunk", 0)),
+        # Only the responses' positions are scored (the prompt's logits
+        # are never used): at most max_new_tokens per row.
+        response_window=int(rl.max_new_tokens),
     )
     self.step_fn, self.batch_sh = grpo.make_grpo_step(
         self.graphdef,
@@ -822,6 +826,7 @@ class Stage2:
         suffix=self.suffix,
         end_ids=tok.eos_ids,
     )
+    grpo.check_window(host["mask"], self.sampling["response_window"])
     dev = {k: self._put(k, v, ro) for k, v in host.items()}
     old_logp, emb = grpo.policy_outputs(
         self.graphdef,
@@ -830,6 +835,7 @@ class Stage2:
         dev["lengths"],
         dev["embed_pos"],
         targets=dev["targets"],
+        mask=dev["mask"],
         **self.sampling,
     )
     # This process's rows only, each whole (the hidden axis gathered
