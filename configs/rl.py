@@ -27,9 +27,9 @@ The paper's GRPO defaults are kept (G = 8, clip 0.2, beta 1e-3, temperature
 emits the token: it is not searched and gets the format penalty alone
 (`rl.fallback_reward=False`). CPU-sized choices of this project: 2 queries
 per step (16 rollouts), a reasoning budget of 48 new tokens (the paper's
-default is 128), 40 steps, learning rate 1e-5, a 500-document environment
-with documents cut to 64 tokens and refreshed every 5 steps, 150 dev_sub
-questions evaluated at steps 0 and 40 with reasoning on and off (step 0 is
+default is 128), 30 steps, learning rate 1e-5, a 500-document environment
+with documents cut to 64 tokens and refreshed every 10 steps, 100 dev_sub
+questions evaluated at steps 0 and 30 with reasoning on and off (step 0 is
 stage 1's final evaluation, logged again rather than computed twice: the
 same parameters and settings).
 
@@ -55,18 +55,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # config in <workdir>/stage1 (resumable like any run) and starts stage 2
   # from it. CPU-sized: 64 steps of 8 examples, half of each batch
   # reasoning queries (the base model's analyses of half the run's queries,
-  # those the filter keeps, taken in turn), documents cut to 96 tokens, one
-  # small evaluation at the end.
+  # those the filter keeps, taken in turn), documents cut to 64 tokens (as
+  # stage 2's environment and the evaluation cut them), one small
+  # evaluation at the end.
   c.stage1_first = True
   c.stage1 = blocks.stage1("tiny" if arg == "tiny" else "")
   if arg != "tiny":
-    c.stage1.update(total_steps=64, doc_len=96, eval_every=0)
+    c.stage1.update(total_steps=64, doc_len=64, eval_every=0)
     c.stage1.optimizer.warmup_steps = 6
     c.stage1.eval.update(
         splits=("dev_sub",),
         corpus_size=500,
         doc_len=64,
-        max_queries=150,
+        max_queries=100,
         at_start=False,
     )
   # The environment's corpus: a seeded sample of the whole corpus (0: all
@@ -101,12 +102,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   )
   c.rewards = blocks.rewards()
 
-  # The retrieval environment (EnvConfig's defaults), refreshed every 5th
+  # The retrieval environment (EnvConfig's defaults), refreshed every 10th
   # step on the CPU.
-  c.env = blocks.env(refresh_every=5)
+  c.env = blocks.env(refresh_every=10)
 
   # Optimisation.
-  c.total_steps = 40
+  c.total_steps = 30
   c.optimizer = blocks.optimizer(
       c, learning_rate=1e-5, warmup_steps=4, weight_decay=0.0, b2=0.99
   )
@@ -115,7 +116,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_every = 0  # at step 0 and at the end
   c.checkpoint_every = 10
   c.eval = blocks.evaluation(
-      splits=("dev_sub",), corpus_size=500, doc_len=64, max_queries=150
+      splits=("dev_sub",), corpus_size=500, doc_len=64, max_queries=100
   )
 
   if arg == "tiny":
