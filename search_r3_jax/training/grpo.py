@@ -106,7 +106,6 @@ def response_logprobs(
     return encoding.hidden_logprobs(
         model, hidden, targets, temperature, valid_vocab, chunk
     )
-  n = hidden.shape[0]
   # logp[:, i] scores targets[:, i + 1]: the first response token at
   # position p is scored at index p - 1. The window is moved back where
   # it would run past the row (every masked index stays inside it).
@@ -116,9 +115,13 @@ def response_logprobs(
   h = jnp.take_along_axis(hidden, pos[..., None], axis=1)
   tg = jnp.take_along_axis(targets, pos, axis=1)
   lp = encoding.hidden_logprobs(model, h, tg, temperature, valid_vocab, chunk)
-  rows = jnp.arange(n)[:, None]
-  out = jnp.zeros((n, t), lp.dtype)
-  return out.at[rows, pos[:, :-1]].set(lp)
+  # Back to row positions by a per-row gather (a scatter would not keep the
+  # rows' split over the batch axes): index i holds lp[i - start] inside
+  # the window, 0 outside it.
+  offset = jnp.arange(t)[None, :] - start[:, None]  # [N, T-1]
+  inside = (offset >= 0) & (offset < window)
+  picked = jnp.take_along_axis(lp, jnp.clip(offset, 0, window - 1), axis=1)
+  return jnp.where(inside, picked, 0.0).astype(lp.dtype)
 
 
 def check_window(mask: np.ndarray, window: int) -> None:

@@ -838,10 +838,6 @@ class Stage2:
         mask=dev["mask"],
         **self.sampling,
     )
-    # The update takes the old log-probabilities split over the batch axes
-    # as the rest of the batch (the response window's scatter may leave
-    # them otherwise laid out).
-    old_logp = jax.device_put(old_logp, self.batch_sh["old_logp"])
     # This process's rows only, each whole (the hidden axis gathered
     # within the process where the model axis splits it).
     emb = jax.device_put(
